@@ -1,0 +1,137 @@
+"""One Tune trial = one grid cell = one Ray Train run of the workload, named by the cell id.
+
+The trial itself is tiny (a fraction of a CPU); the real resources are the Train workers' placement group, which
+the search algorithm has already reserved room for (see `orchestrator.scheduler`). Calling `fit()` again with the
+same name and storage resumes the run from its last checkpoint, which is how an interrupted sweep picks up.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from orchestrator.storage import ERROR_FILE, RESULT_FILE, SweepStorage
+
+TRIAL_CPU = 0.01  # not 0: Tune rejects a trial with no resources (DESIGN section 6)
+
+
+def cell_payload(
+    cell_id: str,
+    axes: dict[str, Any],
+    train_config: dict[str, Any],
+    *,
+    sweep_url: str,
+    num_workers: int,
+    use_gpu: bool,
+    gpus_per_worker: float,
+    cpus_per_worker: float,
+    max_failures: int,
+    keep_checkpoints: int,
+) -> dict[str, Any]:
+    """Everything a trial needs, as plain JSON-able data (it travels through Tune's config)."""
+    return {
+        "cell_id": cell_id,
+        "axes": axes,
+        "train": train_config,
+        "sweep_url": sweep_url,
+        "num_workers": num_workers,
+        "use_gpu": use_gpu,
+        "gpus_per_worker": gpus_per_worker,
+        "cpus_per_worker": cpus_per_worker,
+        "max_failures": max_failures,
+        "keep_checkpoints": keep_checkpoints,
+    }
+
+
+def resource_demand(payload: dict[str, Any]) -> dict[str, float]:
+    gpus = payload["num_workers"] * payload["gpus_per_worker"] if payload["use_gpu"] else 0.0
+    return {"CPU": payload["num_workers"] * payload["cpus_per_worker"] + TRIAL_CPU, "GPU": gpus}
+
+
+def run_cell(config: dict[str, Any]) -> None:
+    """Tune function trainable: fit the cell's TorchTrainer and publish result.json (or error.json)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workloads.train import train_loop_per_worker
+
+    cell = config["cell"]
+    storage = SweepStorage(cell["sweep_url"])
+    storage_path, filesystem = storage.ray_storage()
+    resources = {"CPU": cell["cpus_per_worker"]}
+    if cell["use_gpu"]:
+        resources["GPU"] = cell["gpus_per_worker"]
+    # NCCL needs real GPUs; scheduling tests run with fake GPU resources on a CPU box, where gloo is the way.
+    backend = "nccl" if cell["use_gpu"] and torch.cuda.is_available() else "gloo"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cell["train"],
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cell["num_workers"], use_gpu=cell["use_gpu"], resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cell["cell_id"],
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cell["keep_checkpoints"]),
+            failure_config=ray.train.FailureConfig(max_failures=cell["max_failures"], controller_failure_limit=1),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        storage.write_json(
+            storage.cell_path(cell["cell_id"], ERROR_FILE),
+            {
+                "cell_id": cell["cell_id"],
+                "axes": cell["axes"],
+                "status": "failed",
+                "error": _root_cause(err),
+                "failed_at": time.time(),
+            },
+        )
+        raise
+    metrics = dict(result.metrics or {})
+    storage.write_json(storage.cell_path(cell["cell_id"], RESULT_FILE), finished_record(cell, metrics, started))
+    storage.remove(storage.cell_path(cell["cell_id"], ERROR_FILE))
+
+
+def finished_record(cell: dict[str, Any], metrics: dict[str, Any], started: float) -> dict[str, Any]:
+    branches: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("eval/"):
+            _, branch, name = key.split("/", 2)
+            branches.setdefault(branch, {})[name] = float(value)
+    gpus = cell["num_workers"] * cell["gpus_per_worker"] if cell["use_gpu"] else 0
+    train_seconds = float(metrics.get("train_seconds", 0.0))
+    return {
+        "cell_id": cell["cell_id"],
+        "axes": cell["axes"],
+        "status": "finished",
+        "epochs": int(metrics.get("epoch", 0)),
+        "train_seconds": train_seconds,
+        "gpu_hours": train_seconds * gpus / 3600,
+        "branches": branches,
+        "finished_at": time.time(),
+        "wall_seconds_last_attempt": time.time() - started,
+    }
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error's one-line summary: Ray wraps worker errors several levels deep."""
+    inner: BaseException = err
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    text = "".join(traceback.format_exception_only(type(inner), inner)).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):  # the worker's own exception is usually the last "XError: ..." line
+        if "Error" in line.split(":", 1)[0] or "Exception" in line.split(":", 1)[0]:
+            return line.strip()[:2000]
+    return (lines[-1] if lines else repr(inner))[:2000]

@@ -1,0 +1,130 @@
+"""The sweep's storage layout on any fsspec URL (DESIGN section 4):
+
+    <storage>/<name>/spec.yaml                      the spec as submitted (no secrets by construction)
+    <storage>/<name>/cells/<cell_id>/config.json    the resolved TrainConfig and grid axes
+    <storage>/<name>/cells/<cell_id>/checkpoint_*   Ray Train checkpoints (the Train run is named by the cell id)
+    <storage>/<name>/cells/<cell_id>/result.json    written last and atomically: its presence means "finished"
+    <storage>/<name>/cells/<cell_id>/error.json     the last failure, removed when the cell finishes
+    <storage>/<name>/results.parquet, report/
+
+A cell's state is derived from storage alone, so any driver (or `orchestrator.report`) can rebuild the picture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs
+
+from workloads.fs import open_fs
+
+RESULT_FILE = "result.json"
+ERROR_FILE = "error.json"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class SweepStorage:
+    """The folder of one sweep: `<storage url>/<sweep name>`."""
+
+    url: str
+
+    @classmethod
+    def for_sweep(cls, storage_url: str, name: str) -> SweepStorage:
+        base = storage_url.rstrip("/")
+        if "://" not in base:
+            base = os.path.abspath(base)  # Ray workers change directory: resolve relative paths in the driver
+        return cls(f"{base}/{name}")
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return open_fs(self.url)[0]
+
+    @property
+    def root(self) -> str:
+        return open_fs(self.url)[1]
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def cell_path(self, cell_id: str, *parts: str) -> str:
+        return self.path("cells", cell_id, *parts)
+
+    def write_bytes_atomic(self, path: str, payload: bytes) -> None:
+        """Write, then publish: readers see the old object or the new one, never a torn file.
+
+        An object-store PUT is atomic by itself; on a file system we write a sibling and rename it over.
+        """
+        fs = self.fs
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if _is_local(fs):
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with fs.open(tmp, "wb") as f:
+                f.write(payload)
+            os.replace(tmp, path)
+        else:
+            with fs.open(path, "wb") as f:
+                f.write(payload)
+
+    def write_json(self, path: str, value: Any) -> None:
+        self.write_bytes_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode())
+
+    def read_json(self, path: str) -> Any | None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def remove(self, path: str) -> None:
+        fs = self.fs
+        if fs.exists(path):
+            fs.rm(path)
+
+    def cell_records(self) -> dict[str, dict[str, Any]]:
+        """result.json (finished) or error.json (failed) of every cell that has one, keyed by cell id."""
+        fs = self.fs
+        records: dict[str, dict[str, Any]] = {}
+        cells = self.path("cells")
+        if not fs.exists(cells):
+            return records
+        for folder in fs.ls(cells, detail=False):
+            cell_id = folder.rstrip("/").rsplit("/", 1)[-1]
+            record = self.read_json(self.cell_path(cell_id, RESULT_FILE)) or self.read_json(
+                self.cell_path(cell_id, ERROR_FILE)
+            )
+            if record is not None:
+                records[cell_id] = record
+        return records
+
+    def ray_storage(self) -> tuple[str, pyarrow.fs.FileSystem | None]:
+        """`storage_path` and `storage_filesystem` for Ray Train runs of this sweep's cells.
+
+        Ray Train puts run `<name>` under `<storage_path>/<name>`, so with the cell id as name the checkpoints land
+        in `cells/<cell_id>/`. pyarrow ignores AWS_ENDPOINT_URL (DESIGN section 6): pass it explicitly, with no
+        `s3://` prefix on the path when a filesystem is given. Credentials stay in the environment.
+        """
+        parsed = urlparse(self.url)
+        if parsed.scheme == "s3":
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            options: dict[str, Any] = {}
+            if endpoint:
+                endpoint_url = urlparse(endpoint)
+                options["endpoint_override"] = endpoint_url.netloc
+                options["scheme"] = endpoint_url.scheme or "https"
+            region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+            if region:
+                options["region"] = region
+            return f"{parsed.netloc}{parsed.path}/cells", pyarrow.fs.S3FileSystem(**options)
+        return self.path("cells"), None
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")

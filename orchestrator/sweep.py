@@ -1,0 +1,168 @@
+"""`python -m orchestrator.sweep SPEC [--storage URL] [--plan [--json]]`: run (or plan) a whole study.
+
+Exit status: 0 every cell finished; 1 some cells failed (listed with their error); 2 invalid spec or arguments.
+Under `ray job submit` the driver connects to the cluster; elsewhere `ray.init()` starts a local Ray instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from orchestrator.grid import Cell, expand
+from orchestrator.plan import format_plan, make_plan, plan_to_json
+from orchestrator.results import write_results
+from orchestrator.spec import Spec, SpecError, load_spec
+from orchestrator.storage import CONFIG_FILE, SweepStorage
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_INVALID)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m orchestrator.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("spec", help="the study's YAML file, e.g. sweeps/smoke.yaml")
+    parser.add_argument("--storage", help="storage URL overriding the spec's (path, file://, s3://bucket/prefix)")
+    parser.add_argument("--plan", action="store_true", help="validate and plan only; runs nothing, needs no Ray")
+    parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.json and not args.plan:
+        print("error: --json only goes with --plan", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        spec = load_spec(args.spec)
+        if args.storage:
+            spec = spec.with_storage(args.storage)
+        cells = expand(spec)
+        plan = make_plan(cells, spec.resources.cluster_gpus, spec.resources.gpus_per_node)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.plan:
+        print(json.dumps(plan_to_json(plan), indent=2) if args.json else format_plan(plan))
+        return EXIT_OK
+    return run_sweep(spec, cells)
+
+
+def run_sweep(spec: Spec, cells: list[Cell]) -> int:
+    storage = SweepStorage.for_sweep(spec.storage, spec.name)
+    storage.write_bytes_atomic(storage.path("spec.yaml"), spec.dump_yaml().encode())
+    wanted = {cell.cell_id for cell in cells}
+    finished = {cid for cid, r in storage.cell_records().items() if r["status"] == "finished" and cid in wanted}
+    todo = [cell for cell in cells if cell.cell_id not in finished]
+    print(f"sweep {spec.name}: {len(cells)} cells, {len(finished)} already finished, {len(todo)} to run")
+    print(f"storage: {storage.url}")
+    if todo:
+        for cell in todo:
+            storage.write_json(
+                storage.cell_path(cell.cell_id, CONFIG_FILE),
+                {"cell_id": cell.cell_id, "axes": cell.axes, "train": cell.config.model_dump(mode="json")},
+            )
+        _run_cells(spec, storage, todo, already_finished=len(finished), total=len(cells))
+    records = {cid: r for cid, r in storage.cell_records().items() if cid in wanted}
+    missing = wanted - records.keys()
+    for cell_id in sorted(missing):  # a trial that died before writing anything still shows as failed
+        cell = next(c for c in cells if c.cell_id == cell_id)
+        records[cell_id] = {"cell_id": cell_id, "axes": cell.axes, "status": "failed", "error": "no result recorded"}
+    write_results(storage, records.values())
+    failed = sorted((r for r in records.values() if r["status"] != "finished"), key=lambda r: r["cell_id"])
+    print(f"results: {storage.url}/results.parquet ({len(records) - len(failed)} finished, {len(failed)} failed)")
+    _write_report(storage)
+    for record in failed:
+        axes = " ".join(f"{k}={v}" for k, v in record["axes"].items())
+        print(f"FAILED cell {record['cell_id']} ({axes}): {record.get('error', 'unknown error')}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _write_report(storage: SweepStorage) -> None:
+    try:
+        from orchestrator import report
+    except ImportError:
+        return
+    print(f"report: {report.build_report(storage.url)}")
+
+
+def _run_cells(spec: Spec, storage: SweepStorage, todo: list[Cell], already_finished: int, total: int) -> None:
+    import ray
+    from ray import tune
+
+    from orchestrator.progress import SweepProgress
+    from orchestrator.runner import cell_payload, resource_demand, run_cell
+    from orchestrator.scheduler import ResourceBudgetSearcher
+
+    # The dashboard's Train view lists runs only with state tracking on; it must be set before the Train
+    # controllers start, so it travels in the job's runtime environment.
+    env = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+    os.environ.update(env)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    cluster = ray.cluster_resources()
+    budget = {"CPU": float(cluster.get("CPU", 0.0)), "GPU": float(cluster.get("GPU", 0.0))}
+    payloads = [
+        cell_payload(
+            cell.cell_id,
+            cell.axes,
+            cell.config.model_dump(mode="json"),
+            sweep_url=storage.url,
+            num_workers=cell.num_workers,
+            use_gpu=spec.resources.use_gpu,
+            gpus_per_worker=spec.resources.gpus_per_worker,
+            cpus_per_worker=cell.cpus_per_worker,
+            max_failures=cell.max_failures,
+            keep_checkpoints=spec.keep_checkpoints,
+        )
+        for cell in todo
+    ]
+    try:
+        searcher = ResourceBudgetSearcher(payloads, [resource_demand(p) for p in payloads], budget)
+    except ValueError as err:
+        raise SystemExit(f"error: infeasible on this cluster ({budget}): {err}") from None
+    print(f"cluster: {budget['CPU']:g} CPUs, {budget['GPU']:g} GPUs; dashboard: {_dashboard_url()}")
+    progress = SweepProgress(
+        spec.name, total, already_finished, {c.cell_id: c.config.recipe.epochs for c in todo}
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(run_cell, {"CPU": 0.01}),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo), reuse_actors=False),
+        # Tune's own experiment state is scratch: resuming works from the cells' Train checkpoints in storage.
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{int(time.time())}",
+            storage_path=tempfile.mkdtemp(prefix="sweep-tune-"),
+            callbacks=[progress],
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+    for error in grid.errors:
+        print(f"trial error: {str(error).splitlines()[-1] if str(error) else repr(error)}", file=sys.stderr)
+
+
+def _dashboard_url() -> str:
+    try:
+        import ray
+
+        context: Any = ray.get_runtime_context()
+        url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()  # type: ignore[attr-defined]
+        return f"http://{url}" if url and not url.startswith("http") else str(url or "not running")
+    except Exception:
+        return "not available"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

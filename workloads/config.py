@@ -1,0 +1,188 @@
+"""Typed configuration of one training cell.
+
+This module imports neither torch nor ray, so the orchestrator can validate and plan a sweep without either.
+Every field is bounded; a bad value fails with pydantic's message, which names the field path and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# ResNet depths as data: depth -> (block type, blocks per stage). 18..200 are the standard He et al. layouts
+# (200 from He et al. 2016b). The paper's deep variants (Section 5, Figure 7) give no split; we keep ResNet-152's
+# first, second and last stage and grow only the third stage, as ResNet-101/152/200 do:
+# 338 = 3*(3+24+82+3)+2 = 338 and 638 = 3*(3+24+182+3)+2 = 638 layers.
+RESNET_STAGES: dict[int, tuple[Literal["basic", "bottleneck"], tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+    338: ("bottleneck", (3, 24, 82, 3)),
+    638: ("bottleneck", (3, 24, 182, 3)),
+}
+
+Norm = Literal["bn", "gn", "mbn"]
+Strategy = Literal["mixture", "alp", "standard"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    depth: int = 152
+    norm: Norm = "bn"
+    # BN*: for the last `bn_star_epochs` epochs BN uses its running statistics in training too (Section 4.3,
+    # Table 2: paper uses 10 of 110). 0 turns it off. Ignored by GN, which has no running statistics.
+    bn_star_epochs: int = Field(0, ge=0)
+    width: float = Field(1.0, gt=0, le=8)
+    # "imagenet": 7x7/2 conv + max-pool (224px inputs). "small": 3x3/1 conv, no pool (32px inputs, CPU runs).
+    stem: Literal["imagenet", "small"] = "imagenet"
+    gn_groups: int = Field(32, ge=1)
+
+    @field_validator("depth")
+    @classmethod
+    def _known_depth(cls, depth: int) -> int:
+        if depth not in RESNET_STAGES:
+            allowed = ", ".join(str(d) for d in RESNET_STAGES)
+            raise ValueError(f"{depth} is not one of {allowed}")
+        return depth
+
+
+class AttackConfig(_Strict):
+    """Targeted L-inf PGD for training (Section 3: eps 16, step 1, N 30 on the 0-255 pixel scale)."""
+
+    steps: int = Field(30, ge=0, le=10000)
+    eps: float = Field(16.0, gt=0, le=255)
+    # None: derived from steps as in the paper (Appendix B.1 footnote 6: step 4 for PGD-5, 2 for PGD-10, else 1).
+    step_size: float | None = Field(None, gt=0, le=255)
+    clean_start_prob: float = Field(0.2, ge=0, le=1)
+
+    @property
+    def resolved_step_size(self) -> float:
+        return self.step_size if self.step_size is not None else paper_step_size(self.steps)
+
+
+def paper_step_size(steps: int) -> float:
+    """PGD step size on the 0-255 scale for N steps (Appendix B.1, footnote 6)."""
+    if steps <= 5:
+        return 4.0
+    if steps <= 10:
+        return 2.0
+    return 1.0
+
+
+class TrainingConfig(_Strict):
+    # "mixture": Eq. 1 over [adversarial; kept clean]; "alp": mixture plus adversarial logit pairing
+    # (Kannan et al. 2018); "standard": clean images only, no attack (the paper's "0% adv + 100% clean").
+    strategy: Strategy = "mixture"
+    # Fraction of clean counterparts kept in each batch (Section 4.1: 100, 80, ..., 0 %).
+    clean_ratio: float = Field(0.0, ge=0, le=1)
+    alp_weight: float = Field(0.5, ge=0)
+
+
+class RecipeConfig(_Strict):
+    """Section 3: momentum SGD, 110 epochs, LR /10 at epochs 35, 70, 95, batch 4096 on 128 GPUs (32 per GPU)."""
+
+    epochs: int = Field(110, ge=1, le=10000)
+    batch_size: int = Field(4096, ge=1)
+    per_worker_batch: int = Field(32, ge=1)
+    # Linear scaling rule (Goyal et al. 2017), which the paper's pipeline follows: lr = base_lr * batch / 256.
+    base_lr: float = Field(0.1, gt=0)
+    lr_reference_batch: int = Field(256, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    # Decay points as fractions of the run, so shorter runs keep the paper's 35/70/95-of-110 shape.
+    lr_decay_at: tuple[float, ...] = (35 / 110, 70 / 110, 95 / 110)
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / self.lr_reference_batch
+
+    def lr_milestones(self) -> list[int]:
+        return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at if round(f * self.epochs) < self.epochs})
+
+    @field_validator("lr_decay_at")
+    @classmethod
+    def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < f < 1 for f in v):
+            raise ValueError("every decay point must be a fraction of the run in (0, 1)")
+        return v
+
+
+class EvalConfig(_Strict):
+    """Section 3 'Evaluation': targeted PGD with random start inside the eps-cube, eps 16, step 1."""
+
+    pgd_steps: tuple[int, ...] = (10, 20, 100, 500, 2000)
+    eps: float = Field(16.0, gt=0, le=255)
+    step_size: float = Field(1.0, gt=0, le=255)
+    targeted: bool = True
+    # Fixed subset of the eval split (first n images), fixed seed: every cell is attacked identically.
+    subset: int = Field(1000, ge=1)
+    batch_size: int = Field(100, ge=1)
+    seed: int = 0
+
+    @field_validator("pgd_steps")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(n < 1 for n in v):
+            raise ValueError("PGD steps must be >= 1")
+        return tuple(sorted(set(v)))
+
+
+class DataConfig(_Strict):
+    # Root of a sharded Parquet dataset (see workloads.data): local path, file:// or s3://.
+    url: str = Field(min_length=1)
+    train_split: str = "train"
+    eval_split: str = "test"
+    # Shuffle buffer in images for the streaming reader; 0 reads shards in order.
+    shuffle_buffer: int = Field(2048, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _not_blank(cls, url: str) -> str:
+        if not url.strip():
+            raise ValueError("a data URL is required (local path, file:// or s3://)")
+        return url
+
+
+class TrainConfig(_Strict):
+    """Everything one cell needs. The orchestrator builds it from a grid cell; the workload only reads it."""
+
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    attack: AttackConfig = AttackConfig()
+    training: TrainingConfig = TrainingConfig()
+    recipe: RecipeConfig = RecipeConfig()
+    eval: EvalConfig = EvalConfig()
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step: workers x per-worker batch may be smaller than the global batch."""
+        return self.recipe.batch_size // (self.num_workers * self.recipe.per_worker_batch)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        per_step = self.num_workers * self.recipe.per_worker_batch
+        if self.recipe.batch_size % per_step:
+            raise ValueError(
+                f"recipe.batch_size {self.recipe.batch_size} is not divisible by num_workers x "
+                f"recipe.per_worker_batch = {self.num_workers} x {self.recipe.per_worker_batch} = {per_step}"
+            )
+        if self.model.bn_star_epochs and self.model.norm == "gn":
+            raise ValueError("model.bn_star_epochs needs a BN model (norm bn or mbn); GN has no running statistics")
+        if self.model.bn_star_epochs > self.recipe.epochs:
+            raise ValueError(
+                f"model.bn_star_epochs {self.model.bn_star_epochs} exceeds recipe.epochs {self.recipe.epochs}"
+            )
+        return self

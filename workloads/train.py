@@ -1,0 +1,380 @@
+"""One grid cell: adversarial training of a ResNet, then evaluation against a PGD curve.
+
+`train_loop_per_worker` is the function a `ray.train.torch.TorchTrainer` runs on every worker (DDP); `main` runs
+the same loop in one process without Ray, for debugging a cell: `python -m workloads.train CELL.json --out DIR`.
+Both go through `run`, so there is one training loop for every strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from workloads import data
+from workloads.attacks import pgd, random_targets
+from workloads.config import RecipeConfig, TrainConfig
+from workloads.models import ResNet, build_model
+
+STATE_FILE = "state.pt"
+
+
+class Session:
+    """Where a run reports to and checkpoints to: Ray Train, or a local folder for the single-process entry."""
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def latest_state(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """Called by every rank (Ray's report is a barrier); `state` is saved as a checkpoint when given."""
+        raise NotImplementedError
+
+
+class LocalSession(Session):
+    """Single process, checkpoints as `<out>/checkpoint_<epoch>/state.pt`, metrics appended to metrics.jsonl."""
+
+    def __init__(self, out_dir: Path, use_gpu: bool = False) -> None:
+        self.out_dir = out_dir
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def latest_state(self) -> dict[str, Any] | None:
+        saved = sorted(self.out_dir.glob("checkpoint_*/" + STATE_FILE), key=lambda p: int(p.parent.name[11:]))
+        return torch.load(saved[-1], weights_only=False) if saved else None
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.history.append(metrics)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if state is not None:
+            folder = self.out_dir / f"checkpoint_{state['epoch']:06d}"
+            folder.mkdir(exist_ok=True)
+            tmp = folder / (STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            tmp.replace(folder / STATE_FILE)  # publish atomically: a crash leaves the old or the new state
+
+
+class RaySession(Session):
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self._device = ray.train.torch.get_device()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def latest_state(self) -> dict[str, Any] | None:
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is None or self.rank != 0:
+            self._train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / STATE_FILE)
+            self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(folder))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: `config` is `TrainConfig.model_dump()`."""
+    run(TrainConfig.model_validate(config), RaySession())
+
+
+def learning_rate(recipe: RecipeConfig, epoch: float) -> float:
+    """Linear scaling rule for the base LR; optional linear warm-up; /10 at each decay point (Section 3)."""
+    lr = recipe.lr
+    if recipe.warmup_epochs and epoch < recipe.warmup_epochs:
+        lr *= (epoch + 1e-3) / recipe.warmup_epochs
+    return lr * 0.1 ** sum(epoch >= m for m in recipe.lr_milestones())
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def _micro_batches(cfg: TrainConfig, info: data.DatasetInfo, session: Session, epoch: int) -> Iterator[Any]:
+    return data.iter_batches(
+        info,
+        cfg.data.train_split,
+        rank=session.rank,
+        world_size=session.world_size,
+        batch_size=cfg.recipe.per_worker_batch,
+        epoch=epoch,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+
+
+def adversarial_loss(
+    cfg: TrainConfig,
+    model: nn.Module,
+    bare: ResNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one micro-batch under the cell's strategy, and counts for the train accuracies.
+
+    The batch is [adversarial images; the first round(r * B) clean counterparts] (Section 4.1, clean ratio r),
+    and the cross-entropy is averaged over it: at r = 1 this is Eq. 1 with alpha = 0.5. MBN models get the split
+    index so each part is normalised by its own BN branch, in one forward that DDP sees once (Section 4.2).
+    """
+    training = cfg.training
+    n = images.shape[0]
+    if training.strategy == "standard":
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        return loss, {"clean_correct": float((logits.argmax(1) == labels).sum()), "clean_seen": n}
+
+    adv = pgd(
+        bare,
+        images,
+        labels,
+        num_classes=num_classes,
+        steps=cfg.attack.steps,
+        eps=cfg.attack.eps,
+        step_size=cfg.attack.resolved_step_size,
+        clean_start_prob=cfg.attack.clean_start_prob,
+        generator=generator,
+    )
+    n_clean = round(training.clean_ratio * n)
+    batch = torch.cat([adv, images[:n_clean]])
+    targets = torch.cat([labels, labels[:n_clean]])
+    logits = model(batch, split=n)
+    loss = F.cross_entropy(logits, targets)
+    if training.strategy == "alp" and n_clean:
+        # ALP (Kannan et al. 2018, Section 4.1 "Adversarial logits pairing"): pull each adversarial image's logits
+        # towards its clean counterpart's.
+        loss = loss + training.alp_weight * F.mse_loss(logits[:n_clean], logits[n:])
+    stats = {
+        "adv_correct": float((logits[:n].argmax(1) == labels).sum()),
+        "adv_seen": n,
+        "clean_correct": float((logits[n:].argmax(1) == labels[:n_clean]).sum()),
+        "clean_seen": n_clean,
+    }
+    return loss, stats
+
+
+def evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int) -> dict[str, dict[str, float]]:
+    """Clean accuracy and targeted-PGD accuracy for each N in eval.pgd_steps on a fixed subset (Section 3).
+
+    The subset (the first `eval.subset` images of the eval split) and every image's target class are fixed by
+    eval.seed, independent of the number of workers; ranks attack disjoint strided slices and sum their counts.
+    Each N is a separate attack from a random start (never resumed from a weaker one), so more steps can only
+    find more adversarial images. MBN models are evaluated once per branch (Table 1: MBN_adv and MBN_clean).
+    """
+    images, labels = data.load_split(cfg.data.url, cfg.data.eval_split, cfg.eval.subset)
+    all_targets = random_targets(labels, num_classes, torch.Generator().manual_seed(cfg.eval.seed))
+    mine = slice(session.rank, None, session.world_size)
+    images, labels, all_targets = images[mine], labels[mine], all_targets[mine]
+    branches = ["adv", "clean"] if bare.has_mbn else [None]
+    bare.eval()
+    results: dict[str, dict[str, float]] = {}
+    for branch in branches:
+        if branch is not None:
+            bare.set_mbn_branch(branch)
+        generator = torch.Generator().manual_seed(cfg.eval.seed * 1000 + session.rank)
+        counts = [0.0] * (1 + len(cfg.eval.pgd_steps)) + [float(len(labels))]
+        for start in range(0, len(labels), cfg.eval.batch_size):
+            x = images[start : start + cfg.eval.batch_size].to(session.device)
+            y = labels[start : start + cfg.eval.batch_size].to(session.device)
+            t = all_targets[start : start + cfg.eval.batch_size].to(session.device)
+            with torch.no_grad():
+                counts[0] += float((bare(x).argmax(1) == y).sum())
+            for i, steps in enumerate(cfg.eval.pgd_steps, start=1):
+                adv = pgd(
+                    bare,
+                    x,
+                    y,
+                    num_classes=num_classes,
+                    steps=steps,
+                    eps=cfg.eval.eps,
+                    step_size=cfg.eval.step_size,
+                    targeted=cfg.eval.targeted,
+                    targets=t,
+                    generator=generator,
+                )
+                with torch.no_grad():
+                    counts[i] += float((bare(adv).argmax(1) == y).sum())
+        totals = _all_reduce(counts, session.device)
+        seen = max(totals[-1], 1.0)
+        name = "main" if branch is None else f"mbn_{branch}"
+        results[name] = {"acc_clean": totals[0] / seen} | {
+            f"acc_pgd_{n}": totals[i] / seen for i, n in enumerate(cfg.eval.pgd_steps, start=1)
+        }
+    if bare.has_mbn:
+        bare.set_mbn_branch("adv")
+    return results
+
+
+def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
+    """Train one cell from its last checkpoint (or scratch), evaluate it, and return the final metrics."""
+    info = data.read_info(cfg.data.url)
+    generator = _seed_everything(cfg.seed * 1009 + session.rank)
+    bare = build_model(cfg.model, info.num_classes, in_channels=info.image_shape[0]).to(session.device)
+    optimizer = torch.optim.SGD(
+        bare.parameters(), lr=cfg.recipe.lr, momentum=cfg.recipe.momentum, weight_decay=cfg.recipe.weight_decay
+    )
+    start_epoch = 0
+    state = session.latest_state()
+    if state is not None:
+        bare.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["attack_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = state["epoch"]
+    train_seconds = state["train_seconds"] if state is not None else 0.0
+
+    model: nn.Module = bare
+    if session.world_size > 1:
+        # MBN with clean ratio 0 never uses the clean branch; DDP must be told some parameters may go unused.
+        model = nn.parallel.DistributedDataParallel(bare, find_unused_parameters=bare.has_mbn)
+    accum = cfg.grad_accum_steps
+    micro_per_epoch = data.batches_per_epoch(info, cfg.data.train_split, session.world_size, cfg.recipe.per_worker_batch)
+    steps_per_epoch = micro_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"recipe.batch_size {cfg.recipe.batch_size} is larger than one epoch of {cfg.data.train_split} data"
+        )
+
+    for epoch in range(start_epoch, cfg.recipe.epochs):
+        # BN* (Section 4.3, Table 2): running statistics in training for the last K epochs.
+        bare.set_bn_star(cfg.model.bn_star_epochs > 0 and epoch >= cfg.recipe.epochs - cfg.model.bn_star_epochs)
+        bare.train()
+        started = time.perf_counter()
+        sums = {"loss": 0.0, "adv_correct": 0.0, "adv_seen": 0.0, "clean_correct": 0.0, "clean_seen": 0.0}
+        batches = _micro_batches(cfg, info, session, epoch)
+        for step in range(steps_per_epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg.recipe, epoch + step / steps_per_epoch)
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(accum):
+                images, labels = next(batches)
+                images, labels = images.to(session.device), labels.to(session.device)
+                # Accumulating micro-batches: only the last backward of a step all-reduces gradients.
+                sync = nullcontext() if micro == accum - 1 or session.world_size == 1 else model.no_sync()  # type: ignore[operator]
+                with sync:
+                    loss, stats = adversarial_loss(cfg, model, bare, images, labels, info.num_classes, generator)
+                    (loss / accum).backward()
+                sums["loss"] += float(loss.detach())
+                for key, value in stats.items():
+                    sums[key] += value
+            optimizer.step()
+        totals = dict(zip(sums, _all_reduce(list(sums.values()), session.device), strict=True))
+        seconds = time.perf_counter() - started
+        train_seconds += seconds
+        mean_loss = totals["loss"] / (steps_per_epoch * accum * session.world_size)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}: {mean_loss}")
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": mean_loss,
+            "lr": learning_rate(cfg.recipe, epoch),
+            "images_per_sec": steps_per_epoch * cfg.recipe.batch_size / seconds,
+            "epoch_seconds": seconds,
+            "train_seconds": train_seconds,
+        }
+        for kind in ("adv", "clean"):
+            if totals[f"{kind}_seen"]:
+                metrics[f"train_acc_{kind}"] = totals[f"{kind}_correct"] / totals[f"{kind}_seen"]
+        last = epoch + 1 == cfg.recipe.epochs
+        save = last or (epoch + 1) % cfg.checkpoint_every == 0
+        if last:
+            for branch, values in evaluate(cfg, bare, session, info.num_classes).items():
+                metrics |= {f"eval/{branch}/{key}": value for key, value in values.items()}
+        session.report(metrics, _state(bare, optimizer, generator, epoch + 1, train_seconds) if save else None)
+    if start_epoch >= cfg.recipe.epochs:
+        # Killed after the last checkpoint but before the final report: only the evaluation is left to do.
+        final = {"epoch": start_epoch, "train_seconds": train_seconds}
+        for branch, values in evaluate(cfg, bare, session, info.num_classes).items():
+            final |= {f"eval/{branch}/{key}": value for key, value in values.items()}
+        session.report(final, None)
+    return session.history[-1] if isinstance(session, LocalSession) and session.history else {}
+
+
+def _state(
+    bare: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int, train_seconds: float
+) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "train_seconds": train_seconds,
+        "model": bare.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "attack_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workloads.train", description="Train and evaluate one cell in this process, without Ray."
+    )
+    parser.add_argument("config", type=Path, help="a TrainConfig as JSON (e.g. a cell's config.json)")
+    parser.add_argument("--out", type=Path, default=Path("runs/single"), help="checkpoints and metrics.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        cfg = TrainConfig.model_validate_json(args.config.read_text())
+    except (OSError, ValueError) as err:
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
+    session = LocalSession(args.out, use_gpu=cfg.use_gpu)
+    final = run(cfg, session)
+    for line in session.history:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}))
+    print(f"finished {cfg.recipe.epochs} epochs; checkpoints and metrics in {os.fspath(args.out)}")
+    return 0 if final else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
