@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any
 
 from ray.tune import Callback
 from ray.util.metrics import Gauge
@@ -23,20 +23,28 @@ STATES = ("pending", "running", "finished", "failed")
 
 class SweepProgress(Callback):
     def __init__(
-        self, sweep: str, total: int, already_finished: int, epochs: dict[str, int], out: TextIO = sys.stdout
+        self, sweep: str, total: int, already_finished: int, epochs: dict[str, int]
     ) -> None:
         self.sweep = sweep
         self.epochs = epochs
-        self.out = out
-        self.counts = {"pending": total - already_finished, "running": 0, "finished": already_finished, "failed": 0}
+        self.counts = {
+            "pending": total - already_finished,
+            "running": 0,
+            "finished": already_finished,
+            "failed": 0,
+        }
         self.started = time.monotonic()
         self._cells = Gauge("sweep_cells", "Cells of the sweep by state", tag_keys=("sweep", "state"))
-        self._epoch = Gauge("sweep_cell_epoch", "Last reported epoch of a cell", tag_keys=("sweep", "cell_id"))
+        self._epoch = Gauge(
+            "sweep_cell_epoch", "Last reported epoch of a cell", tag_keys=("sweep", "cell_id")
+        )
         self._speed = Gauge(
             "sweep_cell_images_per_second", "Training images/s of a cell", tag_keys=("sweep", "cell_id")
         )
         self._robust = Gauge(
-            "sweep_cell_robust_accuracy", "Latest adversarial accuracy of a cell", tag_keys=("sweep", "cell_id")
+            "sweep_cell_robust_accuracy",
+            "Latest adversarial accuracy of a cell",
+            tag_keys=("sweep", "cell_id"),
         )
         self._publish_counts()
 
@@ -47,8 +55,10 @@ class SweepProgress(Callback):
     def _say(self, text: str) -> None:
         elapsed = time.monotonic() - self.started
         c = self.counts
-        summary = f"{c['finished']} finished, {c['running']} running, {c['pending']} pending, {c['failed']} failed"
-        print(f"[sweep {self.sweep} +{elapsed:6.0f}s] {text}  ({summary})", file=self.out, flush=True)
+        summary = (
+            f"{c['finished']} finished, {c['running']} running, {c['pending']} pending, {c['failed']} failed"
+        )
+        print(f"[sweep {self.sweep} +{elapsed:6.0f}s] {text}  ({summary})", file=sys.stdout, flush=True)
 
     def _move(self, source: str, target: str) -> None:
         self.counts[source] -= 1

@@ -79,8 +79,12 @@ def run_cell(config: dict[str, Any]) -> None:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cell["keep_checkpoints"]),
-            failure_config=ray.train.FailureConfig(max_failures=cell["max_failures"], controller_failure_limit=1),
-            callbacks=[TuneReportCallback()],
+            # Static typing sees Train V1's classes; at run time these are V2's (DESIGN section 6). A finite
+            # controller failure limit keeps an unplaceable worker group from retrying forever.
+            failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]
+                max_failures=cell["max_failures"], controller_failure_limit=1
+            ),
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
         ),
     )
     started = time.time()
@@ -99,7 +103,9 @@ def run_cell(config: dict[str, Any]) -> None:
         )
         raise
     metrics = dict(result.metrics or {})
-    storage.write_json(storage.cell_path(cell["cell_id"], RESULT_FILE), finished_record(cell, metrics, started))
+    storage.write_json(
+        storage.cell_path(cell["cell_id"], RESULT_FILE), finished_record(cell, metrics, started)
+    )
     storage.remove(storage.cell_path(cell["cell_id"], ERROR_FILE))
 
 

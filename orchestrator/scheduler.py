@@ -12,7 +12,6 @@ the gaps the big ones leave, which is what keeps a heterogeneous study close to 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +21,8 @@ Demand = Mapping[str, float]
 
 
 class ResourceBudgetSearcher(Searcher):
+    """Tune calls a searcher from its single control loop, so the budget needs no lock (and Tune pickles it)."""
+
     def __init__(
         self,
         cells: Sequence[Mapping[str, Any]],
@@ -33,11 +34,12 @@ class ResourceBudgetSearcher(Searcher):
         if len(cells) != len(demands):
             raise ValueError("one demand per cell")
         costs = priority if priority is not None else [0.0] * len(cells)
-        order = sorted(range(len(cells)), key=lambda i: (-demands[i].get("GPU", 0), -costs[i], -sum(demands[i].values())))
+        order = sorted(
+            range(len(cells)), key=lambda i: (-demands[i].get("GPU", 0), -costs[i], -sum(demands[i].values()))
+        )
         self._pending = [(dict(cells[i]), dict(demands[i])) for i in order]
         self._free = dict(budget)
         self._running: dict[str, dict[str, float]] = {}
-        self._lock = threading.Lock()
         self.peak_use: dict[str, float] = dict.fromkeys(budget, 0.0)
         for cell, demand in self._pending:
             for resource, amount in demand.items():
@@ -48,26 +50,24 @@ class ResourceBudgetSearcher(Searcher):
                     )
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            if not self._pending:
-                return Searcher.FINISHED  # type: ignore[return-value]
-            for index, (cell, demand) in enumerate(self._pending):
-                if all(self._free.get(r, 0.0) + 1e-9 >= amount for r, amount in demand.items()):
-                    del self._pending[index]
-                    for resource, amount in demand.items():
-                        self._free[resource] = self._free.get(resource, 0.0) - amount
-                    self._running[trial_id] = demand
-                    self._track_peak()
-                    return {"cell": cell}
-            return None
+        if not self._pending:
+            return Searcher.FINISHED  # type: ignore[return-value]
+        for index, (cell, demand) in enumerate(self._pending):
+            if all(self._free.get(r, 0.0) + 1e-9 >= amount for r, amount in demand.items()):
+                del self._pending[index]
+                for resource, amount in demand.items():
+                    self._free[resource] = self._free.get(resource, 0.0) - amount
+                self._running[trial_id] = demand
+                self._track_peak()
+                return {"cell": cell}
+        return None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        with self._lock:
-            demand = self._running.pop(trial_id, None)
-            if demand is None:
-                return
-            for resource, amount in demand.items():
-                self._free[resource] = self._free.get(resource, 0.0) + amount
+        demand = self._running.pop(trial_id, None)
+        if demand is None:
+            return
+        for resource, amount in demand.items():
+            self._free[resource] = self._free.get(resource, 0.0) + amount
 
     def _track_peak(self) -> None:
         for resource in self.peak_use:

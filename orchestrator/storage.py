@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -22,7 +21,7 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow.fs
 
-from workloads.fs import open_fs
+from workloads.fs import open_fs, write_atomic
 
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
@@ -57,20 +56,10 @@ class SweepStorage:
         return self.path("cells", cell_id, *parts)
 
     def write_bytes_atomic(self, path: str, payload: bytes) -> None:
-        """Write, then publish: readers see the old object or the new one, never a torn file.
-
-        An object-store PUT is atomic by itself; on a file system we write a sibling and rename it over.
-        """
+        """Write, then publish: readers see the old object or the new one, never a torn file."""
         fs = self.fs
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        if _is_local(fs):
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with fs.open(tmp, "wb") as f:
-                f.write(payload)
-            os.replace(tmp, path)
-        else:
-            with fs.open(path, "wb") as f:
-                f.write(payload)
+        write_atomic(fs, path, payload)
 
     def write_json(self, path: str, value: Any) -> None:
         self.write_bytes_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode())
@@ -123,8 +112,3 @@ class SweepStorage:
                 options["region"] = region
             return f"{parsed.netloc}{parsed.path}/cells", pyarrow.fs.S3FileSystem(**options)
         return self.path("cells"), None
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")

@@ -34,8 +34,12 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m orchestrator.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="the study's YAML file, e.g. sweeps/smoke.yaml")
-    parser.add_argument("--storage", help="storage URL overriding the spec's (path, file://, s3://bucket/prefix)")
-    parser.add_argument("--plan", action="store_true", help="validate and plan only; runs nothing, needs no Ray")
+    parser.add_argument(
+        "--storage", help="storage URL overriding the spec's (path, file://, s3://bucket/prefix)"
+    )
+    parser.add_argument(
+        "--plan", action="store_true", help="validate and plan only; runs nothing, needs no Ray"
+    )
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     return parser
 
@@ -64,7 +68,9 @@ def run_sweep(spec: Spec, cells: list[Cell]) -> int:
     storage = SweepStorage.for_sweep(spec.storage, spec.name)
     storage.write_bytes_atomic(storage.path("spec.yaml"), spec.dump_yaml().encode())
     wanted = {cell.cell_id for cell in cells}
-    finished = {cid for cid, r in storage.cell_records().items() if r["status"] == "finished" and cid in wanted}
+    finished = {
+        cid for cid, r in storage.cell_records().items() if r["status"] == "finished" and cid in wanted
+    }
     todo = [cell for cell in cells if cell.cell_id not in finished]
     print(f"sweep {spec.name}: {len(cells)} cells, {len(finished)} already finished, {len(todo)} to run")
     print(f"storage: {storage.url}")
@@ -79,14 +85,24 @@ def run_sweep(spec: Spec, cells: list[Cell]) -> int:
     missing = wanted - records.keys()
     for cell_id in sorted(missing):  # a trial that died before writing anything still shows as failed
         cell = next(c for c in cells if c.cell_id == cell_id)
-        records[cell_id] = {"cell_id": cell_id, "axes": cell.axes, "status": "failed", "error": "no result recorded"}
+        records[cell_id] = {
+            "cell_id": cell_id,
+            "axes": cell.axes,
+            "status": "failed",
+            "error": "no result recorded",
+        }
     write_results(storage, records.values())
     failed = sorted((r for r in records.values() if r["status"] != "finished"), key=lambda r: r["cell_id"])
-    print(f"results: {storage.url}/results.parquet ({len(records) - len(failed)} finished, {len(failed)} failed)")
+    print(
+        f"results: {storage.url}/results.parquet ({len(records) - len(failed)} finished, {len(failed)} failed)"
+    )
     _write_report(storage)
     for record in failed:
         axes = " ".join(f"{k}={v}" for k, v in record["axes"].items())
-        print(f"FAILED cell {record['cell_id']} ({axes}): {record.get('error', 'unknown error')}", file=sys.stderr)
+        print(
+            f"FAILED cell {record['cell_id']} ({axes}): {record.get('error', 'unknown error')}",
+            file=sys.stderr,
+        )
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -98,7 +114,40 @@ def _write_report(storage: SweepStorage) -> None:
     print(f"report: {report.build_report(storage.url)}")
 
 
-def _run_cells(spec: Spec, storage: SweepStorage, todo: list[Cell], already_finished: int, total: int) -> None:
+BUILTIN_DATA = "builtin://"
+
+
+def _materialise_data(storage: SweepStorage, cells: list[Cell]) -> dict[str, str]:
+    """Bundled datasets (`builtin://digits`: scikit-learn's handwritten digits, shipped in the package) are
+    converted once into the sweep's storage, so every worker reads them like any other sharded dataset."""
+    from workloads import data
+
+    converters = {"digits": data.digits_to_parquet}
+    resolved: dict[str, str] = {}
+    for url in sorted({cell.config.data.url for cell in cells if cell.config.data.url.startswith(BUILTIN_DATA)}):
+        name = url.removeprefix(BUILTIN_DATA)
+        if name not in converters:
+            raise SystemExit(f"error: unknown built-in dataset {url!r} (known: {', '.join(converters)})")
+        target = f"{storage.url}/datasets/{name}"
+        try:
+            data.read_info(target)
+        except FileNotFoundError:
+            print(f"preparing {url} in {target}")
+            converters[name](target)
+        resolved[url] = target
+    return resolved
+
+
+def _with_data_url(cell: Cell, data_urls: dict[str, str]) -> dict[str, Any]:
+    """The cell's TrainConfig for the workers; only where the data lives changes (the cell id does not)."""
+    config = cell.config.model_dump(mode="json")
+    config["data"]["url"] = data_urls.get(cell.config.data.url, cell.config.data.url)
+    return config
+
+
+def _run_cells(
+    spec: Spec, storage: SweepStorage, todo: list[Cell], already_finished: int, total: int
+) -> None:
     import ray
     from ray import tune
 
@@ -112,13 +161,14 @@ def _run_cells(spec: Spec, storage: SweepStorage, todo: list[Cell], already_fini
     os.environ.update(env)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    data_urls = _materialise_data(storage, todo)
     cluster = ray.cluster_resources()
     budget = {"CPU": float(cluster.get("CPU", 0.0)), "GPU": float(cluster.get("GPU", 0.0))}
     payloads = [
         cell_payload(
             cell.cell_id,
             cell.axes,
-            cell.config.model_dump(mode="json"),
+            _with_data_url(cell, data_urls),
             sweep_url=storage.url,
             num_workers=cell.num_workers,
             use_gpu=spec.resources.use_gpu,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -218,7 +218,7 @@ def evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int)
     all_targets = random_targets(labels, num_classes, torch.Generator().manual_seed(cfg.eval.seed))
     mine = slice(session.rank, None, session.world_size)
     images, labels, all_targets = images[mine], labels[mine], all_targets[mine]
-    branches = ["adv", "clean"] if bare.has_mbn else [None]
+    branches: list[Literal["adv", "clean"] | None] = ["adv", "clean"] if bare.has_mbn else [None]
     bare.eval()
     results: dict[str, dict[str, float]] = {}
     for branch in branches:

@@ -1,0 +1,166 @@
+"""Grid expansion: a `Spec` -> the list of resolved cells, each with a stable id (DESIGN.md section 3.2).
+
+Every derived parameter is resolved here, in `_Resolver.resolve`, and nowhere else:
+
+- PGD step size from the number of training steps N (Appendix B.1, footnote 6: 4 for PGD-5, 2 for PGD-10,
+  else 1), unless the workload sets `attack.step_size`;
+- the learning rate follows the batch size through `RecipeConfig.lr` (linear scaling): nothing to store;
+- data-parallel workers from the batch size (`spec.workers_for`), the rest being gradient accumulation;
+- BN* epochs from a starred norm (Section 4.3: running statistics in training for the last 10 of 110 epochs);
+- the strategy `standard` (the paper's "0% adv + 100% clean") trains on clean images only, so it is
+  normalised to clean_ratio 1.0 and pgd_steps 0, and standard cells differing only in those axes collapse.
+
+A cell's id is the first 12 hex digits of the SHA-256 of its resolved config as canonical JSON, without the
+purely operational fields (`checkpoint_every`, `keep_checkpoints`): the same cell gets the same id on every
+submission and machine, so a re-run finds its checkpoints and results. Equal ids collapse (first one kept).
+
+No torch, no ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator.spec import AXES, GridEntry, Spec, SpecError, format_validation_error, workers_for
+from workloads.config import TrainConfig, paper_step_size
+
+# Changing these does not change what a cell trains, so they stay out of its id.
+OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
+ID_HEX_DIGITS = 12
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the study: its grid coordinates, its resolved config and what it needs to run."""
+
+    cell_id: str
+    axes: dict[str, Any]  # the 7 grid axes after normalisation; norm keeps its '*'
+    config: TrainConfig
+    num_workers: int
+    gpus: int  # num_workers x gpus_per_worker when use_gpu, else 0
+    cpus_per_worker: float
+    max_failures: int
+
+    @property
+    def gpus_per_worker(self) -> int:
+        return self.gpus // self.num_workers
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.config.grad_accum_steps
+
+    def describe(self) -> str:
+        return describe_axes(self.axes)
+
+
+def describe_axes(axes: dict[str, Any]) -> str:
+    """'clean_ratio=0.0 norm=bn* pgd_steps=30 ...' in canonical axis order, for messages and tables."""
+    return " ".join(f"{axis}={axes[axis]}" for axis in AXES if axis in axes)
+
+
+def bn_star_epochs(epochs: int) -> int:
+    """BN* length for a run of `epochs`: the paper's 10 of 110 (Section 4.3), scaled, at least one epoch."""
+    return max(1, round(epochs * 10 / 110))
+
+
+def cell_id(config: TrainConfig) -> str:
+    """Stable id of a resolved config: sha256 of canonical JSON (sorted keys, compact), 12 hex digits."""
+    payload = config.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:ID_HEX_DIGITS]
+
+
+def expand(spec: Spec) -> list[Cell]:
+    """All cells of `spec` in grid order (entries, then the product in axis order), duplicates collapsed.
+
+    Raises SpecError for grid-level problems (with the grid path) and for cells whose config is invalid
+    (naming the cell's axis values).
+    """
+    spec.check()
+    defaults = spec.default_axes()
+    resolver = _Resolver(spec)
+    cells: dict[str, Cell] = {}
+    entries: list[GridEntry | None] = [*spec.grid_entries()] or [None]
+    for entry in entries:
+        listed = entry.axes() if entry is not None else {}
+        values = [listed.get(axis, [defaults[axis]]) for axis in AXES]
+        for combo in itertools.product(*values):
+            cell = resolver.resolve(dict(zip(AXES, combo, strict=True)))
+            cells.setdefault(cell.cell_id, cell)
+    return list(cells.values())
+
+
+class _Resolver:
+    """Turns one combination of axis values into a Cell: the one place where derived values are computed."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.workload = spec.workload
+        # Unchanged sections are passed as validated instances (pydantic does not revalidate them).
+        self.base: dict[str, Any] = {
+            "data": self.workload.data,
+            "eval": self.workload.eval,
+            "num_workers": 1,
+            "use_gpu": spec.resources.use_gpu,
+            "checkpoint_every": spec.checkpoint_every,
+            "keep_checkpoints": spec.keep_checkpoints,
+        }
+        self.model = self.workload.model.model_dump()
+        self.attack = self.workload.attack.model_dump()
+        self.training = self.workload.training.model_dump()
+        self.recipe = self.workload.recipe.model_dump()
+
+    def resolve(self, axes: dict[str, Any]) -> Cell:
+        spec, workload = self.spec, self.workload
+        if axes["strategy"] == "standard":
+            # "0% adv + 100% clean" (Section 4.1): no attack, every clean image kept.
+            axes = {**axes, "clean_ratio": 1.0, "pgd_steps": 0}
+        axes["clean_ratio"] = float(axes["clean_ratio"])
+        norm: str = axes["norm"]
+        star = norm.endswith("*")
+        steps: int = axes["pgd_steps"]
+        step_size = workload.attack.step_size
+        if step_size is None and steps > 0:
+            step_size = paper_step_size(steps)  # Appendix B.1, footnote 6
+        num_workers = workers_for(
+            axes["batch_size"], workload.recipe.per_worker_batch, spec.resources.max_workers_per_cell
+        )
+        data = {
+            **self.base,
+            "model": {
+                **self.model,
+                "depth": axes["depth"],
+                "norm": norm.rstrip("*"),
+                # Section 4.3 / Table 2: the last 10 of 110 epochs, scaled, unless the workload fixes it.
+                "bn_star_epochs": (workload.model.bn_star_epochs or bn_star_epochs(workload.recipe.epochs))
+                if star
+                else 0,
+            },
+            "attack": {**self.attack, "steps": steps, "step_size": step_size},
+            "training": {**self.training, "strategy": axes["strategy"], "clean_ratio": axes["clean_ratio"]},
+            "recipe": {**self.recipe, "batch_size": axes["batch_size"]},
+            "seed": axes["seed"],
+            "num_workers": max(1, num_workers),
+        }
+        try:
+            config = TrainConfig.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(
+                format_validation_error(exc, TrainConfig, prefix=f"cell {describe_axes(axes)}: ")
+            ) from None
+        gpus = config.num_workers * spec.resources.gpus_per_worker if spec.resources.use_gpu else 0
+        return Cell(
+            cell_id=cell_id(config),
+            axes=axes,
+            config=config,
+            num_workers=config.num_workers,
+            gpus=gpus,
+            cpus_per_worker=spec.resources.cpus_per_worker,
+            max_failures=spec.max_failures,
+        )

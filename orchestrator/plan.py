@@ -1,0 +1,442 @@
+"""Planning: per-cell cost, total cost, makespan and feasibility, without Ray (DESIGN.md section 3.3).
+
+Cost model
+----------
+Calibration. The paper trains ResNet-152 with PGD-30 for 110 epochs of ImageNet (1,281,167 images, 224 px)
+on 128 GPUs (Section 3), with the public pipeline of Xie et al. (2019b); such a run takes about 52 hours,
+i.e. 52 x 128 = 6656 GPU-hours (the figure reported for that pipeline; the seed text gives no training time).
+We assume that run is "100% adv + 0% clean" (clean_ratio 0), the paper's default for its depth and PGD-N
+studies, and that evaluation is not part of the 52 hours.
+
+Work of a cell, in multiply-accumulates (MACs):
+
+    MACs(depth, width, stem, image_size)   analytic forward cost of the ResNet (`resnet_macs`, counted from
+                                           `workloads.config.RESNET_STAGES`; ResNet-50 ~4.1 G, -152 ~11.5 G)
+  x forward-equivalents per train image:   a training step (forward + backward) ~ 3 forwards; one PGD
+                                           iteration (forward + input-gradient backward) ~ 2 forwards; so an
+                                           adversarial image costs 2N + 3 and a kept clean one 3:
+                                           2N + 3 + 3 x clean_ratio   (standard training: 3)
+  x train_images x epochs
+  + eval: eval.subset x (1 clean forward + sum over eval PGD-N of (2N + 1)), x 2 for MBN (both branches)
+
+GPU-hours = work x (6656 GPU-h / work of the paper's cell) / planning.relative_speed. A cell's wall time is
+its GPU-hours over its GPUs (perfect data-parallel scaling; communication and input pipelines are not
+modelled, so read it as a lower estimate at very large worker counts). Depth, PGD-N, clean ratio, epochs,
+dataset size and resolution enter through the formula; the norm type (BN, MBN, GN, BN*) is cost-neutral.
+
+CPU specs (use_gpu false): every worker is one slot, the cluster has floor(cluster_cpus / cpus_per_worker)
+slots, and hours are worker-hours of a device `relative_speed` times as fast as one of the paper's GPUs (set
+planning.relative_speed accordingly, e.g. ~0.01 for a CPU core on a small ResNet).
+
+Makespan: a list-scheduling simulation of the driver's admission policy (orchestrator/scheduler.py, DESIGN.md
+section 6): cells ordered largest first (most GPUs, then most estimated hours); whenever GPUs are free, the
+first pending cell that fits starts, so small cells backfill the gaps. It is never below the lower bound
+max(total / cluster GPUs, longest cell).
+
+No torch, no ray.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+from orchestrator.grid import Cell, describe_axes
+from orchestrator.spec import AXES, Planning, Spec, SpecError
+from workloads.config import RESNET_STAGES, TrainConfig
+
+# Paper calibration point (Section 3): ResNet-152, PGD-30, 110 epochs of ImageNet, 128 GPUs, ~52 hours.
+PAPER_DEPTH = 152
+PAPER_PGD_STEPS = 30
+PAPER_EPOCHS = 110
+PAPER_GPUS = 128
+PAPER_WALL_HOURS = 52.0
+PAPER_GPU_HOURS = PAPER_GPUS * PAPER_WALL_HOURS  # 6656
+IMAGENET_TRAIN_IMAGES = 1_281_167
+IMAGENET_IMAGE_SIZE = 224
+NUM_CLASSES = 1000  # the classifier head is < 0.1% of the MACs; its class count does not matter for planning
+
+TRAIN_STEP_FORWARDS = 3.0  # forward + weight backward ~ 3 forwards
+PGD_ITER_FORWARDS = 2.0  # forward + input-gradient backward (no weight gradients) ~ 2 forwards
+EVAL_FORWARDS = 1.0  # the final forward that scores an image
+
+
+def _conv_out(size: int, stride: int) -> int:
+    # 'same' padding (k // 2) as in workloads.models: ceil(size / stride).
+    return (size + stride - 1) // stride
+
+
+@lru_cache(maxsize=256)
+def resnet_macs(
+    depth: int,
+    width: float = 1.0,
+    stem: Literal["imagenet", "small"] = "imagenet",
+    image_size: int = IMAGENET_IMAGE_SIZE,
+    in_channels: int = 3,
+    num_classes: int = NUM_CLASSES,
+) -> float:
+    """Forward multiply-accumulates of ResNet-`depth` (torchvision v1.5 layout, as workloads.models builds).
+
+    Counts convolutions and the classifier; normalisation, activations and pooling are negligible.
+    """
+    block, layers = RESNET_STAGES[depth]
+    planes = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
+    expansion = 4 if block == "bottleneck" else 1
+    if stem == "imagenet":  # 7x7/2 conv, then 3x3/2 max-pool
+        size = _conv_out(image_size, 2)
+        macs = 7 * 7 * in_channels * planes[0] * size * size
+        size = _conv_out(size, 2)
+    else:  # 3x3/1 conv, no pool
+        size = image_size
+        macs = 3 * 3 * in_channels * planes[0] * size * size
+    c_in = planes[0]
+    for stage, (p, blocks) in enumerate(zip(planes, layers, strict=True)):
+        for b in range(blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            out = _conv_out(size, stride)
+            c_out = p * expansion
+            if block == "bottleneck":
+                macs += c_in * p * size * size  # 1x1 reduce (at input resolution)
+                macs += 9 * p * p * out * out  # 3x3, carries the stride (v1.5)
+                macs += p * c_out * out * out  # 1x1 expand
+            else:
+                macs += 9 * c_in * p * out * out + 9 * p * p * out * out
+            if stride != 1 or c_in != c_out:
+                macs += c_in * c_out * out * out  # 1x1 projection shortcut
+            c_in, size = c_out, out
+    return float(macs + c_in * num_classes)
+
+
+def train_forwards_per_image(config: TrainConfig) -> float:
+    """Forward-equivalents per training image and epoch: 2N + 3 + 3 x clean_ratio (standard training: 3)."""
+    if config.training.strategy == "standard":
+        return TRAIN_STEP_FORWARDS
+    adversarial = PGD_ITER_FORWARDS * config.attack.steps + TRAIN_STEP_FORWARDS
+    return adversarial + TRAIN_STEP_FORWARDS * config.training.clean_ratio
+
+
+def eval_forwards_per_image(config: TrainConfig) -> float:
+    """Forward-equivalents per eval image: a clean forward plus (2N + 1) per eval PGD-N; MBN evaluates both
+    branches (Table 1: MBN_adv and MBN_clean)."""
+    per_branch = EVAL_FORWARDS + sum(PGD_ITER_FORWARDS * n + EVAL_FORWARDS for n in config.eval.pgd_steps)
+    return per_branch * (2 if config.model.norm == "mbn" else 1)
+
+
+def _paper_work() -> float:
+    return (
+        resnet_macs(PAPER_DEPTH)
+        * (PGD_ITER_FORWARDS * PAPER_PGD_STEPS + TRAIN_STEP_FORWARDS)
+        * IMAGENET_TRAIN_IMAGES
+        * PAPER_EPOCHS
+    )
+
+
+# Device-hours per MAC of one of the paper's GPUs.
+HOURS_PER_MAC = PAPER_GPU_HOURS / _paper_work()
+
+
+def estimate_device_hours(config: TrainConfig, planning: Planning | None = None) -> float:
+    """Estimated device-hours (GPU-hours, or worker-hours for CPU cells) of training plus final evaluation."""
+    planning = planning or Planning()
+    model = config.model
+    macs = resnet_macs(model.depth, model.width, model.stem, planning.image_size)
+    train = train_forwards_per_image(config) * planning.train_images * config.recipe.epochs
+    evaluation = eval_forwards_per_image(config) * config.eval.subset
+    return macs * (train + evaluation) * HOURS_PER_MAC / planning.relative_speed
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    cell_id: str
+    axes: dict[str, Any]
+    num_workers: int
+    grad_accum_steps: int
+    gpus: int
+    slots: int  # what the scheduler counts: GPUs, or workers for a CPU spec
+    device_hours: float  # GPU-hours, or worker-hours for a CPU spec
+    wall_hours: float
+    start_hours: float  # in the makespan simulation
+    end_hours: float
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.device_hours if self.gpus else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: Literal["GPU", "CPU"]
+    capacity: int  # cluster GPUs, or worker slots for a CPU spec
+    gpus_per_node: int
+    cells: tuple[CellPlan, ...]  # in expansion order
+    total_device_hours: float
+    makespan_hours: float
+    lower_bound_hours: float
+    planning: Planning
+
+    @property
+    def total_gpu_hours(self) -> float:
+        return self.total_device_hours if self.device == "GPU" else 0.0
+
+    @property
+    def unit(self) -> str:
+        return "GPU-hours" if self.device == "GPU" else "worker-hours"
+
+
+def _infeasible(cell: Cell, needed: str, limit: str, fix: str) -> str:
+    return f"cell {cell.cell_id} ({describe_axes(cell.axes)}): needs {needed} but {limit}; {fix}"
+
+
+def _check_feasible(cells: Sequence[Cell], device: str, capacity: int, gpus_per_node: int) -> None:
+    problems: list[str] = []
+    for cell in cells:
+        if device == "GPU":
+            if cell.gpus_per_worker > gpus_per_node:
+                problems.append(
+                    _infeasible(
+                        cell,
+                        f"{cell.gpus_per_worker} GPUs per worker",
+                        f"resources.gpus_per_node is {gpus_per_node}",
+                        "a worker must fit on one node; lower resources.gpus_per_worker",
+                    )
+                )
+            elif cell.gpus > capacity:
+                problems.append(
+                    _infeasible(
+                        cell,
+                        f"{cell.gpus} GPUs ({cell.num_workers} workers x {cell.gpus_per_worker} GPU)",
+                        f"the cluster has {capacity} (resources.cluster_gpus)",
+                        "lower batch_size or resources.max_workers_per_cell (the rest becomes gradient "
+                        "accumulation)",
+                    )
+                )
+        elif cell.num_workers > capacity:
+            problems.append(
+                _infeasible(
+                    cell,
+                    f"{cell.num_workers} workers x {cell.cpus_per_worker:g} CPUs",
+                    f"the cluster has room for {capacity} workers (resources.cluster_cpus / cpus_per_worker)",
+                    "lower resources.max_workers_per_cell or resources.cpus_per_worker",
+                )
+            )
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more cells"] if len(problems) > 10 else [])
+        raise SpecError("\n".join(shown))
+
+
+def _simulate(jobs: list[tuple[int, float]], capacity: int) -> list[float]:
+    """Start times of `jobs` (slots, wall hours), given in priority order, under first-fit admission.
+
+    Whenever slots are free, the first pending job (in priority order) that fits starts; small jobs backfill
+    gaps. Jobs of equal size keep their relative order, so the first fit is the best-ranked head among the
+    per-size queues that fit: O(jobs x distinct sizes), fast for 10,000 cells.
+    """
+    queues: dict[int, deque[int]] = {}
+    for rank, (slots, _) in enumerate(jobs):
+        queues.setdefault(slots, deque()).append(rank)
+    starts = [0.0] * len(jobs)
+    running: list[tuple[float, int]] = []  # (end time, slots)
+    free, now, pending = capacity, 0.0, len(jobs)
+    while pending:
+        while True:
+            heads = [q[0] for size, q in queues.items() if q and size <= free]
+            if not heads:
+                break
+            rank = min(heads)
+            slots, wall = jobs[rank]
+            queues[slots].popleft()
+            starts[rank] = now
+            heapq.heappush(running, (now + wall, slots))
+            free -= slots
+            pending -= 1
+        if pending:
+            # Nothing else fits: advance to the next completion (feasibility guarantees there is one).
+            now, released = heapq.heappop(running)
+            free += released
+            while running and running[0][0] <= now:
+                free += heapq.heappop(running)[1]
+    return starts
+
+
+def make_plan(
+    cells: Sequence[Cell],
+    cluster_gpus: int,
+    gpus_per_node: int,
+    *,
+    cluster_cpus: int | None = None,
+    planning: Planning | None = None,
+) -> Plan:
+    """Cost, makespan and feasibility of `cells` on `cluster_gpus` GPUs in nodes of `gpus_per_node`.
+
+    CPU cells (gpus == 0) are planned on `cluster_cpus` (default: this machine's CPU count) in worker slots.
+    Raises SpecError, naming the cell's axes and the numbers, if a cell can never be placed.
+    """
+    planning = planning or Planning()
+    device: Literal["GPU", "CPU"] = "GPU" if any(cell.gpus for cell in cells) else "CPU"
+    if device == "GPU":
+        capacity = cluster_gpus
+    else:
+        cpus = cluster_cpus if cluster_cpus is not None else (os.cpu_count() or 1)
+        per_worker = max((cell.cpus_per_worker for cell in cells), default=1.0)
+        capacity = max(0, int(cpus / per_worker + 1e-9))
+    _check_feasible(cells, device, capacity, gpus_per_node)
+
+    costs: list[tuple[int, float, float]] = []  # (slots, device_hours, wall_hours)
+    for cell in cells:
+        slots = cell.gpus if device == "GPU" else cell.num_workers
+        hours = estimate_device_hours(cell.config, planning)
+        costs.append((slots, hours, hours / slots))
+    # The driver's admission order (orchestrator/scheduler.py): most GPUs first, then the costliest.
+    order = sorted(
+        range(len(cells)), key=lambda i: (-cells[i].gpus, -costs[i][1], -costs[i][0], cells[i].cell_id)
+    )
+    ranked = _simulate([(costs[i][0], costs[i][2]) for i in order], capacity)
+    starts = [0.0] * len(cells)
+    for rank, i in enumerate(order):
+        starts[i] = ranked[rank]
+
+    plans = tuple(
+        CellPlan(
+            cell_id=cell.cell_id,
+            axes=cell.axes,
+            num_workers=cell.num_workers,
+            grad_accum_steps=cell.grad_accum_steps,
+            gpus=cell.gpus,
+            slots=slots,
+            device_hours=hours,
+            wall_hours=wall,
+            start_hours=starts[i],
+            end_hours=starts[i] + wall,
+        )
+        for i, (cell, (slots, hours, wall)) in enumerate(zip(cells, costs, strict=True))
+    )
+    total = sum(hours for _, hours, _ in costs)
+    longest = max((wall for _, _, wall in costs), default=0.0)
+    return Plan(
+        device=device,
+        capacity=capacity,
+        gpus_per_node=gpus_per_node,
+        cells=plans,
+        total_device_hours=total,
+        makespan_hours=max((p.end_hours for p in plans), default=0.0),
+        lower_bound_hours=max(total / capacity if capacity else 0.0, longest),
+        planning=planning,
+    )
+
+
+def plan_spec(spec: Spec, cells: Sequence[Cell] | None = None) -> Plan:
+    """`make_plan` with the cluster and cost-model inputs of `spec` (expanding it unless `cells` is given)."""
+    if cells is None:
+        from orchestrator.grid import expand
+
+        cells = expand(spec)
+    r = spec.resources
+    return make_plan(
+        cells, r.cluster_gpus, r.gpus_per_node, cluster_cpus=r.cluster_cpus, planning=spec.planning
+    )
+
+
+def _hours(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 1:
+        return f"{value:.1f}"
+    if value >= 0.01:
+        return f"{value:.2f}"
+    return f"{value:.1e}" if value else "0"
+
+
+def _readable(hours: float) -> str:
+    """'52 h', or minutes/seconds for short runs (the smoke spec), or days for long ones."""
+    if hours >= 48:
+        return f"{_hours(hours)} h = {hours / 24:,.1f} days"
+    if hours >= 1:
+        return f"{_hours(hours)} h"
+    if hours * 60 >= 1:
+        return f"{_hours(hours)} h = {hours * 60:.1f} min"
+    return f"{_hours(hours)} h = {hours * 3600:.1f} s"
+
+
+def format_plan(plan: Plan) -> str:
+    """The cell table and totals for `--plan`."""
+    dev = "GPU" if plan.device == "GPU" else "worker"
+    headers = ["cell", *AXES, "workers", "accum", "GPUs", f"est {dev}-h", "est wall-h"]
+    rows = [
+        [
+            p.cell_id,
+            *(str(p.axes[axis]) for axis in AXES),
+            str(p.num_workers),
+            str(p.grad_accum_steps),
+            str(p.gpus),
+            _hours(p.device_hours),
+            _hours(p.wall_hours),
+        ]
+        for p in plan.cells
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    numeric = set(range(len(AXES) + 1, len(headers))) | {
+        1 + AXES.index(a) for a in ("clean_ratio", "pgd_steps", "depth", "batch_size", "seed")
+    }
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    where = (
+        f"{plan.capacity} GPUs ({plan.gpus_per_node} per node)"
+        if plan.device == "GPU"
+        else f"{plan.capacity} CPU worker slots"
+    )
+    out = [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows), ""]
+    out.append(f"cells: {len(plan.cells)}")
+    out.append(f"total: {_hours(plan.total_device_hours)} {plan.unit} (estimated)")
+    out.append(f"makespan on {where}: {_readable(plan.makespan_hours)}")
+    out.append(
+        f"lower bound: {_readable(plan.lower_bound_hours)} (max(total / {plan.capacity}, longest cell))"
+    )
+    out.append(
+        f"cost model: calibrated to ResNet-{PAPER_DEPTH} PGD-{PAPER_PGD_STEPS}, {PAPER_EPOCHS} epochs of "
+        f"ImageNet on {PAPER_GPUS} GPUs in {PAPER_WALL_HOURS:g} h (Section 3); "
+        f"{plan.planning.train_images:,} train images at {plan.planning.image_size} px, "
+        f"relative speed {plan.planning.relative_speed:g}"
+    )
+    return "\n".join(out)
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    """`--plan --json`: the same content as `format_plan`, json.dumps-able."""
+    return {
+        "device": plan.device,
+        "unit": plan.unit,
+        "capacity": plan.capacity,
+        "gpus_per_node": plan.gpus_per_node,
+        "num_cells": len(plan.cells),
+        "total_device_hours": plan.total_device_hours,
+        "total_gpu_hours": plan.total_gpu_hours,
+        "makespan_hours": plan.makespan_hours,
+        "lower_bound_hours": plan.lower_bound_hours,
+        "planning": plan.planning.model_dump(mode="json"),
+        "cells": [
+            {
+                "cell_id": p.cell_id,
+                "axes": dict(p.axes),
+                "num_workers": p.num_workers,
+                "grad_accum_steps": p.grad_accum_steps,
+                "gpus": p.gpus,
+                "slots": p.slots,
+                "device_hours": p.device_hours,
+                "gpu_hours": p.gpu_hours,
+                "wall_hours": p.wall_hours,
+                "start_hours": p.start_hours,
+                "end_hours": p.end_hours,
+            }
+            for p in plan.cells
+        ],
+    }

@@ -1,0 +1,812 @@
+"""The sweep spec: one YAML file -> a validated, typed `Spec` (DESIGN.md sections 3.1 and 4).
+
+A researcher describes a whole ablation study (Xie & Yuille, ICLR 2020, Tables 1-7) in one file::
+
+    name: smoke                      # becomes a storage folder: [a-z0-9][a-z0-9-_]{0,62}
+    storage: ./runs                  # local path, file:// or s3://bucket/prefix (--storage overrides)
+    workload:                        # defaults for every cell: TrainConfig minus the derived fields
+      data: {url: ./data/digits}
+      model: {depth: 18, norm: bn, width: 0.125, stem: small}
+      ...
+    grid:                            # a mapping (cartesian product) or a list of mappings (union of products)
+      norm: [bn, mbn, gn, bn*]
+      seed: [0, 1, 2]
+    resources: {use_gpu: true, max_workers_per_cell: 128, cluster_gpus: 128, gpus_per_node: 8}
+
+Validation is strict (unknown keys, wrong types and out-of-range values are errors) and every error becomes
+one line that names the field path, the bad value and what is allowed, e.g.
+``grid.norm[2]: 'batchnorm' is not one of bn, mbn, gn, bn*, mbn*``. Credentials are never accepted: a key
+that looks like one, or a URL carrying a user:password or signed query, is rejected without echoing the
+value, because the spec is copied to storage (``spec.yaml``) and printed in logs (DESIGN.md section 4).
+
+This module imports neither torch nor ray: a spec is validated and planned in well under a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import parse_qsl, urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+from workloads.config import (
+    RESNET_STAGES,
+    AttackConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RecipeConfig,
+    TrainingConfig,
+)
+
+MAX_SPEC_BYTES = 1 << 20
+# Expanded size of the parsed document (YAML aliases can make a small file huge): far above any real spec.
+MAX_SPEC_VALUES = 200_000
+MAX_NESTING = 32
+MAX_AXIS_VALUES = 10_000
+
+AXES: tuple[str, ...] = ("clean_ratio", "norm", "pgd_steps", "depth", "batch_size", "strategy", "seed")
+# 'bn*'/'mbn*' are BN* (Section 4.3, Table 2): running statistics used in training for the last epochs.
+NORMS: tuple[str, ...] = ("bn", "mbn", "gn", "bn*", "mbn*")
+STRATEGIES: tuple[str, ...] = ("mixture", "alp", "standard")
+STORAGE_SCHEMES: tuple[str, ...] = ("file", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory")
+NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
+MAX_SEED = 2**31 - 1
+
+CREDENTIALS_HINT = (
+    "credentials must come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+    "AWS_SESSION_TOKEN, AWS_ENDPOINT_URL), never from the spec"
+)
+
+
+class SpecError(Exception):
+    """An invalid spec or argument. `message` is what the CLI prints before exiting with status 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Value checks shared by the schema and the credential scan
+
+
+def _num(value: float) -> str:
+    """1.0 -> '1', 0.25 -> '0.25': bounds and values printed the way a researcher writes them."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def show_value(value: Any) -> str:
+    """A short, YAML-flavoured rendering of a user value for messages (containers are not expanded)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return _num(value)
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+_CREDENTIAL_WORDS = frozenset(
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "passphrase",
+        "secret",
+        "secrets",
+        "token",
+        "tokens",
+        "key",
+        "keys",
+        "apikey",
+        "accesskey",
+        "secretkey",
+        "credential",
+        "credentials",
+        "auth",
+        "authorization",
+        "signature",
+        "sig",
+        "sas",
+        "bearer",
+        "cookie",
+    }
+)
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+_AWS_SECRET_SHAPE = re.compile(r"[A-Za-z0-9/+=]{40}")
+_JWT_SHAPE = re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}")
+
+
+def _words(name: str) -> list[str]:
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    return re.findall(r"[a-z0-9]+", spaced.lower())
+
+
+def looks_like_credential_name(name: str) -> bool:
+    """True for names like aws_secret_access_key, secretKey, session_token, password, key, X-Amz-Signature."""
+    words = _words(name)
+    return bool(_CREDENTIAL_WORDS.intersection(words)) or "".join(words) in _CREDENTIAL_WORDS
+
+
+def _credential_in_text(text: str) -> str | None:
+    """Why `text` looks like it carries a credential (never the credential itself), or None."""
+    if _AWS_KEY_ID.search(text):
+        return "an AWS access key id"
+    if "-----BEGIN" in text and "KEY" in text:
+        return "a private key"
+    if _JWT_SHAPE.search(text):
+        return "a bearer token"
+    if (
+        _AWS_SECRET_SHAPE.fullmatch(text)
+        and re.search(r"[a-z]", text)
+        and re.search(r"[A-Z]", text)
+        and re.search(r"[0-9]", text)
+    ):
+        return "a secret access key"
+    if "://" in text:
+        try:
+            parts = urlsplit(text)
+        except ValueError:
+            return None
+        # '@' in the authority, or a user:password whose password holds a '/' (which ends the authority).
+        head = text.split("://", 1)[1].split("@", 1)
+        if "@" in parts.netloc or (len(head) == 2 and ":" in head[0]):
+            return "a user name or password in the URL"
+        for param, _ in parse_qsl(parts.query, keep_blank_values=True):
+            if looks_like_credential_name(param) or param.lower().startswith("x-amz-"):
+                return f"a credential query parameter {param!r} in the URL"
+    return None
+
+
+def _check_url(url: str, what: str) -> str:
+    """For `storage` and `--storage`: a local path or an fsspec URL, without credentials or query string."""
+    if not url.strip() or url != url.strip():
+        raise ValueError(f"{show_value(url)} is not a valid {what} (empty or surrounded by whitespace)")
+    if "\x00" in url:
+        raise ValueError(f"not a valid {what} (contains a NUL character)")
+    why = _credential_in_text(url)
+    if why:
+        raise ValueError(f"contains {why}; {CREDENTIALS_HINT}")
+    if "://" in url:
+        parts = urlsplit(url)
+        if parts.scheme not in STORAGE_SCHEMES:
+            allowed = ", ".join(f"{s}://" for s in STORAGE_SCHEMES)
+            raise ValueError(f"scheme {parts.scheme!r} is not one of {allowed} (or a local path)")
+        if parts.query or parts.fragment:
+            raise ValueError(
+                "query parameters and fragments are not supported in a storage URL; configure the filesystem "
+                "through the environment"
+            )
+        if parts.scheme in ("s3", "gs", "gcs") and not parts.netloc:
+            raise ValueError(f"{show_value(url)} names no bucket; write {parts.scheme}://bucket/prefix")
+    return url
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _range_check(lo: float, hi: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        # `not lo <= v <= hi` also rejects NaN.
+        if not lo <= value <= hi:
+            raise ValueError(f"{_num(value)} is out of range [{_num(lo)}, {_num(hi)}]")
+        return value
+
+    return check
+
+
+def _known_depth(depth: int) -> int:
+    if depth not in RESNET_STAGES:
+        raise ValueError(f"{depth} is not one of {', '.join(str(d) for d in RESNET_STAGES)}")
+    return depth
+
+
+CleanRatio = Annotated[float, AfterValidator(_range_check(0.0, 1.0)), AfterValidator(float)]
+NormName = Literal["bn", "mbn", "gn", "bn*", "mbn*"]
+PgdSteps = Annotated[int, AfterValidator(_range_check(0, 10_000))]
+Depth = Annotated[int, AfterValidator(_known_depth)]
+BatchSize = Annotated[int, AfterValidator(_range_check(1, 1 << 24))]
+StrategyName = Literal["mixture", "alp", "standard"]
+Seed = Annotated[int, AfterValidator(_range_check(0, MAX_SEED))]
+
+
+class GridEntry(_Strict):
+    """One product of axis values; an axis left out takes the workload default (DESIGN.md section 4)."""
+
+    clean_ratio: list[CleanRatio] | None = None
+    norm: list[NormName] | None = None
+    pgd_steps: list[PgdSteps] | None = None
+    depth: list[Depth] | None = None
+    batch_size: list[BatchSize] | None = None
+    strategy: list[StrategyName] | None = None
+    seed: list[Seed] | None = None
+
+    @field_validator(*AXES, mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        # A single value is a one-element axis; an explicit null or [] is an error, not "use the default".
+        if value is None or value == []:
+            raise ValueError(
+                "empty; give at least one value, or leave the axis out to use the workload default"
+            )
+        if not isinstance(value, list):
+            value = [value]
+        if len(value) > MAX_AXIS_VALUES:
+            raise ValueError(f"{len(value)} values; at most {MAX_AXIS_VALUES} per axis")
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> GridEntry:
+        if not self.axes():
+            raise ValueError(f"empty mapping; list values for at least one axis of {', '.join(AXES)}")
+        return self
+
+    def axes(self) -> dict[str, list[Any]]:
+        """The axes this entry lists, in canonical axis order."""
+        return {axis: values for axis in AXES if (values := getattr(self, axis)) is not None}
+
+    def size(self) -> int:
+        return math.prod(len(values) for values in self.axes().values())
+
+
+class Workload(_Strict):
+    """Defaults for every cell: `workloads.config.TrainConfig` minus the per-cell derived fields (num_workers,
+    use_gpu, checkpointing), which come from `resources` and the top-level keys."""
+
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    attack: AttackConfig = AttackConfig()
+    training: TrainingConfig = TrainingConfig()
+    recipe: RecipeConfig = RecipeConfig()
+    eval: EvalConfig = EvalConfig()
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class Resources(_Strict):
+    use_gpu: bool = True
+    gpus_per_worker: int = Field(1, ge=1, le=64)
+    # Fractional CPUs let several workers share a core on small machines (DESIGN.md section 6).
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
+    # workers = min(batch_size // per_worker_batch, max_workers_per_cell); the rest is gradient accumulation.
+    max_workers_per_cell: int = Field(128, ge=1, le=100_000)
+    # Used for planning and feasibility when no cluster is connected (e.g. --plan on a laptop).
+    cluster_gpus: int = Field(128, ge=1, le=1_000_000)
+    gpus_per_node: int = Field(8, ge=1, le=1024)
+    # CPU specs (use_gpu: false) plan on this many CPUs; null: the planning machine's CPU count.
+    cluster_cpus: int | None = Field(None, ge=1, le=10_000_000)
+
+
+class Planning(_Strict):
+    """Inputs of the cost model (orchestrator.plan); defaults are the paper's ImageNet setting (Section 3)."""
+
+    train_images: int = Field(1_281_167, ge=1, le=10**11)
+    image_size: int = Field(224, ge=8, le=8192)
+    # Throughput of one worker device relative to one of the paper's GPUs (e.g. ~0.01 for a CPU worker).
+    relative_speed: float = Field(1.0, gt=0, le=1000)
+
+
+class Spec(_Strict):
+    name: str
+    storage: str = "./runs"
+    workload: Workload
+    grid: list[GridEntry] | None = None
+    resources: Resources = Resources()
+    planning: Planning = Planning()
+    checkpoint_every: int = Field(5, ge=1, le=100_000)
+    keep_checkpoints: int = Field(2, ge=1, le=1_000)
+    # Ray Train worker-group restarts per cell; finite on purpose (DESIGN.md section 6).
+    max_failures: int = Field(2, ge=0, le=1_000)
+    # Bound on the product sizes before duplicates collapse: guards against a typo that expands to millions.
+    max_cells: int = Field(100_000, ge=1, le=10_000_000)
+
+    _grid_is_mapping: bool = PrivateAttr(False)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ValueError(
+                f"{show_value(name)} must match {NAME_PATTERN} (lowercase letters, digits, '-' and '_'; "
+                "it names the sweep's storage folder)"
+            )
+        return name
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, storage: str) -> str:
+        return _check_url(storage, "storage URL")
+
+    @model_validator(mode="after")
+    def _no_credentials_in_data_url(self) -> Spec:
+        # parse_spec scans the whole document; this covers specs built in Python (dump_yaml stays clean).
+        why = _credential_in_text(self.workload.data.url)
+        if why:
+            raise ValueError(f"workload.data.url contains {why}; {CREDENTIALS_HINT}")
+        return self
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid_as_list(cls, grid: Any) -> Any:
+        # `grid` may be one mapping (a cartesian product) or a list of them (a union of products): one shape
+        # is validated; parse_spec remembers the form for paths in messages and for dump_yaml.
+        if grid is None or grid == [] or grid == {}:
+            raise ValueError(
+                "empty; list values for at least one axis, or leave `grid` out for a single cell of defaults"
+            )
+        return [grid] if isinstance(grid, dict) else grid
+
+    # -- grid helpers ----------------------------------------------------------------------------------------
+
+    def grid_entries(self) -> list[GridEntry]:
+        """The grid as a list of products; [] when the spec has no grid (a single cell of defaults)."""
+        return list(self.grid or [])
+
+    def grid_path(self, index: int) -> str:
+        """How messages name grid entry `index`: `grid` for the mapping form, `grid[i]` for the list form."""
+        return "grid" if self._grid_is_mapping else f"grid[{index}]"
+
+    def default_axes(self) -> dict[str, Any]:
+        """Axis values of a cell that lists no axis: the workload defaults."""
+        w = self.workload
+        star = w.model.bn_star_epochs > 0 and w.model.norm != "gn"
+        return {
+            "clean_ratio": float(w.training.clean_ratio),
+            "norm": w.model.norm + ("*" if star else ""),
+            "pgd_steps": w.attack.steps,
+            "depth": w.model.depth,
+            "batch_size": w.recipe.batch_size,
+            "strategy": w.training.strategy,
+            "seed": w.seed,
+        }
+
+    def raw_cell_count(self) -> int:
+        """Cells before duplicates collapse (the quantity `max_cells` bounds)."""
+        entries = self.grid_entries()
+        return sum(entry.size() for entry in entries) if entries else 1
+
+    # -- checks that span fields -----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Cross-field checks (batch sizes vs workers, ALP vs clean ratio, max_cells); raises SpecError."""
+        errors = list(_semantic_errors(self))
+        if errors:
+            raise SpecError(_join(errors))
+
+    # -- derived copies --------------------------------------------------------------------------------------
+
+    def with_storage(self, url: str) -> Spec:
+        """This spec with `storage` replaced (the CLI's --storage), validated like the spec's own field."""
+        try:
+            _check_url(url, "storage URL")
+        except ValueError as exc:
+            raise SpecError(f"--storage: {exc}") from None
+        return self.model_copy(update={"storage": url})
+
+    def dump_yaml(self) -> str:
+        """The fully resolved spec (every default written out) as YAML, for `<storage>/<name>/spec.yaml`.
+
+        No secrets by construction: a spec containing credentials never validates. `parse_spec` of the output
+        gives an equal Spec.
+        """
+        data = self.model_dump(mode="json", exclude={"grid"})
+        if self.grid is not None:
+            entries = [entry.model_dump(mode="json", exclude_none=True) for entry in self.grid]
+            grid: Any = entries[0] if self._grid_is_mapping else entries
+            ordered = {}
+            for key, value in data.items():
+                ordered[key] = value
+                if key == "workload":
+                    ordered["grid"] = grid
+            data = ordered
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
+
+
+def workers_for(batch_size: int, per_worker_batch: int, max_workers: int) -> int:
+    """Data-parallel workers of a cell: one per `per_worker_batch` images of the global batch, capped by
+    `max_workers`; the remaining factor becomes gradient accumulation (Section 3: 4096 = 128 GPUs x 32)."""
+    return min(batch_size // per_worker_batch, max_workers)
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def _batch_problem(batch: int, spec: Spec) -> str | None:
+    per = spec.workload.recipe.per_worker_batch
+    cap = spec.resources.max_workers_per_cell
+    if batch < per or batch % per:
+        return (
+            f"{batch} is not a multiple of workload.recipe.per_worker_batch {per} "
+            f"(allowed: {per}, {2 * per}, {3 * per}, ...)"
+        )
+    workers = workers_for(batch, per, cap)
+    if batch % (workers * per):
+        fit = _largest_divisor_at_most(batch // per, cap)
+        return (
+            f"{batch} is not divisible by workers x per_worker_batch = {workers} x {per} = {workers * per} "
+            f"(workers = min({batch} // {per}, resources.max_workers_per_cell {cap})); set "
+            f"resources.max_workers_per_cell to a divisor of {batch // per}, e.g. {fit}"
+        )
+    return None
+
+
+def _semantic_errors(spec: Spec) -> Iterator[str]:
+    raw = spec.raw_cell_count()
+    if raw > spec.max_cells:
+        yield (
+            f"grid: expands to {raw:,} cells before duplicates collapse, more than max_cells "
+            f"{spec.max_cells:,}; shrink the grid or raise max_cells"
+        )
+        return
+    defaults = spec.default_axes()
+    entries = spec.grid_entries()
+    problems: dict[int, str | None] = {}  # batch size -> problem, each size checked once
+
+    def batch_problem(batch: int) -> str | None:
+        if batch not in problems:
+            problems[batch] = _batch_problem(batch, spec)
+        return problems[batch]
+
+    if not entries or any("batch_size" not in entry.axes() for entry in entries):
+        problem = batch_problem(defaults["batch_size"])
+        if problem:
+            yield f"workload.recipe.batch_size: {problem}"
+    for index, entry in enumerate(entries):
+        for j, batch in enumerate(entry.batch_size or []):
+            problem = batch_problem(batch)
+            if problem:
+                yield f"{spec.grid_path(index)}.batch_size[{j}]: {problem}"
+    # ALP pairs each adversarial image's logits with its clean counterpart's (Kannan et al. 2018; paper
+    # Section 4.1 / Appendix A): with no clean images kept there is nothing to pair.
+    options: list[GridEntry | None] = [*entries] if entries else [None]
+    for index, option in enumerate(options):
+        axes = option.axes() if option is not None else {}
+        strategies = axes.get("strategy", [defaults["strategy"]])
+        ratios = axes.get("clean_ratio", [defaults["clean_ratio"]])
+        if "alp" in strategies and 0.0 in ratios:
+            where = spec.grid_path(index) if option is not None else "workload.training"
+            path = f"{where}.strategy" if "strategy" in axes else "workload.training.strategy"
+            source = f"{where}.clean_ratio" if "clean_ratio" in axes else "workload.training.clean_ratio"
+            yield (
+                f"{path}: 'alp' cannot be combined with clean_ratio 0 (from {source}): ALP pairs clean and "
+                "adversarial logits, so it needs clean_ratio > 0; drop 0 from clean_ratio or give alp its "
+                "own grid entry"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Turning pydantic errors into one line each
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for seg in loc:
+        if isinstance(seg, int):
+            out += f"[{seg}]"
+        else:
+            text = str(seg) if re.fullmatch(r"[A-Za-z0-9_*-]+", str(seg)) else repr(str(seg))
+            out += f".{text}" if out else text
+    return out
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _walk_fields(
+    root: type[BaseModel], loc: tuple[Any, ...]
+) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """The model that holds the last key of `loc` and that key's FieldInfo (None where unknown)."""
+    cls: type[BaseModel] | None = root
+    info: FieldInfo | None = None
+    for i, seg in enumerate(loc):
+        if isinstance(seg, int):
+            continue
+        if cls is None or seg not in cls.model_fields:
+            return (cls if i == len(loc) - 1 else None), None
+        info = cls.model_fields[seg]
+        if i < len(loc) - 1:
+            cls = _model_in(info.annotation)
+    return cls, info
+
+
+def _allowed_range(info: FieldInfo | None, ctx: dict[str, Any]) -> str:
+    bounds: dict[str, Any] = {}
+    for meta in info.metadata if info is not None else []:
+        for name in ("ge", "gt", "le", "lt"):
+            if getattr(meta, name, None) is not None:
+                bounds[name] = getattr(meta, name)
+    bounds.update({k: v for k, v in ctx.items() if k in ("ge", "gt", "le", "lt")})
+    lo = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    hi = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if lo and hi:
+        return f"{lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
+    if lo:
+        return f"(must be {'>=' if lo[0] == '[' else '>'} {_num(lo[1])})"
+    if hi:
+        return f"(must be {'<=' if hi[0] == ']' else '<'} {_num(hi[1])})"
+    return ""
+
+
+def _annotation_name(info: FieldInfo | None) -> str:
+    if info is None:
+        return ""
+    annotation = info.annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
+    return getattr(annotation, "__name__", "")
+
+
+def _error_line(
+    error: Any, root: type[BaseModel], rename: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+) -> str:
+    loc = tuple(error["loc"])
+    path = _path(rename(loc)) or "spec"
+    kind = error["type"]
+    value = error.get("input")
+    ctx = error.get("ctx") or {}
+    holder, info = _walk_fields(root, loc)
+    if kind == "extra_forbidden":
+        allowed = list(holder.model_fields) if holder is not None else []
+        key = str(loc[-1])
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        suggestion = f"; did you mean {hint[0]}?" if hint else ""
+        return f"{path}: unknown key (allowed: {', '.join(allowed)}){suggestion}"
+    if kind == "missing":
+        return f"{path}: required but missing"
+    if kind == "literal_error":
+        choices = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
+        line = f"{path}: {show_value(value)} is not one of {choices}"
+        if loc[-1] == "norm" and isinstance(value, str) and value.endswith("*"):
+            line += (
+                " (BN* is a grid value: grid.norm: [bn*]; or set workload.model.bn_star_epochs, Section 4.3)"
+            )
+        return line
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{path}: {show_value(value)} is out of range {_allowed_range(info, ctx)}".rstrip()
+    if kind in ("too_short", "too_long"):
+        return f"{path}: {error['msg'].lower()}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"{path}: {show_value(value)} is not an integer"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        return f"{path}: {show_value(value)} is not a number"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{path}: {show_value(value)} is not a boolean (true or false)"
+    if kind in ("string_type", "string_too_short"):
+        return f"{path}: {show_value(value)} is not a string" if kind == "string_type" else f"{path}: empty"
+    if kind in ("list_type", "tuple_type"):
+        return f"{path}: {show_value(value)} is not a list"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        target = _model_in(info.annotation) if info is not None else root if not loc else None
+        keys = f" with keys {', '.join(target.model_fields)}" if target is not None else ""
+        return f"{path}: {show_value(value)} is not a mapping; expected a mapping{keys}"
+    if kind == "value_error":
+        return f"{path}: {ctx.get('error', error['msg'])}"
+    if kind == "assertion_error":
+        return f"{path}: {error['msg']}"
+    expected = _annotation_name(info)
+    detail = f"{error['msg']}; expected {expected}" if expected else error["msg"]
+    return f"{path}: {show_value(value)} is invalid ({detail})"
+
+
+def format_validation_error(
+    error: ValidationError,
+    root: type[BaseModel] = Spec,
+    *,
+    rename: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
+    prefix: str = "",
+) -> str:
+    """One line per pydantic error, in pydantic's (document) order, duplicates dropped.
+
+    `root` is the model that was validated (to list allowed keys and ranges); `rename` rewrites a location
+    (the mapping form of `grid` is validated as a one-element list); `prefix` goes in front of every line.
+    """
+    lines: list[str] = []
+    for item in error.errors(include_url=False):
+        line = prefix + _error_line(item, root, rename or (lambda loc: loc))
+        if line not in lines:
+            lines.append(line)
+    return _join(lines)
+
+
+def _join(lines: list[str], limit: int = 30) -> str:
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"... and {len(lines) - limit} more errors"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (YAML keeps the last silently) and reads 1e-4 as a float."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML implements YAML 1.1, where `1e-4` (no dot) is a string; researchers write weight decays that way.
+_Loader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _scan(data: Any) -> None:
+    """Reject credentials anywhere in the document, non-JSON values and alias bombs, before pydantic sees it.
+
+    Runs first so that no later message (unknown key, wrong type) can echo a secret value.
+    """
+    memo: dict[int, int] = {}
+    problems: list[str] = []
+
+    def visit(node: Any, path: str, depth: int) -> int:
+        if depth > MAX_NESTING:
+            raise SpecError(f"{path or 'spec'}: nested more than {MAX_NESTING} levels deep")
+        if isinstance(node, str):
+            why = _credential_in_text(node)
+            if why:
+                problems.append(f"{path or 'spec'}: looks like a credential ({why}); {CREDENTIALS_HINT}")
+            return 1
+        if node is None or isinstance(node, bool | int | float):
+            return 1
+        if id(node) in memo:  # an alias: already scanned, count its expanded size again
+            return memo[id(node)]
+        size = 1
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise SpecError(f"{path or 'spec'}: key {show_value(key)} is not a string")
+                shown = key if re.fullmatch(r"[A-Za-z0-9_*-]+", key) else repr(key)
+                child = f"{path}.{shown}" if path else shown
+                if _credential_in_text(key):
+                    problems.append(f"{path or 'spec'}: a key looks like a credential; {CREDENTIALS_HINT}")
+                    continue
+                if looks_like_credential_name(key):
+                    problems.append(f"{child}: looks like a credential key; {CREDENTIALS_HINT}")
+                    continue
+                size += visit(value, child, depth + 1)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                size += visit(value, f"{path}[{i}]", depth + 1)
+        else:
+            raise SpecError(
+                f"{path or 'spec'}: a YAML {type(node).__name__} value is not supported here; quote it to "
+                "make a string"
+            )
+        if size > MAX_SPEC_VALUES:
+            raise SpecError(f"spec expands to more than {MAX_SPEC_VALUES:,} values (YAML aliases?)")
+        memo[id(node)] = size
+        return size
+
+    visit(data, "", 0)
+    if problems:
+        raise SpecError(_join(problems))
+
+
+def parse_spec(text: str, source: str = "<spec>") -> Spec:
+    """Validate spec `text` (YAML); `source` names it in messages. Raises SpecError, one line per problem."""
+    if len(text.encode("utf-8", errors="replace")) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{source}: larger than {MAX_SPEC_BYTES // (1 << 20)} MiB; a spec is a short YAML file"
+        )
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        # Only the problem and its position: the default rendering quotes the offending line (maybe a secret).
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        raise SpecError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: YAML syntax error: {type(exc).__name__}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply") from None
+    if not isinstance(data, dict):
+        got = "the file is empty" if data is None else f"got {show_value(data)}"
+        raise SpecError(
+            f"{source}: the top level must be a mapping with keys {', '.join(Spec.model_fields)} ({got})"
+        )
+    _scan(data)
+    grid_is_mapping = isinstance(data.get("grid"), dict)
+
+    def rename(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+        if grid_is_mapping and loc[:2] == ("grid", 0):
+            return ("grid", *loc[2:])
+        return loc
+
+    try:
+        # Strict JSON-mode validation: "3" is not an integer and `true` is not 1 (YAML would let both through
+        # lax mode), while lists still fill tuple fields.
+        spec = Spec.model_validate_json(json.dumps(data, allow_nan=True), strict=True)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, Spec, rename=rename)) from None
+    spec._grid_is_mapping = grid_is_mapping
+    spec.check()
+    return spec
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate the spec file at `path`. Raises SpecError (missing file, too large, invalid)."""
+    file = Path(path)
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec file ({exc.strerror})") from None
+    if file.is_dir():
+        raise SpecError(f"{path}: is a directory, not a spec file")
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{path}: {size:,} bytes; a spec file may be at most {MAX_SPEC_BYTES // (1 << 20)} MiB"
+        )
+    try:
+        raw = file.read_bytes()[: MAX_SPEC_BYTES + 1]
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec file ({exc.strerror})") from None
+    return parse_spec(text, str(path))

@@ -1,0 +1,54 @@
+"""Open any storage URL the project accepts: a local path, ``file://...`` or ``s3://bucket/prefix``.
+
+S3 endpoint and credentials come from the environment only (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, or whatever else botocore's default credential chain finds,
+e.g. IRSA on Kubernetes), never from a spec, so nothing the project writes or logs can hold a secret
+(DESIGN.md section 4). This module never logs or returns credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = ["open_fs", "write_atomic"]
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``url`` and the root path inside it (no protocol, no trailing slash)."""
+    protocol = fsspec.utils.get_protocol(url)
+    options: dict[str, Any] = {}
+    if protocol in ("s3", "s3a"):
+        client_kwargs: dict[str, str] = {}
+        # Not every botocore/aiobotocore release honours AWS_ENDPOINT_URL (pyarrow never does), so a MinIO,
+        # Ceph or moto endpoint is passed explicitly; the service-specific variable wins, as in botocore.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            client_kwargs["region_name"] = region
+        options["client_kwargs"] = client_kwargs
+        # The driver, trial actors and train workers write the same prefixes from different processes; s3fs
+        # answers exists()/ls() from a per-process listings cache, which would hide the other processes'
+        # writes.
+        options["use_listings_cache"] = False
+    elif protocol in ("file", "local"):
+        options["auto_mkdir"] = True
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return fs, path.rstrip("/") or path
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that a concurrent reader sees either no file or the whole file, never a prefix."""
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)  # a rename within one directory, atomic on POSIX
+    else:
+        # A single PUT: object stores never expose a partly written object.
+        fs.pipe_file(path, data)
