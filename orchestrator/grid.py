@@ -151,9 +151,7 @@ class _Resolver:
         try:
             config = TrainConfig.model_validate(data)
         except ValidationError as exc:
-            raise SpecError(
-                format_validation_error(exc, TrainConfig, prefix=f"cell {describe_axes(axes)}: ")
-            ) from None
+            raise SpecError(format_validation_error(exc, TrainConfig, prefix=f"cell {describe_axes(axes)}: ")) from None
         gpus = config.num_workers * spec.resources.gpus_per_worker if spec.resources.use_gpu else 0
         return Cell(
             cell_id=cell_id(config),

@@ -211,8 +211,7 @@ def _check_feasible(cells: Sequence[Cell], device: str, capacity: int, gpus_per_
                         cell,
                         f"{cell.gpus} GPUs ({cell.num_workers} workers x {cell.gpus_per_worker} GPU)",
                         f"the cluster has {capacity} (resources.cluster_gpus)",
-                        "lower batch_size or resources.max_workers_per_cell (the rest becomes gradient "
-                        "accumulation)",
+                        "lower batch_size or resources.max_workers_per_cell (the rest becomes gradient accumulation)",
                     )
                 )
         elif cell.num_workers > capacity:
@@ -292,9 +291,7 @@ def make_plan(
         hours = estimate_device_hours(cell.config, planning)
         costs.append((slots, hours, hours / slots))
     # The driver's admission order (orchestrator/scheduler.py): most GPUs first, then the costliest.
-    order = sorted(
-        range(len(cells)), key=lambda i: (-cells[i].gpus, -costs[i][1], -costs[i][0], cells[i].cell_id)
-    )
+    order = sorted(range(len(cells)), key=lambda i: (-cells[i].gpus, -costs[i][1], -costs[i][0], cells[i].cell_id))
     ranked = _simulate([(costs[i][0], costs[i][2]) for i in order], capacity)
     starts = [0.0] * len(cells)
     for rank, i in enumerate(order):
@@ -336,9 +333,7 @@ def plan_spec(spec: Spec, cells: Sequence[Cell] | None = None) -> Plan:
 
         cells = expand(spec)
     r = spec.resources
-    return make_plan(
-        cells, r.cluster_gpus, r.gpus_per_node, cluster_cpus=r.cluster_cpus, planning=spec.planning
-    )
+    return make_plan(cells, r.cluster_gpus, r.gpus_per_node, cluster_cpus=r.cluster_cpus, planning=spec.planning)
 
 
 def _hours(value: float) -> str:
@@ -385,8 +380,7 @@ def format_plan(plan: Plan) -> str:
 
     def line(cells: list[str]) -> str:
         return "  ".join(
-            c.rjust(w) if i in numeric else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
     where = (
@@ -398,9 +392,7 @@ def format_plan(plan: Plan) -> str:
     out.append(f"cells: {len(plan.cells)}")
     out.append(f"total: {_hours(plan.total_device_hours)} {plan.unit} (estimated)")
     out.append(f"makespan on {where}: {_readable(plan.makespan_hours)}")
-    out.append(
-        f"lower bound: {_readable(plan.lower_bound_hours)} (max(total / {plan.capacity}, longest cell))"
-    )
+    out.append(f"lower bound: {_readable(plan.lower_bound_hours)} (max(total / {plan.capacity}, longest cell))")
     out.append(
         f"cost model: calibrated to ResNet-{PAPER_DEPTH} PGD-{PAPER_PGD_STEPS}, {PAPER_EPOCHS} epochs of "
         f"ImageNet on {PAPER_GPUS} GPUs in {PAPER_WALL_HOURS:g} h (Section 3); "

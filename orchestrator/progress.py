@@ -22,9 +22,7 @@ STATES = ("pending", "running", "finished", "failed")
 
 
 class SweepProgress(Callback):
-    def __init__(
-        self, sweep: str, total: int, already_finished: int, epochs: dict[str, int]
-    ) -> None:
+    def __init__(self, sweep: str, total: int, already_finished: int, epochs: dict[str, int]) -> None:
         self.sweep = sweep
         self.epochs = epochs
         self.counts = {
@@ -35,9 +33,7 @@ class SweepProgress(Callback):
         }
         self.started = time.monotonic()
         self._cells = Gauge("sweep_cells", "Cells of the sweep by state", tag_keys=("sweep", "state"))
-        self._epoch = Gauge(
-            "sweep_cell_epoch", "Last reported epoch of a cell", tag_keys=("sweep", "cell_id")
-        )
+        self._epoch = Gauge("sweep_cell_epoch", "Last reported epoch of a cell", tag_keys=("sweep", "cell_id"))
         self._speed = Gauge(
             "sweep_cell_images_per_second", "Training images/s of a cell", tag_keys=("sweep", "cell_id")
         )
@@ -55,9 +51,7 @@ class SweepProgress(Callback):
     def _say(self, text: str) -> None:
         elapsed = time.monotonic() - self.started
         c = self.counts
-        summary = (
-            f"{c['finished']} finished, {c['running']} running, {c['pending']} pending, {c['failed']} failed"
-        )
+        summary = f"{c['finished']} finished, {c['running']} running, {c['pending']} pending, {c['failed']} failed"
         print(f"[sweep {self.sweep} +{elapsed:6.0f}s] {text}  ({summary})", file=sys.stdout, flush=True)
 
     def _move(self, source: str, target: str) -> None:

@@ -85,6 +85,8 @@ def run_cell(config: dict[str, Any]) -> None:
                 max_failures=cell["max_failures"], controller_failure_limit=1
             ),
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
+            # Per-report INFO lines from every worker drown the sweep's own progress lines in the job log.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     started = time.time()
@@ -103,9 +105,7 @@ def run_cell(config: dict[str, Any]) -> None:
         )
         raise
     metrics = dict(result.metrics or {})
-    storage.write_json(
-        storage.cell_path(cell["cell_id"], RESULT_FILE), finished_record(cell, metrics, started)
-    )
+    storage.write_json(storage.cell_path(cell["cell_id"], RESULT_FILE), finished_record(cell, metrics, started))
     storage.remove(storage.cell_path(cell["cell_id"], ERROR_FILE))
 
 
@@ -125,8 +125,9 @@ def finished_record(cell: dict[str, Any], metrics: dict[str, Any], started: floa
         "train_seconds": train_seconds,
         "gpu_hours": train_seconds * gpus / 3600,
         "branches": branches,
+        "resumed_from_epoch": int(metrics.get("start_epoch", 0)),
+        "started_at": started,
         "finished_at": time.time(),
-        "wall_seconds_last_attempt": time.time() - started,
     }
 
 

@@ -261,9 +261,7 @@ class GridEntry(_Strict):
     def _as_list(cls, value: Any) -> Any:
         # A single value is a one-element axis; an explicit null or [] is an error, not "use the default".
         if value is None or value == []:
-            raise ValueError(
-                "empty; give at least one value, or leave the axis out to use the workload default"
-            )
+            raise ValueError("empty; give at least one value, or leave the axis out to use the workload default")
         if not isinstance(value, list):
             value = [value]
         if len(value) > MAX_AXIS_VALUES:
@@ -534,9 +532,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _walk_fields(
-    root: type[BaseModel], loc: tuple[Any, ...]
-) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+def _walk_fields(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
     """The model that holds the last key of `loc` and that key's FieldInfo (None where unknown)."""
     cls: type[BaseModel] | None = root
     info: FieldInfo | None = None
@@ -578,9 +574,7 @@ def _annotation_name(info: FieldInfo | None) -> str:
     return getattr(annotation, "__name__", "")
 
 
-def _error_line(
-    error: Any, root: type[BaseModel], rename: Callable[[tuple[Any, ...]], tuple[Any, ...]]
-) -> str:
+def _error_line(error: Any, root: type[BaseModel], rename: Callable[[tuple[Any, ...]], tuple[Any, ...]]) -> str:
     loc = tuple(error["loc"])
     path = _path(rename(loc)) or "spec"
     kind = error["type"]
@@ -599,9 +593,7 @@ def _error_line(
         choices = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
         line = f"{path}: {show_value(value)} is not one of {choices}"
         if loc[-1] == "norm" and isinstance(value, str) and value.endswith("*"):
-            line += (
-                " (BN* is a grid value: grid.norm: [bn*]; or set workload.model.bn_star_epochs, Section 4.3)"
-            )
+            line += " (BN* is a grid value: grid.norm: [bn*]; or set workload.model.bn_star_epochs, Section 4.3)"
         return line
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"{path}: {show_value(value)} is out of range {_allowed_range(info, ctx)}".rstrip()
@@ -733,8 +725,7 @@ def _scan(data: Any) -> None:
                 size += visit(value, f"{path}[{i}]", depth + 1)
         else:
             raise SpecError(
-                f"{path or 'spec'}: a YAML {type(node).__name__} value is not supported here; quote it to "
-                "make a string"
+                f"{path or 'spec'}: a YAML {type(node).__name__} value is not supported here; quote it to make a string"
             )
         if size > MAX_SPEC_VALUES:
             raise SpecError(f"spec expands to more than {MAX_SPEC_VALUES:,} values (YAML aliases?)")
@@ -749,9 +740,7 @@ def _scan(data: Any) -> None:
 def parse_spec(text: str, source: str = "<spec>") -> Spec:
     """Validate spec `text` (YAML); `source` names it in messages. Raises SpecError, one line per problem."""
     if len(text.encode("utf-8", errors="replace")) > MAX_SPEC_BYTES:
-        raise SpecError(
-            f"{source}: larger than {MAX_SPEC_BYTES // (1 << 20)} MiB; a spec is a short YAML file"
-        )
+        raise SpecError(f"{source}: larger than {MAX_SPEC_BYTES // (1 << 20)} MiB; a spec is a short YAML file")
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.MarkedYAMLError as exc:
@@ -765,9 +754,7 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
         raise SpecError(f"{source}: nested too deeply") from None
     if not isinstance(data, dict):
         got = "the file is empty" if data is None else f"got {show_value(data)}"
-        raise SpecError(
-            f"{source}: the top level must be a mapping with keys {', '.join(Spec.model_fields)} ({got})"
-        )
+        raise SpecError(f"{source}: the top level must be a mapping with keys {', '.join(Spec.model_fields)} ({got})")
     _scan(data)
     grid_is_mapping = isinstance(data.get("grid"), dict)
 
@@ -799,9 +786,7 @@ def load_spec(path: str | Path) -> Spec:
     if file.is_dir():
         raise SpecError(f"{path}: is a directory, not a spec file")
     if size > MAX_SPEC_BYTES:
-        raise SpecError(
-            f"{path}: {size:,} bytes; a spec file may be at most {MAX_SPEC_BYTES // (1 << 20)} MiB"
-        )
+        raise SpecError(f"{path}: {size:,} bytes; a spec file may be at most {MAX_SPEC_BYTES // (1 << 20)} MiB")
     try:
         raw = file.read_bytes()[: MAX_SPEC_BYTES + 1]
         text = raw.decode("utf-8")

@@ -16,12 +16,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.grid import Cell, expand
-from orchestrator.plan import format_plan, make_plan, plan_to_json
+from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json
 from orchestrator.results import write_results
 from orchestrator.spec import Spec, SpecError, load_spec
 from orchestrator.storage import CONFIG_FILE, SweepStorage
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+class InfeasibleError(Exception):
+    """The connected cluster cannot run the sweep as specified (found only once Ray is up)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,12 +38,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m orchestrator.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="the study's YAML file, e.g. sweeps/smoke.yaml")
-    parser.add_argument(
-        "--storage", help="storage URL overriding the spec's (path, file://, s3://bucket/prefix)"
-    )
-    parser.add_argument(
-        "--plan", action="store_true", help="validate and plan only; runs nothing, needs no Ray"
-    )
+    parser.add_argument("--storage", help="storage URL overriding the spec's (path, file://, s3://bucket/prefix)")
+    parser.add_argument("--plan", action="store_true", help="validate and plan only; runs nothing, needs no Ray")
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     return parser
 
@@ -54,23 +54,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.storage:
             spec = spec.with_storage(args.storage)
         cells = expand(spec)
-        plan = make_plan(cells, spec.resources.cluster_gpus, spec.resources.gpus_per_node)
+        plan = plan_spec(spec, cells)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
     if args.plan:
         print(json.dumps(plan_to_json(plan), indent=2) if args.json else format_plan(plan))
         return EXIT_OK
-    return run_sweep(spec, cells)
+    return run_sweep(spec, cells, plan)
 
 
-def run_sweep(spec: Spec, cells: list[Cell]) -> int:
+def run_sweep(spec: Spec, cells: list[Cell], plan: Plan) -> int:
     storage = SweepStorage.for_sweep(spec.storage, spec.name)
     storage.write_bytes_atomic(storage.path("spec.yaml"), spec.dump_yaml().encode())
     wanted = {cell.cell_id for cell in cells}
-    finished = {
-        cid for cid, r in storage.cell_records().items() if r["status"] == "finished" and cid in wanted
-    }
+    finished = {cid for cid, r in storage.cell_records().items() if r["status"] == "finished" and cid in wanted}
     todo = [cell for cell in cells if cell.cell_id not in finished]
     print(f"sweep {spec.name}: {len(cells)} cells, {len(finished)} already finished, {len(todo)} to run")
     print(f"storage: {storage.url}")
@@ -80,7 +78,11 @@ def run_sweep(spec: Spec, cells: list[Cell]) -> int:
                 storage.cell_path(cell.cell_id, CONFIG_FILE),
                 {"cell_id": cell.cell_id, "axes": cell.axes, "train": cell.config.model_dump(mode="json")},
             )
-        _run_cells(spec, storage, todo, already_finished=len(finished), total=len(cells))
+        try:
+            _run_cells(spec, storage, todo, plan, already_finished=len(finished), total=len(cells))
+        except InfeasibleError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_INVALID
     records = {cid: r for cid, r in storage.cell_records().items() if cid in wanted}
     missing = wanted - records.keys()
     for cell_id in sorted(missing):  # a trial that died before writing anything still shows as failed
@@ -93,10 +95,7 @@ def run_sweep(spec: Spec, cells: list[Cell]) -> int:
         }
     write_results(storage, records.values())
     failed = sorted((r for r in records.values() if r["status"] != "finished"), key=lambda r: r["cell_id"])
-    print(
-        f"results: {storage.url}/results.parquet ({len(records) - len(failed)} finished, {len(failed)} failed)"
-    )
-    _write_report(storage)
+    print(f"results: {storage.url}/results.parquet ({len(records) - len(failed)} finished, {len(failed)} failed)")
     for record in failed:
         axes = " ".join(f"{k}={v}" for k, v in record["axes"].items())
         print(
@@ -104,14 +103,6 @@ def run_sweep(spec: Spec, cells: list[Cell]) -> int:
             file=sys.stderr,
         )
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def _write_report(storage: SweepStorage) -> None:
-    try:
-        from orchestrator import report
-    except ImportError:
-        return
-    print(f"report: {report.build_report(storage.url)}")
 
 
 BUILTIN_DATA = "builtin://"
@@ -127,7 +118,9 @@ def _materialise_data(storage: SweepStorage, cells: list[Cell]) -> dict[str, str
     for url in sorted({cell.config.data.url for cell in cells if cell.config.data.url.startswith(BUILTIN_DATA)}):
         name = url.removeprefix(BUILTIN_DATA)
         if name not in converters:
-            raise SystemExit(f"error: unknown built-in dataset {url!r} (known: {', '.join(converters)})")
+            raise InfeasibleError(
+                f"workload.data.url: unknown built-in dataset {url!r} (known: {', '.join(converters)})"
+            )
         target = f"{storage.url}/datasets/{name}"
         try:
             data.read_info(target)
@@ -146,7 +139,7 @@ def _with_data_url(cell: Cell, data_urls: dict[str, str]) -> dict[str, Any]:
 
 
 def _run_cells(
-    spec: Spec, storage: SweepStorage, todo: list[Cell], already_finished: int, total: int
+    spec: Spec, storage: SweepStorage, todo: list[Cell], plan: Plan, already_finished: int, total: int
 ) -> None:
     import ray
     from ray import tune
@@ -159,8 +152,10 @@ def _run_cells(
     # controllers start, so it travels in the job's runtime environment.
     env = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
     os.environ.update(env)
+    dashboard = "(connected to an existing Ray instance)"
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        context = ray.init(runtime_env={"env_vars": env})
+        dashboard = f"dashboard: http://{context.dashboard_url}" if context.dashboard_url else "no dashboard"
     data_urls = _materialise_data(storage, todo)
     cluster = ray.cluster_resources()
     budget = {"CPU": float(cluster.get("CPU", 0.0)), "GPU": float(cluster.get("GPU", 0.0))}
@@ -179,14 +174,18 @@ def _run_cells(
         )
         for cell in todo
     ]
+    cost = {c.cell_id: c.device_hours for c in plan.cells}
     try:
-        searcher = ResourceBudgetSearcher(payloads, [resource_demand(p) for p in payloads], budget)
+        searcher = ResourceBudgetSearcher(
+            payloads,
+            [resource_demand(p) for p in payloads],
+            budget,
+            priority=[cost[cell.cell_id] for cell in todo],
+        )
     except ValueError as err:
-        raise SystemExit(f"error: infeasible on this cluster ({budget}): {err}") from None
-    print(f"cluster: {budget['CPU']:g} CPUs, {budget['GPU']:g} GPUs; dashboard: {_dashboard_url()}")
-    progress = SweepProgress(
-        spec.name, total, already_finished, {c.cell_id: c.config.recipe.epochs for c in todo}
-    )
+        raise InfeasibleError(f"infeasible on this cluster: {err}") from None
+    print(f"cluster: {budget['CPU']:g} CPUs, {budget['GPU']:g} GPUs; {dashboard}")
+    progress = SweepProgress(spec.name, total, already_finished, {c.cell_id: c.config.recipe.epochs for c in todo})
     tuner = tune.Tuner(
         tune.with_resources(run_cell, {"CPU": 0.01}),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo), reuse_actors=False),
@@ -201,17 +200,6 @@ def _run_cells(
     grid = tuner.fit()
     for error in grid.errors:
         print(f"trial error: {str(error).splitlines()[-1] if str(error) else repr(error)}", file=sys.stderr)
-
-
-def _dashboard_url() -> str:
-    try:
-        import ray
-
-        context: Any = ray.get_runtime_context()
-        url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()  # type: ignore[attr-defined]
-        return f"http://{url}" if url and not url.startswith("http") else str(url or "not running")
-    except Exception:
-        return "not available"
 
 
 if __name__ == "__main__":

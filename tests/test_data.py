@@ -69,9 +69,7 @@ def test_write_read_round_trip(tmp_path: Path) -> None:
     train = rng.integers(0, 256, (23, 3, 5, 7), dtype=np.uint8), rng.integers(0, 4, 23)
     test = rng.integers(0, 256, (6, 3, 5, 7), dtype=np.uint8), rng.integers(0, 4, 6)
     url = str(tmp_path / "ds")
-    written = write_dataset(
-        url, {"train": train, "test": test}, ["a", "b", "c", "d"], shard_size=7, row_group_size=3
-    )
+    written = write_dataset(url, {"train": train, "test": test}, ["a", "b", "c", "d"], shard_size=7, row_group_size=3)
 
     info = read_info(url)
     assert info == written
@@ -80,8 +78,7 @@ def test_write_read_round_trip(tmp_path: Path) -> None:
     assert info.split("test").num_images == 6
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert (
-        meta["image_shape"] == [3, 5, 7]
-        and meta["splits"]["train"]["shards"][0]["path"] == "train/part-00000.parquet"
+        meta["image_shape"] == [3, 5, 7] and meta["splits"]["train"]["shards"][0]["path"] == "train/part-00000.parquet"
     )
     table = pq.read_table(tmp_path / "ds" / "train" / "part-00000.parquet")
     assert table.column_names == ["image", "label"] and len(table.column("image")[0].as_py()) == 3 * 5 * 7
@@ -135,9 +132,7 @@ def test_rank_shares_are_disjoint_equal_and_cover_the_split(
     expected = batches_per_epoch(info, "train", world_size, batch_size)
     assert expected == (n // world_size) // batch_size > 0
     for epoch in range(3):
-        per_rank = _epoch_ids(
-            info, world_size, batch_size, epoch=epoch, seed=7, shuffle_buffer=shuffle_buffer
-        )
+        per_rank = _epoch_ids(info, world_size, batch_size, epoch=epoch, seed=7, shuffle_buffer=shuffle_buffer)
         # DDP: equal step counts on every rank, or the collectives deadlock.
         assert [len(ids) for ids in per_rank] == [expected * batch_size] * world_size
         union = set().union(*per_rank)
@@ -203,9 +198,7 @@ def test_shuffle_buffer_mixes_within_a_rank(tmp_path: Path) -> None:
 
 def test_sharded_stream_and_early_stop(tmp_path: Path) -> None:
     info = _write_indexed(str(tmp_path / "ds"), 50, shard_size=8)
-    stream = ShardedStream(
-        str(tmp_path / "ds"), "train", batch_size=4, rank=1, world_size=2, shuffle_buffer=8
-    )
+    stream = ShardedStream(str(tmp_path / "ds"), "train", batch_size=4, rank=1, world_size=2, shuffle_buffer=8)
     assert len(stream) == 6 == batches_per_epoch(info, "train", 2, 4)
     epoch0 = [_ids(x) for x, _ in stream]
     stream.set_epoch(1)
@@ -247,9 +240,7 @@ def test_digits_dataset(digits_url: str, tmp_path: Path) -> None:
 
 
 def test_digits_stream_trains_shape(digits_url: str) -> None:
-    x, y = next(
-        iter(iter_batches(digits_url, "train", batch_size=32, rank=1, world_size=2, shuffle_buffer=256))
-    )
+    x, y = next(iter(iter_batches(digits_url, "train", batch_size=32, rank=1, world_size=2, shuffle_buffer=256)))
     assert x.shape == (32, 1, 32, 32) and y.shape == (32,)
 
 
@@ -330,9 +321,7 @@ def test_error_messages(tmp_path: Path, digits_url: str) -> None:
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError) as excinfo:
         read_info(missing)
-    assert missing in str(excinfo.value) and f"python -m workloads.data digits {missing}" in str(
-        excinfo.value
-    )
+    assert missing in str(excinfo.value) and f"python -m workloads.data digits {missing}" in str(excinfo.value)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         load_split(missing, "test")
 
@@ -350,9 +339,7 @@ def test_error_messages(tmp_path: Path, digits_url: str) -> None:
     with pytest.raises(ValueError, match="images must be uint8"):
         write_dataset(str(tmp_path / "bad"), {"train": (np.zeros((2, 1, 2, 2)), np.zeros(2, int))}, ["a"])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\)"):
-        write_dataset(
-            str(tmp_path / "bad"), {"train": (np.zeros((2, 1, 2, 2), np.uint8), np.ones(2, int))}, ["a"]
-        )
+        write_dataset(str(tmp_path / "bad"), {"train": (np.zeros((2, 1, 2, 2), np.uint8), np.ones(2, int))}, ["a"])
 
 
 def test_corrupt_shard_fails_loudly_through_the_read_ahead_thread(tmp_path: Path) -> None:

@@ -65,9 +65,7 @@ def test_duplicates_collapse_keeping_first_seen_order() -> None:
 
 
 def test_config_carries_the_axes_and_resources() -> None:
-    spec = make_spec(
-        grid={"clean_ratio": [0.5], "norm": ["gn"], "pgd_steps": [10], "depth": [34], "seed": [7]}
-    )
+    spec = make_spec(grid={"clean_ratio": [0.5], "norm": ["gn"], "pgd_steps": [10], "depth": [34], "seed": [7]})
     (cell,) = expand(spec)
     c = cell.config
     assert (c.training.clean_ratio, c.model.norm, c.attack.steps, c.model.depth, c.seed) == (
@@ -103,9 +101,7 @@ def test_explicit_step_size_wins() -> None:
     ("batch", "max_workers", "workers", "accum"),
     [(4096, 128, 128, 1), (8192, 128, 128, 2), (512, 128, 16, 1), (1024, 16, 16, 2), (32, 128, 1, 1)],
 )
-def test_workers_and_accumulation_from_batch_size(
-    batch: int, max_workers: int, workers: int, accum: int
-) -> None:
+def test_workers_and_accumulation_from_batch_size(batch: int, max_workers: int, workers: int, accum: int) -> None:
     spec = make_spec(
         grid={"batch_size": [batch]},
         resources={"use_gpu": True, "gpus_per_worker": 1, "max_workers_per_cell": max_workers},
@@ -126,9 +122,7 @@ def test_gpus_per_worker_multiplies() -> None:
 def test_bn_star_epochs_scale_with_the_run(epochs: int, k: int) -> None:
     # Section 4.3: running statistics for the last 10 of 110 epochs.
     assert bn_star_epochs(epochs) == k
-    cells = expand(
-        make_spec(grid={"norm": ["bn", "bn*", "mbn*", "gn"]}, workload={"recipe": {"epochs": epochs}})
-    )
+    cells = expand(make_spec(grid={"norm": ["bn", "bn*", "mbn*", "gn"]}, workload={"recipe": {"epochs": epochs}}))
     assert [(c.axes["norm"], c.config.model.norm, c.config.model.bn_star_epochs) for c in cells] == [
         ("bn", "bn", 0),
         ("bn*", "bn", k),
@@ -159,9 +153,7 @@ def test_standard_normalises_and_collapses() -> None:
 
 def test_alp_with_clean_ratio_zero_names_the_grid_entry() -> None:
     # parse_spec rejects this already; a Spec built in Python must be rejected by expand() too.
-    data = yaml.safe_load(
-        spec_text(grid=[{"strategy": ["mixture"]}, {"strategy": ["alp"], "clean_ratio": [0, 0.5]}])
-    )
+    data = yaml.safe_load(spec_text(grid=[{"strategy": ["mixture"]}, {"strategy": ["alp"], "clean_ratio": [0, 0.5]}]))
     with pytest.raises(SpecError) as info:
         expand(Spec.model_validate(data))
     assert info.value.message.startswith("grid[1].strategy: 'alp' cannot be combined with clean_ratio 0")
@@ -176,15 +168,11 @@ def test_alp_error_is_raised_when_parsing_too() -> None:
 
 
 def test_invalid_cell_config_names_the_cell() -> None:
-    spec = make_spec(
-        grid={"norm": ["bn", "bn*"]}, workload={"model": {"bn_star_epochs": 5}, "recipe": {"epochs": 3}}
-    )
+    spec = make_spec(grid={"norm": ["bn", "bn*"]}, workload={"model": {"bn_star_epochs": 5}, "recipe": {"epochs": 3}})
     with pytest.raises(SpecError) as info:
         expand(spec)
     message = info.value.message
-    assert message.startswith(
-        "cell clean_ratio=0.0 norm=bn* pgd_steps=3 depth=18 batch_size=64 strategy=mixture"
-    )
+    assert message.startswith("cell clean_ratio=0.0 norm=bn* pgd_steps=3 depth=18 batch_size=64 strategy=mixture")
     assert "bn_star_epochs 5 exceeds recipe.epochs 3" in message
 
 
@@ -229,7 +217,5 @@ def test_expand_imports_neither_torch_nor_ray() -> None:
         "import sys; import orchestrator.spec, orchestrator.grid, orchestrator.plan; "
         "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

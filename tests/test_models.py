@@ -113,9 +113,7 @@ def test_make_norm_rejects_unknown_kind() -> None:
         assert kind in str(err.value)
 
 
-@pytest.mark.parametrize(
-    ("channels", "groups", "expected"), [(64, 32, 32), (48, 32, 24), (4, 32, 4), (20, 8, 5)]
-)
+@pytest.mark.parametrize(("channels", "groups", "expected"), [(64, 32, 32), (48, 32, 24), (4, 32, 4), (20, 8, 5)])
 def test_gn_groups_fall_back_to_largest_divisor(channels: int, groups: int, expected: int) -> None:
     assert group_count(channels, groups) == expected
     norm = make_norm("gn", channels, groups)

@@ -91,9 +91,7 @@ def test_cost_is_monotone_in_pgd_steps_and_clean_ratio() -> None:
     assert costs[0] / costs[3] == pytest.approx(13 / 63, rel=0.01)
     ratios = expand(paper_spec({"clean_ratio": [0.0, 0.5, 1.0]}))
     clean_costs = [hours(c.config) for c in ratios]
-    assert clean_costs == sorted(clean_costs) and clean_costs[2] / clean_costs[0] == pytest.approx(
-        66 / 63, rel=0.01
-    )
+    assert clean_costs == sorted(clean_costs) and clean_costs[2] / clean_costs[0] == pytest.approx(66 / 63, rel=0.01)
 
 
 def test_standard_training_costs_three_forwards_per_image() -> None:
@@ -183,9 +181,7 @@ def test_makespan_is_at_least_the_lower_bound(cluster: int) -> None:
 
 
 def test_cell_needing_more_gpus_than_the_cluster_is_an_error() -> None:
-    spec = paper_spec(
-        {"batch_size": [2048, 8192]}, "resources: {cluster_gpus: 128, max_workers_per_cell: 256}\n"
-    )
+    spec = paper_spec({"batch_size": [2048, 8192]}, "resources: {cluster_gpus: 128, max_workers_per_cell: 256}\n")
     cells = expand(spec)
     with pytest.raises(SpecError) as info:
         make_plan(cells, spec.resources.cluster_gpus, spec.resources.gpus_per_node)

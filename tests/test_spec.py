@@ -225,9 +225,7 @@ def test_duplicate_key_is_an_error_with_its_line() -> None:
     assert "test.yaml:4:" in message and "duplicate key 'name'" in message
 
 
-@pytest.mark.parametrize(
-    ("text", "got"), [("", "the file is empty"), ("- a\n- b\n", "got a list"), ("3\n", "got 3")]
-)
+@pytest.mark.parametrize(("text", "got"), [("", "the file is empty"), ("- a\n- b\n", "got a list"), ("3\n", "got 3")])
 def test_top_level_must_be_a_mapping(text: str, got: str) -> None:
     message = error_of(text)
     assert "the top level must be a mapping with keys name, storage, workload" in message
@@ -292,16 +290,13 @@ def test_max_cells() -> None:
 def test_batch_not_a_multiple_of_per_worker_batch() -> None:
     message = error_of(spec_text(grid={"batch_size": [64, 100]}))
     assert message == (
-        "grid.batch_size[1]: 100 is not a multiple of workload.recipe.per_worker_batch 32 "
-        "(allowed: 32, 64, 96, ...)"
+        "grid.batch_size[1]: 100 is not a multiple of workload.recipe.per_worker_batch 32 (allowed: 32, 64, 96, ...)"
     )
 
 
 def test_batch_smaller_than_per_worker_batch_in_workload_default() -> None:
     message = error_of(spec_text(workload={"recipe": {"batch_size": 16}}))
-    assert message.startswith(
-        "workload.recipe.batch_size: 16 is not a multiple of workload.recipe.per_worker_batch"
-    )
+    assert message.startswith("workload.recipe.batch_size: 16 is not a multiple of workload.recipe.per_worker_batch")
 
 
 def test_batch_not_divisible_by_workers_x_per_worker_batch() -> None:
@@ -337,11 +332,7 @@ KEY_ID = "AKIAIOSFODNN7EXAMPLE"
         ({"name": KEY_ID}, "name"),
         ({"name": SECRET}, "name"),
         (
-            {
-                "workload": {
-                    "data": {"url": "x", "train_split": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0"}
-                }
-            },
+            {"workload": {"data": {"url": "x", "train_split": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0"}}},
             "workload.data.train_split",
         ),
     ],
@@ -399,9 +390,7 @@ def test_with_storage_validates_the_override() -> None:
 
 
 def test_yaml_exponent_without_dot_is_a_float() -> None:
-    spec = parse_spec(
-        spec_text().replace("per_worker_batch: 32", "per_worker_batch: 32\n    weight_decay: 5e-5")
-    )
+    spec = parse_spec(spec_text().replace("per_worker_batch: 32", "per_worker_batch: 32\n    weight_decay: 5e-5"))
     assert spec.workload.recipe.weight_decay == pytest.approx(5e-5)
 
 
@@ -409,9 +398,7 @@ def test_int_is_accepted_where_a_float_is_expected() -> None:
     assert make_spec(grid={"clean_ratio": [0, 1]}).grid_entries()[0].clean_ratio == [0.0, 1.0]
 
 
-@pytest.mark.parametrize(
-    "grid", [{"norm": ["bn", "bn*"]}, [{"norm": ["gn"]}, {"depth": [34], "seed": [3]}], _DROP]
-)
+@pytest.mark.parametrize("grid", [{"norm": ["bn", "bn*"]}, [{"norm": ["gn"]}, {"depth": [34], "seed": [3]}], _DROP])
 def test_dump_yaml_round_trips(grid: Any) -> None:
     spec = make_spec(grid=grid, checkpoint_every=7)
     dumped = spec.dump_yaml()

@@ -105,7 +105,9 @@ class RecipeConfig(_Strict):
         return self.base_lr * self.batch_size / self.lr_reference_batch
 
     def lr_milestones(self) -> list[int]:
-        return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at if round(f * self.epochs) < self.epochs})
+        return sorted(
+            {max(1, round(f * self.epochs)) for f in self.lr_decay_at if round(f * self.epochs) < self.epochs}
+        )
 
     @field_validator("lr_decay_at")
     @classmethod

@@ -109,9 +109,7 @@ class DatasetInfo:
             return self.splits[name]
         except KeyError:
             available = ", ".join(sorted(self.splits)) or "none"
-            raise ValueError(
-                f"dataset {self.url} has no split {name!r}; available splits: {available}"
-            ) from None
+            raise ValueError(f"dataset {self.url} has no split {name!r}; available splits: {available}") from None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -337,9 +335,7 @@ def _digits_splits(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     # aligned as in PIL/OpenCV) so the ResNet stems built for 32px inputs apply unchanged.
     x = torch.from_numpy(digits.images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
     if image_size != 8:
-        x = torch.nn.functional.interpolate(
-            x, size=(image_size, image_size), mode="bilinear", align_corners=False
-        )
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     images = x.round().clamp_(0, 255).to(torch.uint8).numpy()
     labels = digits.target.astype(np.int64)
 
@@ -402,15 +398,11 @@ def folder_to_parquet(
     """
     src = Path(src_dir)
     if not src.is_dir():
-        raise FileNotFoundError(
-            f"{src} is not a directory; expected {src}/<split>/<class_name>/<image files>"
-        )
+        raise FileNotFoundError(f"{src} is not a directory; expected {src}/<split>/<class_name>/<image files>")
     if image_size < 1:
         raise ValueError("image_size must be >= 1")
     split_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_names = sorted(
-        {c.name for s in split_dirs for c in s.iterdir() if c.is_dir() and not c.name.startswith(".")}
-    )
+    class_names = sorted({c.name for s in split_dirs for c in s.iterdir() if c.is_dir() and not c.name.startswith(".")})
     if not class_names:
         raise ValueError(f"{src} has no class folders; expected {src}/<split>/<class_name>/<image files>")
     class_id = {name: i for i, name in enumerate(class_names)}
@@ -427,9 +419,7 @@ def folder_to_parquet(
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
             ]
             if not files:
-                raise ValueError(
-                    f"split folder {split_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-                )
+                raise ValueError(f"split folder {split_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             # Seeded by the split's name, so adding a split folder leaves the other splits' order unchanged.
             order = np.random.default_rng([seed, zlib.crc32(split_dir.name.encode())]).permutation(len(files))
             files = [files[j] for j in order]
@@ -450,9 +440,7 @@ def _synthetic_arrays(
     """
     c, h, w = (int(d) for d in image_shape)
     gh, gw = min(4, h), min(4, w)
-    protos = np.random.default_rng([_PROTOTYPES, seed]).integers(
-        0, 256, (num_classes, c, gh, gw), dtype=np.uint16
-    )
+    protos = np.random.default_rng([_PROTOTYPES, seed]).integers(0, 256, (num_classes, c, gh, gw), dtype=np.uint16)
     rng = np.random.default_rng([_SYNTHETIC, seed, stream])
     labels = rng.integers(0, num_classes, n)
     mean = protos[labels].repeat(-(-h // gh), axis=2).repeat(-(-w // gw), axis=3)[:, :, :h, :w]
@@ -514,9 +502,7 @@ def _decode(table: pa.Table, shape: tuple[int, int, int], where: str) -> tuple[n
             chunk = chunk.cast(pa.large_binary())
         offset_type = np.int32 if pa.types.is_binary(chunk.type) else np.int64
         # Slice the raw buffers instead of materialising one bytes object per image.
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=offset_type, count=chunk.offset + n + 1)[
-            chunk.offset :
-        ]
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=offset_type, count=chunk.offset + n + 1)[chunk.offset :]
         if np.any(np.diff(offsets) != item):
             raise ValueError(f"{where}: image sizes differ from image_shape {list(shape)} in {META_FILE}")
         out[pos : pos + n] = np.frombuffer(
@@ -690,9 +676,7 @@ def iter_batches(
             f"split {split!r} of {info.url} has {split_info.num_images} images, fewer than "
             f"world_size x batch_size = {world_size} x {batch_size}: no rank would get a full batch"
         )
-    return _batches(
-        info, split_info, rank, world_size, batch_size, epoch, seed, shuffle_buffer, prefetch, num_batches
-    )
+    return _batches(info, split_info, rank, world_size, batch_size, epoch, seed, shuffle_buffer, prefetch, num_batches)
 
 
 def _batches(
@@ -715,9 +699,7 @@ def _batches(
     )
     share = sum(hi - lo for _, lo, hi in pieces)
     samples = (
-        _shuffled(
-            chunks, min(shuffle_buffer, share), shape, np.random.default_rng([_SHUFFLE, seed, epoch, rank])
-        )
+        _shuffled(chunks, min(shuffle_buffer, share), shape, np.random.default_rng([_SHUFFLE, seed, epoch, rank]))
         if shuffle_buffer > 0
         else chunks
     )
@@ -739,9 +721,7 @@ def _batches(
                     fill = 0
                     if emitted == num_batches:
                         return
-        raise RuntimeError(
-            f"{info.url}: rank {rank} ran out of images after {emitted} of {num_batches} batches"
-        )
+        raise RuntimeError(f"{info.url}: rank {rank} ran out of images after {emitted} of {num_batches} batches")
     finally:
         samples.close()
         chunks.close()
@@ -793,9 +773,7 @@ class ShardedStream:
         )
 
 
-def load_split(
-    source: str | DatasetInfo, split: str, limit: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(source: str | DatasetInfo, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` images of a split in file order (all if None): the fixed evaluation subset.
 
     Converters store splits in a seeded random order, so the first k images are a uniform sample. Holds the
@@ -826,9 +804,7 @@ def load_split(
 
 def describe(info: DatasetInfo) -> str:
     c, h, w = info.image_shape
-    splits = ", ".join(
-        f"{name} {s.num_images} images in {len(s.shards)} shards" for name, s in info.splits.items()
-    )
+    splits = ", ".join(f"{name} {s.num_images} images in {len(s.shards)} shards" for name, s in info.splits.items())
     return f"{info.url}: {splits}; images {c}x{h}x{w}, {info.num_classes} classes"
 
 
@@ -860,9 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     synthetic.add_argument("url")
     synthetic.add_argument("--num-images", type=_positive, required=True)
     synthetic.add_argument("--num-test", type=_positive, default=None)
-    synthetic.add_argument(
-        "--image-shape", type=_positive, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W")
-    )
+    synthetic.add_argument("--image-shape", type=_positive, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"))
     synthetic.add_argument("--num-classes", type=_positive, default=10)
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--shard-size", type=_positive, default=512)

@@ -264,7 +264,10 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
     generator = _seed_everything(cfg.seed * 1009 + session.rank)
     bare = build_model(cfg.model, info.num_classes, in_channels=info.image_shape[0]).to(session.device)
     optimizer = torch.optim.SGD(
-        bare.parameters(), lr=cfg.recipe.lr, momentum=cfg.recipe.momentum, weight_decay=cfg.recipe.weight_decay
+        bare.parameters(),
+        lr=cfg.recipe.lr,
+        momentum=cfg.recipe.momentum,
+        weight_decay=cfg.recipe.weight_decay,
     )
     start_epoch = 0
     state = session.latest_state()
@@ -281,7 +284,9 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         # MBN with clean ratio 0 never uses the clean branch; DDP must be told some parameters may go unused.
         model = nn.parallel.DistributedDataParallel(bare, find_unused_parameters=bare.has_mbn)
     accum = cfg.grad_accum_steps
-    micro_per_epoch = data.batches_per_epoch(info, cfg.data.train_split, session.world_size, cfg.recipe.per_worker_batch)
+    micro_per_epoch = data.batches_per_epoch(
+        info, cfg.data.train_split, session.world_size, cfg.recipe.per_worker_batch
+    )
     steps_per_epoch = micro_per_epoch // accum
     if steps_per_epoch < 1:
         raise ValueError(
@@ -320,10 +325,11 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": mean_loss,
-            "lr": learning_rate(cfg.recipe, epoch),
+            "lr": optimizer.param_groups[0]["lr"],
             "images_per_sec": steps_per_epoch * cfg.recipe.batch_size / seconds,
             "epoch_seconds": seconds,
             "train_seconds": train_seconds,
+            "start_epoch": start_epoch,  # where this attempt resumed: shows how much an interruption cost
         }
         for kind in ("adv", "clean"):
             if totals[f"{kind}_seen"]:
@@ -336,7 +342,7 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         session.report(metrics, _state(bare, optimizer, generator, epoch + 1, train_seconds) if save else None)
     if start_epoch >= cfg.recipe.epochs:
         # Killed after the last checkpoint but before the final report: only the evaluation is left to do.
-        final = {"epoch": start_epoch, "train_seconds": train_seconds}
+        final = {"epoch": start_epoch, "train_seconds": train_seconds, "start_epoch": start_epoch}
         for branch, values in evaluate(cfg, bare, session, info.num_classes).items():
             final |= {f"eval/{branch}/{key}": value for key, value in values.items()}
         session.report(final, None)
@@ -344,7 +350,11 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
 
 
 def _state(
-    bare: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int, train_seconds: float
+    bare: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    epoch: int,
+    train_seconds: float,
 ) -> dict[str, Any]:
     return {
         "epoch": epoch,
@@ -358,7 +368,8 @@ def _state(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workloads.train", description="Train and evaluate one cell in this process, without Ray."
+        prog="python -m workloads.train",
+        description="Train and evaluate one cell in this process, without Ray.",
     )
     parser.add_argument("config", type=Path, help="a TrainConfig as JSON (e.g. a cell's config.json)")
     parser.add_argument("--out", type=Path, default=Path("runs/single"), help="checkpoints and metrics.jsonl")
