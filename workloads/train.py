@@ -32,6 +32,11 @@ from workloads.config import RecipeConfig, TrainConfig
 from workloads.models import ResNet, build_model
 
 STATE_FILE = "state.pt"
+# Fault injection for the test suite's fault matrix (a real failure in a real worker, not a mock). JSON:
+# {"seed": S, "epoch": E, "kind": "raise" | "nan" | "exit", "once_file": PATH?}: in cells with seed S, at the start
+# of epoch E (1-based), raise an error, make the loss non-finite, or kill the worker process. With `once_file`
+# the fault fires only while that file does not exist (it is created when firing), so a retry can succeed.
+FAULT_ENV = "SWEEP_INJECT_FAULT"
 
 
 class Session:
@@ -131,6 +136,26 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _injected_fault(cfg: TrainConfig, epoch: int) -> str | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    fault = json.loads(spec)
+    if fault.get("seed") != cfg.seed or fault.get("epoch", 1) != epoch + 1:
+        return None
+    once = fault.get("once_file")
+    if once:
+        if os.path.exists(once):
+            return None
+        Path(once).touch()
+    kind = str(fault["kind"])
+    if kind == "raise":
+        raise RuntimeError(f"injected fault at epoch {epoch + 1}")
+    if kind == "exit":
+        os._exit(17)
+    return kind
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -300,6 +325,7 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         started = time.perf_counter()
         sums = {"loss": 0.0, "adv_correct": 0.0, "adv_seen": 0.0, "clean_correct": 0.0, "clean_seen": 0.0}
         batches = _micro_batches(cfg, info, session, epoch)
+        poison = math.nan if _injected_fault(cfg, epoch) == "nan" else 1.0
         for step in range(steps_per_epoch):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg.recipe, epoch + step / steps_per_epoch)
@@ -311,6 +337,7 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
                 sync = nullcontext() if micro == accum - 1 or session.world_size == 1 else model.no_sync()  # type: ignore[operator]
                 with sync:
                     loss, stats = adversarial_loss(cfg, model, bare, images, labels, info.num_classes, generator)
+                    loss = loss * poison
                     (loss / accum).backward()
                 sums["loss"] += float(loss.detach())
                 for key, value in stats.items():
