@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.grid import Cell, expand
+from orchestrator.lease import DriverLease, LeaseHeldError
 from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json
 from orchestrator.results import write_results
 from orchestrator.spec import Spec, SpecError, load_spec
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", help="storage URL overriding the spec's (path, file://, s3://bucket/prefix)")
     parser.add_argument("--plan", action="store_true", help="validate and plan only; runs nothing, needs no Ray")
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    parser.add_argument(
+        "--takeover", action="store_true", help="take the sweep over from a driver that holds its lease but is gone"
+    )
     return parser
 
 
@@ -61,11 +65,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plan:
         print(json.dumps(plan_to_json(plan), indent=2) if args.json else format_plan(plan))
         return EXIT_OK
-    return run_sweep(spec, cells, plan)
+    return run_sweep(spec, cells, plan, takeover=args.takeover)
 
 
-def run_sweep(spec: Spec, cells: list[Cell], plan: Plan) -> int:
+def run_sweep(spec: Spec, cells: list[Cell], plan: Plan, takeover: bool = False) -> int:
     storage = SweepStorage.for_sweep(spec.storage, spec.name)
+    lease = DriverLease(storage)
+    try:
+        lease.acquire(takeover=takeover)
+    except LeaseHeldError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        return _run_and_collect(spec, cells, plan, storage)
+    finally:
+        lease.release()
+
+
+def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepStorage) -> int:
     storage.write_bytes_atomic(storage.path("spec.yaml"), spec.dump_yaml().encode())
     wanted = {cell.cell_id for cell in cells}
     finished = {cid for cid, r in storage.cell_records().items() if r["status"] == "finished" and cid in wanted}
