@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.redact import redact
 from orchestrator.storage import ERROR_FILE, RESULT_FILE, SweepStorage
 
 TRIAL_CPU = 0.01  # not 0: Tune rejects a trial with no resources (DESIGN section 6)
@@ -99,7 +100,7 @@ def run_cell(config: dict[str, Any]) -> None:
                 "cell_id": cell["cell_id"],
                 "axes": cell["axes"],
                 "status": "failed",
-                "error": _root_cause(err),
+                "error": redact(_root_cause(err)),
                 "failed_at": time.time(),
             },
         )

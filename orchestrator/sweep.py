@@ -18,6 +18,7 @@ from typing import Any
 from orchestrator.grid import Cell, expand
 from orchestrator.lease import DriverLease, LeaseHeldError
 from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json
+from orchestrator.redact import redact
 from orchestrator.results import write_results
 from orchestrator.spec import Spec, SpecError, load_spec
 from orchestrator.storage import CONFIG_FILE, SweepStorage
@@ -116,7 +117,7 @@ def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepSt
     for record in failed:
         axes = " ".join(f"{k}={v}" for k, v in record["axes"].items())
         print(
-            f"FAILED cell {record['cell_id']} ({axes}): {record.get('error', 'unknown error')}",
+            f"FAILED cell {record['cell_id']} ({axes}): {redact(record.get('error', 'unknown error'))}",
             file=sys.stderr,
         )
     return EXIT_FAILED if failed else EXIT_OK
@@ -216,7 +217,7 @@ def _run_cells(
     )
     grid = tuner.fit()
     for error in grid.errors:
-        print(f"trial error: {str(error).splitlines()[-1] if str(error) else repr(error)}", file=sys.stderr)
+        print(f"trial error: {redact(str(error).splitlines()[-1] if str(error) else repr(error))}", file=sys.stderr)
 
 
 if __name__ == "__main__":
