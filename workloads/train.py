@@ -15,8 +15,9 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,7 +73,7 @@ class LocalSession(Session):
 
     def latest_state(self) -> dict[str, Any] | None:
         saved = sorted(self.out_dir.glob("checkpoint_*/" + STATE_FILE), key=lambda p: int(p.parent.name[11:]))
-        return torch.load(saved[-1], weights_only=False) if saved else None
+        return _first_readable((str(p.parent), partial(_load_state, p)) for p in reversed(saved))
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         self.history.append(metrics)
@@ -102,11 +103,36 @@ class RaySession(Session):
         return self._device
 
     def latest_state(self) -> dict[str, Any] | None:
-        checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
+        latest = self._train.get_checkpoint()
+        if latest is None:
             return None
+        return _first_readable((c.path, partial(self._load, c)) for c in self._newest_first(latest))
+
+    def _newest_first(self, latest: Any) -> list[Any]:
+        """The latest checkpoint, then its older siblings in the run folder (names sort by creation time)."""
+        import pyarrow.fs
+
+        parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+        try:
+            infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+        except OSError:
+            return [latest]
+        older = sorted(
+            (
+                i.path
+                for i in infos
+                if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+            ),
+            reverse=True,
+        )
+        return [latest] + [
+            self._train.Checkpoint(path, filesystem=latest.filesystem) for path in older if path != latest.path
+        ]
+
+    @staticmethod
+    def _load(checkpoint: Any) -> dict[str, Any]:
         with checkpoint.as_directory() as folder:
-            return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+            return _load_state(Path(folder) / STATE_FILE)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         if state is None or self.rank != 0:
@@ -115,6 +141,24 @@ class RaySession(Session):
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / STATE_FILE)
             self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(folder))
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise ValueError(f"{path} is not a training state")
+    return state
+
+
+def _first_readable(candidates: Iterator[tuple[str, Callable[[], dict[str, Any]]]]) -> dict[str, Any] | None:
+    """Load the newest checkpoint that reads back; a truncated or corrupt one is skipped with a warning, so a
+    crash during a checkpoint write costs one checkpoint interval, not the run."""
+    for where, load in candidates:
+        try:
+            return load()
+        except Exception as err:
+            print(f"warning: checkpoint {where} is unreadable ({type(err).__name__}: {err}); trying an older one")
+    return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
