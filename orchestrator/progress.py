@@ -19,10 +19,21 @@ from ray.tune import Callback
 from ray.util.metrics import Gauge
 
 STATES = ("pending", "running", "finished", "failed")
+# A paper-scale epoch takes ~30 min (52 h / 110 epochs); a cell silent for longer than that needs a look.
+STALL_AFTER_S = 45 * 60.0
 
 
 class SweepProgress(Callback):
-    def __init__(self, sweep: str, total: int, already_finished: int, epochs: dict[str, int]) -> None:
+    def __init__(
+        self,
+        sweep: str,
+        total: int,
+        already_finished: int,
+        epochs: dict[str, int],
+        stall_after_s: float = STALL_AFTER_S,
+    ) -> None:
+        self.stall_after_s = stall_after_s
+        self._last_heard: dict[str, float] = {}  # cell id -> monotonic time of its last start or report
         self.sweep = sweep
         self.epochs = epochs
         self.counts = {
@@ -61,12 +72,14 @@ class SweepProgress(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._move("pending", "running")
+        self._last_heard[trial.config["cell"]["cell_id"]] = time.monotonic()
         cell = trial.config["cell"]
         axes = " ".join(f"{k}={v}" for k, v in cell["axes"].items())
         self._say(f"cell {cell['cell_id']} started: {axes}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         cell_id = trial.config["cell"]["cell_id"]
+        self._last_heard[cell_id] = time.monotonic()
         tags = {"sweep": self.sweep, "cell_id": cell_id}
         epoch = result.get("epoch")
         parts = [f"cell {cell_id} epoch {epoch}/{self.epochs.get(cell_id, '?')}"]
@@ -89,11 +102,23 @@ class SweepProgress(Callback):
             self._robust.set(float(result["train_acc_adv"]), tags=tags)
         self._say(", ".join(parts))
 
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        """A running cell silent for too long is said so in the log, once per silent period, instead of looking
+        like progress: its workers may be unplaceable or hung (Ray Train's own start-up timeout fails a worker
+        group that cannot be placed after 60 s; this catches the rest)."""
+        now = time.monotonic()
+        for cell_id, heard in list(self._last_heard.items()):
+            if now - heard > self.stall_after_s:
+                self._say(f"cell {cell_id} has reported nothing for {now - heard:.0f} s: stalled or unschedulable?")
+                self._last_heard[cell_id] = now
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._last_heard.pop(trial.config["cell"]["cell_id"], None)
         self._move("running", "finished")
         self._say(f"cell {trial.config['cell']['cell_id']} finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._last_heard.pop(trial.config["cell"]["cell_id"], None)
         self._move("running", "failed")
         self._say(f"cell {trial.config['cell']['cell_id']} FAILED (see error.json in its storage folder)")
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
@@ -57,19 +60,26 @@ class SweepStorage:
 
     def write_bytes_atomic(self, path: str, payload: bytes) -> None:
         """Write, then publish: readers see the old object or the new one, never a torn file."""
-        fs = self.fs
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        write_atomic(fs, path, payload)
+
+        def write() -> None:
+            fs = self.fs
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            write_atomic(fs, path, payload)
+
+        with_retries(write, f"write {path}")
 
     def write_json(self, path: str, value: Any) -> None:
         self.write_bytes_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode())
 
     def read_json(self, path: str) -> Any | None:
-        try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
+        def read() -> Any | None:
+            try:
+                with self.fs.open(path, "rb") as f:
+                    return json.loads(f.read())
+            except FileNotFoundError:
+                return None
+
+        return with_retries(read, f"read {path}")
 
     def remove(self, path: str) -> None:
         fs = self.fs
@@ -112,3 +122,26 @@ class SweepStorage:
                 options["region"] = region
             return f"{parsed.netloc}{parsed.path}/cells", pyarrow.fs.S3FileSystem(**options)
         return self.path("cells"), None
+
+
+T = TypeVar("T")
+RETRY_DEADLINE_S = 120.0
+
+
+def with_retries(operation: Callable[[], T], what: str, deadline_s: float = RETRY_DEADLINE_S) -> T:
+    """Run a storage operation, retrying transient failures (connection errors, throttling, 5xx: OSError and
+    its kin) with exponential backoff and full jitter until `deadline_s`; then the last error propagates and the
+    caller fails cleanly. A missing object is an answer, not a transient failure, and is never retried."""
+    started = time.monotonic()
+    delay = 0.5
+    while True:
+        try:
+            return operation()
+        except FileNotFoundError:
+            raise
+        except (OSError, ConnectionError, TimeoutError) as err:
+            if time.monotonic() - started + delay > deadline_s:
+                raise
+            print(f"storage: {what} failed ({type(err).__name__}); retrying in up to {delay:.1f} s", flush=True)
+            time.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 15.0)
