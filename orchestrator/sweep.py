@@ -19,6 +19,7 @@ from orchestrator.grid import Cell, expand
 from orchestrator.lease import DriverLease, LeaseHeldError
 from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json
 from orchestrator.redact import redact
+from orchestrator.report import build_report
 from orchestrator.results import write_results
 from orchestrator.spec import Spec, SpecError, load_spec
 from orchestrator.storage import CONFIG_FILE, SweepStorage
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID
     try:
         spec = load_spec(args.spec)
-        if args.storage:
+        if args.storage is not None:  # an empty --storage (unset shell variable) is an error, not "no override"
             spec = spec.with_storage(args.storage)
         cells = expand(spec)
         plan = plan_spec(spec, cells)
@@ -114,6 +115,10 @@ def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepSt
     write_results(storage, records.values())
     failed = sorted((r for r in records.values() if r["status"] != "finished"), key=lambda r: r["cell_id"])
     print(f"results: {storage.url}/results.parquet ({len(records) - len(failed)} finished, {len(failed)} failed)")
+    try:
+        print(f"report: {build_report(storage.url)}")
+    except Exception as err:  # the results are safe in storage; a report can be rebuilt with orchestrator.report
+        print(f"warning: could not build the report ({type(err).__name__}: {redact(str(err))})", file=sys.stderr)
     for record in failed:
         axes = " ".join(f"{k}={v}" for k, v in record["axes"].items())
         print(

@@ -1,0 +1,399 @@
+"""The report: paper-style tables parsed back from the Markdown, the noise rule, figures, partial sweeps, S3.
+
+Every sweep here is hand-built: spec.yaml from a real Spec, results.parquet written by
+`orchestrator.results.write_results` from hand-made records with known accuracies. No Ray, no training.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator import report
+from orchestrator.grid import Cell, expand
+from orchestrator.report import Stat, build_report, exceeds_noise
+from orchestrator.results import write_results
+from orchestrator.spec import Spec, parse_spec
+from orchestrator.storage import SweepStorage
+from workloads.fs import open_fs
+
+DIGITS_WORKLOAD: dict[str, Any] = {
+    "data": {"url": "builtin://digits"},
+    "model": {"depth": 18, "norm": "bn", "width": 0.125, "stem": "small"},
+    "attack": {"steps": 2, "eps": 16},
+    "training": {"strategy": "mixture", "clean_ratio": 0.0},
+    "recipe": {"epochs": 3, "batch_size": 64, "per_worker_batch": 32},
+    "eval": {"pgd_steps": [5, 10], "subset": 200},
+}
+SEEDS = [0, 1, 2]
+DIGITS_GRID = [
+    {"clean_ratio": [0.0, 0.5, 1.0], "seed": SEEDS},
+    {"norm": ["mbn"], "clean_ratio": [1.0], "seed": SEEDS},
+    {"depth": [34], "seed": SEEDS},
+]
+
+# Accuracies per (setting, metric), one value per seed: evenly spaced values, so the sample std is the spacing.
+R0 = {"acc_clean": [0.60, 0.62, 0.64], "acc_pgd_5": [0.40, 0.41, 0.42], "acc_pgd_10": [0.30, 0.31, 0.32]}
+R50 = {"acc_clean": [0.70, 0.72, 0.74], "acc_pgd_5": [0.405, 0.415, 0.425], "acc_pgd_10": [0.20, 0.21, 0.22]}
+R100 = {"acc_clean": [0.80], "acc_pgd_5": [0.30], "acc_pgd_10": [0.15]}  # seed 1 missing, seed 2 failed
+DEPTH34 = {"acc_clean": [0.61, 0.63, 0.65], "acc_pgd_5": [0.419, 0.429, 0.439], "acc_pgd_10": [0.33, 0.35, 0.37]}
+MBN_ADV = {"acc_clean": [0.50, 0.51, 0.52], "acc_pgd_5": [0.45, 0.46, 0.47], "acc_pgd_10": [0.40, 0.41, 0.42]}
+MBN_CLEAN = {"acc_clean": [0.78, 0.79, 0.80], "acc_pgd_5": [0.10, 0.11, 0.12], "acc_pgd_10": [0.05, 0.06, 0.07]}
+
+
+def make_spec(workload: dict[str, Any], grid: list[dict[str, Any]], name: str = "rep") -> Spec:
+    text = yaml.safe_dump(
+        {
+            "name": name,
+            "storage": "./runs",
+            "workload": workload,
+            "grid": grid,
+            "resources": {"use_gpu": False, "max_workers_per_cell": 1},
+        },
+        sort_keys=False,
+    )
+    return parse_spec(text, "test.yaml")
+
+
+def record(cell: Cell, branches: dict[str, dict[str, float]], status: str = "finished") -> dict[str, Any]:
+    return {
+        "cell_id": cell.cell_id,
+        "axes": cell.axes,
+        "status": status,
+        "branches": branches,
+        "epochs": 3,
+        "train_seconds": 30.0,
+        "gpu_hours": 0.0,
+        **({"error": "RuntimeError: boom in epoch 2"} if status == "failed" else {}),
+    }
+
+
+def values_at(table: dict[str, list[float]], seed: int) -> dict[str, float]:
+    return {metric: values[seed] for metric, values in table.items()}
+
+
+def digits_records(spec: Spec) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Records for DIGITS_GRID (clean ratio 1.0: seed 0 finished, seed 1 missing, seed 2 failed); the ids of the
+    missing and failed cells."""
+    records, ids = [], {}
+    for cell in expand(spec):
+        axes, seed = cell.axes, cell.axes["seed"]
+        if axes["norm"] == "mbn":
+            records.append(record(cell, {"mbn_adv": values_at(MBN_ADV, seed), "mbn_clean": values_at(MBN_CLEAN, seed)}))
+        elif axes["depth"] == 34:
+            records.append(record(cell, {"main": values_at(DEPTH34, seed)}))
+        elif axes["clean_ratio"] == 0.0:
+            records.append(record(cell, {"main": values_at(R0, seed)}))
+        elif axes["clean_ratio"] == 0.5:
+            records.append(record(cell, {"main": values_at(R50, seed)}))
+        elif seed == 0:
+            records.append(record(cell, {"main": values_at(R100, 0)}))
+        elif seed == 1:
+            ids["missing"] = cell.cell_id
+        else:
+            records.append(record(cell, {}, status="failed"))
+            ids["failed"] = cell.cell_id
+    return records, ids
+
+
+def write_sweep(url: str, spec: Spec, records: list[dict[str, Any]]) -> SweepStorage:
+    storage = SweepStorage(url)
+    storage.write_bytes_atomic(storage.path("spec.yaml"), spec.dump_yaml().encode())
+    write_results(storage, records)
+    return storage
+
+
+def read_text(storage: SweepStorage, *parts: str) -> str:
+    with storage.fs.open(storage.path(*parts), "rb") as f:
+        return f.read().decode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading the Markdown back
+
+CELL = re.compile(r"^(?P<mean>-?\d+\.\d)(?: ± (?P<std>\d+\.\d))?(?: \(Δ (?P<delta>[+-]\d+\.\d)(?P<flag> †)?\))?$")
+
+
+def tables(markdown: str) -> list[dict[str, Any]]:
+    """Every Markdown table: its section (## heading), its 'Fixed:' line (or ''), header and rows as dicts."""
+    found: list[dict[str, Any]] = []
+    section = fixed = ""
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("## "):
+            section, fixed = line[3:], ""
+        elif line.startswith("Fixed: "):
+            fixed = line[len("Fixed: ") :]
+        elif line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append([c.strip().replace("\\*", "*") for c in lines[i].strip().strip("|").split(" | ")])
+                i += 1
+            header, rows = block[0], block[2:]
+            assert all(len(r) == len(header) for r in rows), block
+            parsed = [dict(zip(header, r, strict=True)) for r in rows]
+            found.append({"section": section, "fixed": fixed, "header": header, "rows": parsed})
+            continue
+        i += 1
+    return found
+
+
+def table_in(markdown: str, section_start: str, fixed_contains: str = "") -> dict[str, Any]:
+    matches = [t for t in tables(markdown) if t["section"].startswith(section_start) and fixed_contains in t["fixed"]]
+    assert len(matches) == 1, f"{len(matches)} tables in {section_start!r} with {fixed_contains!r}"
+    return matches[0]
+
+
+def row(table: dict[str, Any], label: str) -> dict[str, str]:
+    (found,) = [r for r in table["rows"] if r[table["header"][0]] == label]
+    return found
+
+
+def cell(text: str) -> dict[str, Any]:
+    match = CELL.match(text)
+    assert match, f"not a result cell: {text!r}"
+    return {
+        "mean": float(match["mean"]),
+        "std": float(match["std"]) if match["std"] else None,
+        "delta": float(match["delta"]) if match["delta"] else None,
+        "flagged": bool(match["flag"]),
+    }
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One local sweep, reported once for the tests that only read it
+
+
+@pytest.fixture(scope="module")
+def digits_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    spec = make_spec(DIGITS_WORKLOAD, DIGITS_GRID)
+    records, ids = digits_records(spec)
+    storage = write_sweep(str(tmp_path_factory.mktemp("sweeps") / "rep"), spec, records)
+    storage.write_bytes_atomic(storage.path("report", "stale-figure.png"), b"\x89PNG old")
+    url = build_report(storage.url)
+    return {"storage": storage, "url": url, "markdown": read_text(storage, "report", "report.md"), "ids": ids}
+
+
+def test_build_report_returns_the_report_url(digits_sweep: dict[str, Any]) -> None:
+    assert digits_sweep["url"] == f"{digits_sweep['storage'].url}/report/report.md"
+    assert Path(digits_sweep["url"]).is_file()
+
+
+def test_clean_ratio_table_has_means_stds_n_and_deltas(digits_sweep: dict[str, Any]) -> None:
+    table = table_in(digits_sweep["markdown"], "Clean ratio", "depth=18")
+    assert table["header"] == ["clean images kept", "n", "clean", "PGD-5", "PGD-10", "not finished"]
+    assert [r["clean images kept"] for r in table["rows"]] == [
+        "100% adv + 0% clean (ref)",  # the spec's default clean ratio is the reference, listed first
+        "100% adv + 50% clean",
+        "100% adv + 100% clean",
+    ]
+    ref = row(table, "100% adv + 0% clean (ref)")
+    assert ref["n"] == "3"
+    assert cell(ref["clean"]) == {"mean": 62.0, "std": 2.0, "delta": None, "flagged": False}
+    assert cell(ref["PGD-10"]) == {"mean": 31.0, "std": 1.0, "delta": None, "flagged": False}
+    half = row(table, "100% adv + 50% clean")
+    assert half["n"] == "3"
+    assert cell(half["clean"]) == {"mean": 72.0, "std": 2.0, "delta": 10.0, "flagged": True}
+    assert cell(half["PGD-5"]) == {"mean": 41.5, "std": 1.0, "delta": 0.5, "flagged": False}
+    assert cell(half["PGD-10"]) == {"mean": 21.0, "std": 1.0, "delta": -10.0, "flagged": True}
+    # One finished seed: no std, and never flagged however large the difference.
+    full = row(table, "100% adv + 100% clean")
+    assert full["n"] == "1"
+    assert cell(full["clean"]) == {"mean": 80.0, "std": None, "delta": 18.0, "flagged": False}
+    assert full["not finished"] == "1 failed, 1 missing"
+
+
+def test_noise_rule_flags_only_differences_beyond_twice_the_pooled_std(digits_sweep: dict[str, Any]) -> None:
+    # Pooled std of two n=3 samples with std 1.0 and 1.0 is 1.0: 1.9 stays unflagged, 2.1 is flagged.
+    assert not exceeds_noise(Stat(3, 0.419, 0.01), Stat(3, 0.400, 0.01))
+    assert exceeds_noise(Stat(3, 0.421, 0.01), Stat(3, 0.400, 0.01))
+    # Unequal noise: stds 2.0 and 1.0 pool to sqrt(2.5) = 1.58, threshold 3.16.
+    assert not exceeds_noise(Stat(3, 0.03, 0.02), Stat(3, 0.0, 0.01))
+    assert exceeds_noise(Stat(3, 0.04, 0.02), Stat(3, 0.0, 0.01))
+    # n < 2 on either side: never flagged.
+    assert not exceeds_noise(Stat(1, 0.9, None), Stat(3, 0.1, 0.001))
+    assert not exceeds_noise(Stat(3, 0.9, 0.001), Stat(1, 0.1, None))
+
+    table = table_in(digits_sweep["markdown"], "Depth")
+    assert [r["network"] for r in table["rows"]] == ["ResNet-18 (ref)", "ResNet-34"]
+    deeper = row(table, "ResNet-34")
+    assert cell(deeper["clean"]) == {"mean": 63.0, "std": 2.0, "delta": 1.0, "flagged": False}  # 1.0 < 2 x 2.0
+    assert cell(deeper["PGD-5"]) == {"mean": 42.9, "std": 1.0, "delta": 1.9, "flagged": False}  # 1.9 < 2 x 1.0
+    assert cell(deeper["PGD-10"]) == {"mean": 35.0, "std": 2.0, "delta": 4.0, "flagged": True}  # 4.0 > 3.16
+
+
+def test_normalisation_table_compares_mbn_branches_with_bn(digits_sweep: dict[str, Any]) -> None:
+    table = table_in(digits_sweep["markdown"], "Normalisation")
+    assert "clean_ratio=1" in table["fixed"] and "strategy=mixture" in table["fixed"]
+    assert [r["normalisation"] for r in table["rows"]] == ["BN (ref)", "MBN_adv", "MBN_clean"]
+    assert cell(row(table, "MBN_adv")["PGD-10"]) == {"mean": 41.0, "std": 1.0, "delta": 26.0, "flagged": False}
+    assert cell(row(table, "MBN_clean")["clean"]) == {"mean": 79.0, "std": 1.0, "delta": -1.0, "flagged": False}
+    assert row(table, "MBN_adv")["n"] == "3"
+
+
+def test_only_tables_the_grid_supports_and_a_note_on_the_rest(digits_sweep: dict[str, Any]) -> None:
+    markdown = digits_sweep["markdown"]
+    sections = {t["section"].split(" (")[0] for t in tables(markdown)}
+    assert {"Clean ratio", "Normalisation", "Depth", "Every setting", "Every cell and branch"} <= sections
+    for absent in ("Training strategy", "Running statistics in training: BN* vs BN", "PGD-N for training"):
+        assert absent not in sections
+    lacks = markdown.split("## What this report lacks", 1)[1]
+    assert "PGD-N for training (Table 4): no two cells differ only in pgd_steps" in lacks
+    assert "Batch size (Table 6)" in lacks and "PGD-2000" in lacks
+    assert "paper's numbers are not shown" in markdown and "builtin://digits" in markdown
+    assert "↳ paper" not in markdown
+
+
+def test_every_setting_and_every_cell_are_listed(digits_sweep: dict[str, Any]) -> None:
+    markdown = digits_sweep["markdown"]
+    settings = table_in(markdown, "Every setting")
+    labels = [(r["network"], r["setting"], r["n"]) for r in settings["rows"]]
+    assert ("ResNet-18", "MBN_clean, 100% adv + 100% clean", "3") in labels
+    assert ("ResNet-34", "100% adv + 0% clean", "3") in labels
+    assert len(labels) == 6  # 3 clean ratios, 2 MBN branches, depth 34
+    cells = table_in(markdown, "Every cell and branch")
+    # 15 cells of the grid: 14 with a record (13 finished, 1 failed), the 3 MBN ones with two branches; the
+    # missing one has no row.
+    assert len(cells["rows"]) == 14 + 3
+    failed = [r for r in cells["rows"] if r["status"] == "failed"]
+    assert [r["cell"] for r in failed] == [f"`{digits_sweep['ids']['failed']}`"]
+
+
+def test_partial_sweep_lists_missing_and_failed_cells(digits_sweep: dict[str, Any]) -> None:
+    markdown = digits_sweep["markdown"]
+    assert "15 cells: 13 finished, 1 failed, 1 missing" in markdown
+    table = table_in(markdown, "Missing and failed cells")
+    states = {r["cell"].strip("`"): (r["state"], r["error"]) for r in table["rows"]}
+    assert states == {
+        digits_sweep["ids"]["missing"]: ("missing", ""),
+        digits_sweep["ids"]["failed"]: ("failed", "RuntimeError: boom in epoch 2"),
+    }
+    assert "seed=1" in row(table, f"`{digits_sweep['ids']['missing']}`")["axes"]
+
+
+def test_every_figure_is_a_reasonable_png_and_linked(digits_sweep: dict[str, Any]) -> None:
+    storage = digits_sweep["storage"]
+    folder = Path(storage.path("report"))
+    pngs = sorted(p.name for p in folder.glob("*.png"))
+    assert pngs == ["accuracy_vs_depth.png", "accuracy_vs_pgd.png", "accuracy_vs_pgd_mbn.png", "clean_vs_robust.png"]
+    for name in pngs:
+        data = (folder / name).read_bytes()
+        width, height = png_size(data)
+        assert 600 <= width <= 2000 and 400 <= height <= 2000, (name, width, height)
+        assert 10_000 < len(data) < 2_000_000, (name, len(data))
+        assert f"]({name})" in digits_sweep["markdown"]
+    assert not (folder / "stale-figure.png").exists()  # an earlier report's figure is removed
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The paper's numbers, where the workload is the paper's
+
+
+IMAGENET_WORKLOAD: dict[str, Any] = {
+    "data": {"url": "s3://bucket/datasets/imagenet", "eval_split": "val"},
+    "model": {"depth": 152, "norm": "bn", "stem": "imagenet", "width": 1.0},
+    "attack": {"steps": 30, "eps": 16},
+    "training": {"strategy": "mixture", "clean_ratio": 0.0},
+    "recipe": {"epochs": 110, "batch_size": 4096, "per_worker_batch": 32},
+    "eval": {"pgd_steps": [10, 2000], "subset": 5000},
+}
+
+
+def test_paper_numbers_beside_ours_for_the_paper_setting(tmp_path: Path) -> None:
+    grid = [{"clean_ratio": [0.0, 1.0]}, {"strategy": ["alp"], "clean_ratio": [1.0]}, {"norm": ["bn*"]}]
+    spec = make_spec(IMAGENET_WORKLOAD, grid)
+    records = [record(c, {"main": {"acc_clean": 0.5, "acc_pgd_10": 0.4, "acc_pgd_2000": 0.3}}) for c in expand(spec)]
+    storage = write_sweep(str(tmp_path / "paper"), spec, records)
+    build_report(storage.url)
+    markdown = read_text(storage, "report", "report.md")
+    table = table_in(markdown, "Clean ratio")
+    rows = table["rows"]
+    labels = [r["clean images kept"] for r in rows]
+    assert labels == ["100% adv + 0% clean (ref)", "↳ paper", "100% adv + 100% clean", "↳ paper"]
+    # Table 7, ResNet-152, batch 4096, PGD-30: 100% adv + 0% clean 62.3 / 52.5 / 39.2; + 100% clean 78.0 / 56.2 / 20.9.
+    assert (rows[1]["clean"], rows[1]["PGD-10"], rows[1]["PGD-2000"]) == ("62.3", "52.5", "39.2")
+    assert (rows[3]["clean"], rows[3]["PGD-10"], rows[3]["PGD-2000"]) == ("78.0", "56.2", "20.9")
+    strategy = table_in(markdown, "Training strategy")
+    alp = strategy["rows"][strategy["rows"].index(row(strategy, "100% adv + 100% clean, ALP")) + 1]
+    assert (alp["strategy"], alp["clean"], alp["PGD-2000"]) == ("↳ paper", "73.5", "23.0")
+    star = table_in(markdown, "Running statistics")
+    assert [r["setting"] for r in star["rows"]][2:] == ["100% adv + 0% clean*", "↳ paper"]
+    assert star["rows"][3]["PGD-2000"] == "42.2"  # Table 2: 39.2 + 3.0
+    assert "paper's numbers are not shown" not in markdown
+
+
+def test_paper_table_holds_only_numbers_from_the_text() -> None:
+    seed = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_4d9cab5cef856b09.txt"
+    if not seed.is_file():
+        pytest.skip(f"the paper's text is not at {seed}")
+    text = seed.read_text()
+    printed = set(re.findall(r"\d+\.\d", text))
+    derived = {79.3, 78.4}  # Table 1: 78.9 + 0.4 and 78.9 - 0.5 (MBN_clean)
+    for values in report.PAPER.values():
+        for value in values.values():
+            assert f"{value:.1f}" in printed or value in derived, value
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Storage variants
+
+
+def test_cells_finished_after_results_parquet_and_no_parquet_at_all(tmp_path: Path) -> None:
+    spec = make_spec(DIGITS_WORKLOAD, [{"clean_ratio": [0.0, 1.0], "seed": [0, 1]}])
+    cells = expand(spec)
+    storage = write_sweep(str(tmp_path / "live"), spec, [record(cells[0], {"main": values_at(R0, 0)})])
+    # A second cell finished after the driver aggregated: its result.json is read from cells/.
+    storage.write_json(storage.cell_path(cells[1].cell_id, "result.json"), record(cells[1], {"main": values_at(R0, 1)}))
+    build_report(storage.url)
+    markdown = read_text(storage, "report", "report.md")
+    assert "4 cells: 2 finished, 0 failed, 2 missing" in markdown
+    assert "1 cell record(s) newer than results.parquet" in markdown
+    ref = row(table_in(markdown, "Clean ratio"), "100% adv + 0% clean (ref)")
+    assert ref["n"] == "2" and cell(ref["clean"])["mean"] == 61.0
+
+    storage.remove(storage.path("results.parquet"))
+    build_report(storage.url)
+    markdown = read_text(storage, "report", "report.md")
+    assert "4 cells: 1 finished, 0 failed, 3 missing" in markdown
+
+
+def test_report_on_s3(s3_bucket: str) -> None:
+    spec = make_spec(DIGITS_WORKLOAD, [{"clean_ratio": [0.0, 0.5], "seed": SEEDS}])
+    records = [
+        record(c, {"main": values_at(R0 if c.axes["clean_ratio"] == 0.0 else R50, c.axes["seed"])})
+        for c in expand(spec)
+    ]
+    storage = write_sweep(f"{s3_bucket}/sweeps/rep", spec, records)
+    url = build_report(storage.url)
+    assert url == f"{s3_bucket}/sweeps/rep/report/report.md"
+    fs, root = open_fs(f"{s3_bucket}/sweeps/rep/report")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    assert names == ["accuracy_vs_pgd.png", "clean_vs_robust.png", "report.md"]
+    png_size(fs.cat_file(f"{root}/accuracy_vs_pgd.png"))
+    markdown = fs.cat_file(f"{root}/report.md").decode()
+    half = row(table_in(markdown, "Clean ratio"), "100% adv + 50% clean")
+    assert cell(half["clean"]) == {"mean": 72.0, "std": 2.0, "delta": 10.0, "flagged": True}
+
+
+def test_cli_writes_the_report_and_exits_2_without_a_sweep(
+    digits_sweep: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert report.main([digits_sweep["storage"].url]) == 0
+    assert capsys.readouterr().out.strip() == digits_sweep["url"]
+    assert report.main([str(tmp_path / "nothing-here")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no sweep at") and err.count("\n") == 1
