@@ -1,0 +1,1084 @@
+"""Running a sweep on Kubernetes with KubeRay: render the manifests for a spec, and check them (DESIGN.md section 7).
+
+    python -m orchestrator.deploy render --spec sweeps/ablation.yaml --overlay gpu-cluster [--image IMAGE] [--out FILE]
+    python -m orchestrator.deploy check
+
+`render` builds an overlay of deploy/overlays, fits its worker group to the spec's plan (the largest cell must fit,
+the whole group must stay within resources.cluster_gpus), points the RayJob's entrypoint at the spec, checks the
+result against the rules below and writes one multi-document YAML file for `kubectl apply -f`. Exit status 2 with
+a one-line message for an unknown overlay, an invalid spec or a spec the overlay cannot run. `check` builds every
+overlay and deploy/raycluster, scans deploy/ for secrets, and prints every broken rule (exit status 1 if any).
+
+Rendering is a small, exact subset of kustomize in Python (`build`): `resources` (files, and directories with a
+kustomization.yaml), `patches` holding RFC 6902 JSON patches with a `target`, and `images`. Anything else in a
+kustomization.yaml is an error, never silently ignored, so neither kubectl nor kustomize is needed to render;
+tests/test_deploy.py compares `build` with `kubectl kustomize` where kubectl is installed, so `kubectl apply -k`
+creates the same objects.
+
+The rules, each a function that returns one line per problem (and each broken on purpose in the tests):
+
+- `check_versions`: rayVersion and the project image's tag carry the Ray version pinned in pyproject.toml
+  (tags are `<ray version>-<gpu|cpu>[-<revision>]`, e.g. 2.60.0-gpu-1a2b3c4).
+- `check_entrypoint`: a RayJob runs `python -m orchestrator.sweep sweeps/<file> [--storage ...]`, one plain
+  command (the submitter's shell would run `;` or `&&` itself), on a spec that exists and validates.
+- `check_pod_env`: the head, every worker group and the job submitter read the S3 Secret and the ConfigMap.
+- `check_resources`: the head has `num-cpus: "0"` and no GPU; workers of the GPU image request GPUs, workers of
+  the CPU image none; autoscaling bounds are consistent.
+- `check_names`: RayJob names at most 47 characters, RayCluster names at most 53, both DNS-1035 labels
+  (KubeRay's MaxRayJobNameLength / MaxRayClusterNameLength).
+- `check_token_auth`: Ray token authentication stays on (`authOptions.mode: token`, never RAY_AUTH_MODE=disabled).
+- `check_committed_files`: no credential in any file under deploy/ (AWS key ids, private keys, tokens, passwords
+  in URLs, and Secret or credential-named values other than placeholders such as REPLACE_WITH_...).
+- `check_dockerfile`: the Dockerfile builds on rayproject/ray of the pinned Ray version and installs the pinned
+  torch (CUDA build for GPU, CPU wheel for CPU), then the project, as a non-root user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import copy
+import json
+import math
+import re
+import shlex
+import sys
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.grid import Cell, expand
+from orchestrator.plan import plan_spec
+from orchestrator.spec import Spec, SpecError, _credential_in_text, load_spec, looks_like_credential_name
+
+Doc = dict[str, Any]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEPLOY_DIR = PROJECT_ROOT / "deploy"
+OVERLAYS_DIR = DEPLOY_DIR / "overlays"
+RAYCLUSTER_DIR = DEPLOY_DIR / "raycluster"
+MONITORING_DIR = DEPLOY_DIR / "monitoring"
+# The KubeRay v1 JSON schemas (strict, offline) live beside the project (DESIGN.md section 7).
+SCHEMA_DIR = PROJECT_ROOT.parent / "shared" / "schemas" / "kuberay"
+
+IMAGE_NAME = "adversarial-sweep"  # the last path component of the project image, any registry
+FLAVOURS = ("gpu", "cpu")
+S3_SECRET = "sweep-s3-credentials"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SWEEP_CONFIG = "sweep-config"
+STORAGE_VAR = "SWEEP_STORAGE"
+APP_DIR = "/home/ray/app"  # the project inside the image (deploy/Dockerfile's WORKDIR)
+SPEC_DIR = "sweeps"  # specs must live here: the image holds it, and the RayJob uploads it as the working directory
+GPU = "nvidia.com/gpu"
+ENTRYPOINT_COMMAND = ("python", "-m", "orchestrator.sweep")
+MAX_RAYJOB_NAME = 47  # KubeRay: MaxRayClusterNameLength (53) - 6 for the generated cluster name's suffix
+MAX_RAYCLUSTER_NAME = 53  # KubeRay: 63 - len("-serve-svc")
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+INT32_MAX = 2**31 - 1
+# One CPU of every worker pod is left to the cell's Tune trial (0.01 CPU) and Ray's own processes.
+RAY_CPU_HEADROOM = 1.0
+STARTUP_SECONDS = 6 * 3600  # image pulls and node provisioning, added to twice the plan's makespan
+PLACEHOLDER = re.compile(r"(REPLACE|CHANGE)[A-Z0-9_]*|<[^<>]+>|")
+KUSTOMIZATION_KEYS = frozenset({"apiVersion", "kind", "resources", "patches", "images"})
+RAY_KINDS = ("RayJob", "RayCluster")
+# The kinds under deploy/ and their API versions (structure_problems knows their basic shape).
+API_VERSIONS = {
+    "ConfigMap": "v1",
+    "Secret": "v1",
+    "Service": "v1",
+    "Deployment": "apps/v1",
+    "Job": "batch/v1",
+    "PodMonitor": "monitoring.coreos.com/v1",
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "RayJob": "ray.io/v1",
+    "RayCluster": "ray.io/v1",
+}
+
+
+class DeployError(Exception):
+    """A problem with the manifests or with what was asked of them; the CLI prints it and exits with status 2."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading YAML and walking manifests
+
+
+def load_yaml_documents(path: Path) -> list[Doc]:
+    """The non-empty documents of a (multi-document) YAML file; each must be a mapping."""
+    try:
+        documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    except yaml.YAMLError as exc:
+        raise DeployError(f"{path}: not valid YAML ({type(exc).__name__})") from None
+    docs = [doc for doc in documents if doc is not None]
+    for doc in docs:
+        if not isinstance(doc, dict):
+            raise DeployError(f"{path}: every document must be a mapping")
+    return docs
+
+
+def doc_id(doc: Doc) -> str:
+    return f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    """Every mapping inside `node` (depth first), `node` included."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def containers(node: Any) -> Iterator[dict[str, Any]]:
+    """Every container and init container anywhere in `node` (pod templates of any kind, CRDs included)."""
+    for mapping in _walk(node):
+        for key in ("containers", "initContainers"):
+            for container in mapping.get(key) or []:
+                if isinstance(container, dict):
+                    yield container
+
+
+def cluster_spec(doc: Doc) -> Doc | None:
+    """The RayCluster spec of a RayJob or RayCluster (None for other kinds)."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "RayJob":
+        return spec.get("rayClusterSpec")
+    if doc.get("kind") == "RayCluster":
+        return spec
+    return None
+
+
+@dataclass(frozen=True)
+class RayPod:
+    """A pod template that runs Ray (or submits to it), named the way messages name it."""
+
+    where: str  # e.g. "RayJob/sweep-ablation worker group gpu-workers"
+    template: Doc
+    role: str  # head, worker or submitter
+    group: Doc | None = None  # the workerGroupSpecs entry, for workers
+
+
+def ray_pods(doc: Doc) -> list[RayPod]:
+    pods: list[RayPod] = []
+    cluster = cluster_spec(doc)
+    if cluster is None:
+        return pods
+    name = doc_id(doc)
+    head = cluster.get("headGroupSpec") or {}
+    pods.append(RayPod(f"{name} head", head.get("template") or {}, "head", head))
+    for group in cluster.get("workerGroupSpecs") or []:
+        pods.append(
+            RayPod(f"{name} worker group {group.get('groupName')}", group.get("template") or {}, "worker", group)
+        )
+    submitter = (doc.get("spec") or {}).get("submitterPodTemplate") if doc.get("kind") == "RayJob" else None
+    if submitter is not None:
+        pods.append(RayPod(f"{name} submitter", submitter, "submitter"))
+    return pods
+
+
+def ray_container(template: Doc) -> Doc:
+    """KubeRay runs Ray in (and submits from) the first container of a pod template."""
+    found = ((template.get("spec") or {}).get("containers") or [{}])[0]
+    return found if isinstance(found, dict) else {}
+
+
+def split_image(ref: str) -> tuple[str, str | None, str | None]:
+    """'reg:5000/a/b:tag@sha256:x' -> ('reg:5000/a/b', 'tag', 'sha256:x')."""
+    name, _, digest = ref.partition("@")
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon + 1 :], digest or None
+    return name, None, digest or None
+
+
+def is_project_image(ref: str) -> bool:
+    return split_image(ref)[0].rsplit("/", 1)[-1] == IMAGE_NAME
+
+
+def image_flavour(ref: str) -> str | None:
+    """'gpu' or 'cpu' from a project image tag like 2.60.0-gpu-1a2b3c4 (None if it has no flavour)."""
+    tag = split_image(ref)[1] or ""
+    match = re.fullmatch(r"[0-9][^-]*-(gpu|cpu)(-.+)?", tag)
+    return match.group(1) if match else None
+
+
+def parse_cpu(quantity: Any) -> float:
+    """A Kubernetes CPU quantity ('500m', '2', 2, 1.5) in cores."""
+    text = str(quantity).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        raise DeployError(f"{quantity!r} is not a CPU quantity") from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Building a kustomization (the subset the manifests use)
+
+
+def build(path: Path) -> list[Doc]:
+    """The objects `kubectl kustomize PATH` would print, for kustomizations within our subset."""
+    return _build(path.resolve(), ())
+
+
+def _build(path: Path, stack: tuple[Path, ...]) -> list[Doc]:
+    if path in stack:
+        raise DeployError(f"{path}: kustomization cycle")
+    file = path / "kustomization.yaml"
+    if not file.is_file():
+        raise DeployError(f"{path}: no kustomization.yaml")
+    loaded = load_yaml_documents(file)
+    if len(loaded) != 1:
+        raise DeployError(f"{file}: expected one document")
+    kustomization = loaded[0]
+    unknown = sorted(set(kustomization) - KUSTOMIZATION_KEYS)
+    if unknown:
+        raise DeployError(
+            f"{file}: {', '.join(unknown)} not supported by orchestrator.deploy's renderer "
+            f"(it supports {', '.join(sorted(KUSTOMIZATION_KEYS))}); express it as a JSON patch"
+        )
+    docs: list[Doc] = []
+    for entry in kustomization.get("resources") or []:
+        target = path / str(entry)
+        if target.is_dir():
+            docs.extend(_build(target.resolve(), (*stack, path)))
+        elif target.is_file():
+            # kustomize's default load restrictor: files must lie inside the kustomization's own folder.
+            if not target.resolve().is_relative_to(path):
+                raise DeployError(f"{file}: {entry!r} lies outside {path}; kustomize refuses it (use a directory)")
+            docs.extend(load_yaml_documents(target))
+        else:
+            raise DeployError(f"{file}: resource {entry!r} not found")
+    seen: set[str] = set()
+    for doc in docs:
+        if doc_id(doc) in seen:
+            raise DeployError(f"{file}: {doc_id(doc)} defined twice")
+        seen.add(doc_id(doc))
+    for patch in kustomization.get("patches") or []:
+        _apply_patch_entry(file, patch, docs)
+    for image in kustomization.get("images") or []:
+        _set_image(image, docs)
+    return docs
+
+
+def _apply_patch_entry(file: Path, entry: Doc, docs: list[Doc]) -> None:
+    if "path" in entry:
+        ops = yaml.safe_load((file.parent / entry["path"]).read_text(encoding="utf-8"))
+    else:
+        ops = yaml.safe_load(entry.get("patch") or "")
+    if not isinstance(ops, list):
+        raise DeployError(f"{file}: only JSON 6902 patches (a list of operations) are supported")
+    target = entry.get("target") or {}
+    extra = set(target) - {"group", "version", "kind", "name"}
+    if not target or extra:
+        raise DeployError(f"{file}: a patch needs a target of group, version, kind and name")
+    matched = [doc for doc in docs if _matches(doc, target)]
+    if not matched:
+        raise DeployError(f"{file}: patch target {target} matches nothing")
+    for doc in matched:
+        try:
+            apply_json_patch(doc, ops)
+        except DeployError as err:
+            raise DeployError(f"{file}: {err}") from None
+
+
+def _matches(doc: Doc, target: Doc) -> bool:
+    group, _, version = str(doc.get("apiVersion", "")).rpartition("/")
+    actual = {
+        "group": group,
+        "version": version,
+        "kind": doc.get("kind"),
+        "name": (doc.get("metadata") or {}).get("name"),
+    }
+    return all(actual[key] == value for key, value in target.items())
+
+
+def _pointer(path: str) -> list[str]:
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise DeployError(f"JSON pointer {path!r} must start with '/'")
+    return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
+
+
+def _index(container: list[Any], token: str, path: str, *, end_ok: bool = False) -> int:
+    if end_ok and token == "-":
+        return len(container)
+    if not token.isdigit() or int(token) > len(container) - (0 if end_ok else 1):
+        raise DeployError(f"{path}: index {token} out of range")
+    return int(token)
+
+
+def apply_json_patch(doc: Doc, ops: Sequence[Any]) -> None:
+    """RFC 6902 add, remove, replace and test, in place."""
+    for op in ops:
+        if not isinstance(op, dict) or "op" not in op or "path" not in op:
+            raise DeployError(f"not a JSON patch operation: {op!r}")
+        kind, path = op["op"], op["path"]
+        tokens = _pointer(path)
+        if not tokens:
+            raise DeployError(f"{path!r}: patching the whole document is not supported")
+        parent: Any = doc
+        for token in tokens[:-1]:
+            try:
+                parent = parent[_index(parent, token, path)] if isinstance(parent, list) else parent[token]
+            except (KeyError, TypeError):
+                raise DeployError(f"{path}: {token!r} not found") from None
+        last = tokens[-1]
+        if kind == "add":
+            if isinstance(parent, list):
+                parent.insert(_index(parent, last, path, end_ok=True), copy.deepcopy(op["value"]))
+            else:
+                parent[last] = copy.deepcopy(op["value"])
+        elif kind in ("replace", "remove", "test"):
+            if isinstance(parent, list):
+                key: Any = _index(parent, last, path)
+            elif isinstance(parent, dict) and last in parent:
+                key = last
+            else:
+                raise DeployError(f"{path}: nothing to {kind}")
+            if kind == "replace":
+                parent[key] = copy.deepcopy(op["value"])
+            elif kind == "remove":
+                del parent[key]
+            elif parent[key] != op["value"]:
+                raise DeployError(f"{path}: test failed")
+        else:
+            raise DeployError(f"{path}: JSON patch op {kind!r} not supported (add, remove, replace, test)")
+
+
+def _set_image(entry: Doc, docs: list[Doc]) -> None:
+    """kustomize's `images`: a container whose image name equals `name` gets newName, newTag and/or digest."""
+    for doc in docs:
+        for container in containers(doc):
+            name, tag, digest = split_image(str(container.get("image", "")))
+            if name != entry.get("name"):
+                continue
+            name = entry.get("newName") or name
+            if "digest" in entry:
+                tag, digest = None, entry["digest"]
+            elif "newTag" in entry:
+                tag, digest = str(entry["newTag"]), None
+            container["image"] = name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+
+
+def overlay_names() -> list[str]:
+    return sorted(p.name for p in OVERLAYS_DIR.iterdir() if (p / "kustomization.yaml").is_file())
+
+
+def overlay_dir(name: str) -> Path:
+    names = overlay_names()
+    if name not in names:
+        raise DeployError(f"unknown overlay {name!r}; one of {', '.join(names)}")
+    return OVERLAYS_DIR / name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fitting the worker group to a spec
+
+
+@dataclass(frozen=True)
+class WorkerGroupSize:
+    """The worker group a spec needs: `min_replicas` pods hold its largest cell, `max_replicas` its whole cluster."""
+
+    replicas: int
+    min_replicas: int
+    max_replicas: int
+    gpus_per_pod: int  # 0 for a CPU group
+    workers_per_pod: int
+
+
+def size_worker_group(spec: Spec, cells: Sequence[Cell], pod_cpus: float, pod_gpus: int) -> WorkerGroupSize:
+    """Size a worker group of pods with `pod_cpus` CPUs and `pod_gpus` GPUs (the overlay's) for `spec`.
+
+    GPU specs: a pod holds one node's GPUs (resources.gpus_per_node, at most cluster_gpus); the group has at least
+    the pods of the largest cell and at most cluster_gpus GPUs. CPU specs: as many pods as the largest cell needs,
+    or resources.cluster_cpus worth of pods. `replicas` is the maximum: the sweep budgets the resources present
+    when its driver starts, and the autoscaler releases idle pods at the end. Raises DeployError if impossible.
+    """
+    r = spec.resources
+    if r.use_gpu:
+        if pod_gpus == 0:
+            raise DeployError(
+                f"spec {spec.name!r} uses GPUs (resources.use_gpu: true) but the overlay's worker group requests "
+                "none; use an overlay with a GPU worker group, e.g. gpu-cluster"
+            )
+        gpus_per_pod = min(r.gpus_per_node, r.cluster_gpus)
+        slots = gpus_per_pod // r.gpus_per_worker
+        needed_cpus = slots * r.cpus_per_worker + RAY_CPU_HEADROOM
+        if needed_cpus > pod_cpus + 1e-9:
+            raise DeployError(
+                f"a worker pod holds {slots} workers x {r.cpus_per_worker:g} CPUs (resources.cpus_per_worker) + "
+                f"{RAY_CPU_HEADROOM:g} for Ray = {needed_cpus:g} CPUs but the overlay's worker pods have "
+                f"{pod_cpus:g}; lower resources.cpus_per_worker or raise the overlay's worker cpu"
+            )
+        min_pods = max(math.ceil(cell.num_workers / slots) for cell in cells)
+        max_pods = r.cluster_gpus // gpus_per_pod
+        if max_pods < min_pods:
+            raise DeployError(
+                f"the largest cell needs {min_pods} pods of {gpus_per_pod} GPUs but resources.cluster_gpus "
+                f"({r.cluster_gpus}) holds only {max_pods}; make cluster_gpus a multiple of gpus_per_node"
+            )
+        return WorkerGroupSize(max_pods, min_pods, max_pods, gpus_per_pod, slots)
+    slots = math.floor((pod_cpus - RAY_CPU_HEADROOM) / r.cpus_per_worker + 1e-9)
+    if slots < 1:
+        raise DeployError(
+            f"a worker needs {r.cpus_per_worker:g} CPUs (resources.cpus_per_worker) + {RAY_CPU_HEADROOM:g} for Ray "
+            f"but the overlay's worker pods have {pod_cpus:g}; lower cpus_per_worker or raise the overlay's worker cpu"
+        )
+    min_pods = max(math.ceil(cell.num_workers / slots) for cell in cells)
+    max_pods = min_pods if r.cluster_cpus is None else math.floor(r.cluster_cpus / pod_cpus + 1e-9)
+    if max_pods < min_pods:
+        raise DeployError(
+            f"the largest cell needs {min_pods} worker pods of {pod_cpus:g} CPUs but resources.cluster_cpus "
+            f"({r.cluster_cpus}) holds only {max_pods}"
+        )
+    return WorkerGroupSize(max_pods, min_pods, max_pods, pod_gpus, slots)
+
+
+def deadline_seconds(makespan_hours: float) -> int:
+    """activeDeadlineSeconds for a sweep: twice the plan's makespan plus start-up, in whole hours (int32)."""
+    seconds = 2 * makespan_hours * 3600 + STARTUP_SECONDS
+    return min(INT32_MAX, math.ceil(seconds / 3600) * 3600)
+
+
+def rayjob_name(spec_name: str) -> str:
+    """`sweep-<spec name>` as a DNS-1035 label within KubeRay's RayJob name limit."""
+    name = re.sub(r"[^a-z0-9-]", "-", f"sweep-{spec_name}".lower())[:MAX_RAYJOB_NAME]
+    return name.rstrip("-")
+
+
+def entrypoint_for(spec_path: str) -> str:
+    return f'{" ".join(ENTRYPOINT_COMMAND)} {spec_path} --storage "${{{STORAGE_VAR}}}"'
+
+
+def project_spec_path(path: str | Path) -> str:
+    """`path` relative to the project root, as the image has it; it must be a file under sweeps/."""
+    resolved = Path(path).resolve()
+    try:
+        relative = resolved.relative_to(PROJECT_ROOT)
+    except ValueError:
+        raise DeployError(
+            f"{path}: a spec must be inside the project's {SPEC_DIR}/ (the image holds that folder)"
+        ) from None
+    text = relative.as_posix()
+    if relative.parts[0] != SPEC_DIR or not re.fullmatch(r"[A-Za-z0-9._/-]+", text):
+        raise DeployError(f"{path}: a spec must be a file under {SPEC_DIR}/ with a plain name (letters, digits, ._-)")
+    return text
+
+
+def _worker_group(job: Doc) -> Doc:
+    groups = (cluster_spec(job) or {}).get("workerGroupSpecs") or []
+    if len(groups) != 1:
+        raise DeployError(f"{doc_id(job)}: render fits exactly one worker group, found {len(groups)}")
+    group: Doc = groups[0]
+    return group
+
+
+def _pod_shape(group: Doc) -> tuple[float, int]:
+    """(CPUs, GPUs) of a worker group's pods: KubeRay takes them from the limits, else the requests."""
+    resources = ray_container(group.get("template") or {}).get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+    cpu = limits.get("cpu", requests.get("cpu"))
+    if cpu is None:
+        raise DeployError(f"worker group {group.get('groupName')} sets no cpu limit or request")
+    return parse_cpu(cpu), _gpu_count(limits.get(GPU, requests.get(GPU)))
+
+
+def render(spec_path: str | Path, overlay: str, image: str | None = None) -> list[Doc]:
+    """The overlay's objects with its RayJob fitted to the spec at `spec_path`; raises DeployError or SpecError."""
+    directory = overlay_dir(overlay)
+    relative = project_spec_path(spec_path)
+    spec = load_spec(spec_path)
+    cells = expand(spec)
+    docs = build(directory)
+    jobs = [doc for doc in docs if doc.get("kind") == "RayJob"]
+    if len(jobs) != 1:
+        raise DeployError(f"overlay {overlay!r} must define exactly one RayJob, found {len(jobs)}")
+    job = jobs[0]
+    group = _worker_group(job)
+    pod_cpus, pod_gpus = _pod_shape(group)
+    r = spec.resources
+    if r.use_gpu:
+        plan = plan_spec(spec, cells)  # the checks and makespan of `--plan`: a cell that never fits is a SpecError
+        size = size_worker_group(spec, cells, pod_cpus, pod_gpus)
+    else:
+        size = size_worker_group(spec, cells, pod_cpus, pod_gpus)
+        # Plan on the worker pods being rendered, not on the CPUs of the machine that renders them.
+        cpus = max(1, math.floor(size.max_replicas * size.workers_per_pod * r.cpus_per_worker + 1e-9))
+        plan = plan_spec(spec.model_copy(update={"resources": r.model_copy(update={"cluster_cpus": cpus})}), cells)
+
+    job["metadata"]["name"] = rayjob_name(spec.name)
+    job["spec"]["entrypoint"] = entrypoint_for(relative)
+    job["spec"]["activeDeadlineSeconds"] = deadline_seconds(plan.makespan_hours)
+    group["replicas"], group["minReplicas"], group["maxReplicas"] = (
+        size.replicas,
+        size.min_replicas,
+        size.max_replicas,
+    )
+    if size.gpus_per_pod:
+        resources = ray_container(group["template"]).setdefault("resources", {})
+        for key in ("requests", "limits"):
+            resources.setdefault(key, {})[GPU] = size.gpus_per_pod
+    if image is not None:
+        for doc in docs:
+            for container in containers(doc):
+                if is_project_image(str(container.get("image", ""))):
+                    container["image"] = image
+    problems = check_manifests(docs)
+    if problems:
+        raise DeployError(f"the rendered manifests break {len(problems)} rule(s): {'; '.join(problems)}")
+    return docs
+
+
+def dump_documents(docs: Sequence[Doc], header: str = "") -> str:
+    body = yaml.safe_dump_all(list(docs), sort_keys=False, default_flow_style=False, width=120)
+    return header + body
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rules
+
+
+def pinned_versions(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> dict[str, str]:
+    """{'ray': '2.60.0', 'torch': '2.13.0', ...}: the `==` pins of pyproject.toml's runtime dependencies."""
+    with pyproject.open("rb") as fh:
+        dependencies = tomllib.load(fh)["project"]["dependencies"]
+    pins: dict[str, str] = {}
+    for requirement in dependencies:
+        match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*==\s*([^\s;,]+)\s*", requirement)
+        if match:
+            pins[match.group(1).lower()] = match.group(3)
+    return pins
+
+
+def check_versions(docs: Sequence[Doc], ray_version: str | None = None) -> list[str]:
+    """rayVersion and every project image tag carry the pinned Ray version; Ray pods run the project image."""
+    version = ray_version or pinned_versions()["ray"]
+    tag_pattern = re.compile(rf"{re.escape(version)}-(gpu|cpu)(-[A-Za-z0-9_.-]+)?")
+    problems: list[str] = []
+    for doc in docs:
+        cluster = cluster_spec(doc)
+        if cluster is not None and str(cluster.get("rayVersion")) != version:
+            problems.append(f"{doc_id(doc)}: rayVersion is {cluster.get('rayVersion')!r}, not the pinned {version!r}")
+        for pod in ray_pods(doc):
+            image = str(ray_container(pod.template).get("image", ""))
+            if not is_project_image(image):
+                problems.append(f"{pod.where}: runs {image!r}, not the project image (.../{IMAGE_NAME}:TAG)")
+        for container in containers(doc):
+            image = str(container.get("image", ""))
+            tag = split_image(image)[1]
+            if is_project_image(image) and (tag is None or not tag_pattern.fullmatch(tag)):
+                problems.append(
+                    f"{doc_id(doc)} container {container.get('name')}: image tag {tag!r} is not "
+                    f"{version}-gpu or {version}-cpu (optionally -<revision>): the image must carry the pinned Ray"
+                )
+    return problems
+
+
+def check_entrypoint(docs: Sequence[Doc], root: Path = PROJECT_ROOT) -> list[str]:
+    """A RayJob runs one plain `python -m orchestrator.sweep sweeps/<spec> [--storage URL|${VAR}]` on a valid spec."""
+    problems: list[str] = []
+    config_keys = {
+        key for doc in docs if doc.get("kind") == "ConfigMap" for key in (doc.get("data") or {}) if isinstance(key, str)
+    }
+    for doc in docs:
+        if doc.get("kind") != "RayJob":
+            continue
+        where = f"{doc_id(doc)} entrypoint"
+        spec = doc.get("spec") or {}
+        entrypoint = str(spec.get("entrypoint", ""))
+        # KubeRay pastes the entrypoint into the submitter's `bash -c` script: these would run in the submitter.
+        if re.search(r"[;&|<>`\n]|\$\(", entrypoint):
+            problems.append(f"{where}: {entrypoint!r} must be one plain command (no ; & | < > ` $( or newlines)")
+            continue
+        try:
+            words = shlex.split(entrypoint)
+        except ValueError as exc:
+            problems.append(f"{where}: cannot be parsed ({exc})")
+            continue
+        if tuple(words[:3]) != ENTRYPOINT_COMMAND or len(words) < 4:
+            problems.append(f"{where}: {entrypoint!r} does not run `{' '.join(ENTRYPOINT_COMMAND)} SPEC`")
+            continue
+        path, rest = words[3], words[4:]
+        if len(rest) not in (0, 2) or (rest and rest[0] != "--storage"):
+            problems.append(f"{where}: only `--storage URL` may follow the spec, got {' '.join(rest)!r}")
+        elif rest:
+            variable = re.fullmatch(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", rest[1])
+            if not rest[1]:
+                problems.append(f"{where}: --storage is empty")
+            elif variable and variable.group(1) not in config_keys:
+                problems.append(f"{where}: --storage uses ${variable.group(1)}, which no ConfigMap provides")
+        if Path(path).is_absolute() or ".." in Path(path).parts or Path(path).parts[0] != SPEC_DIR:
+            problems.append(f"{where}: spec {path!r} must be a relative path under {SPEC_DIR}/ (the image has it)")
+            continue
+        try:
+            load_spec(root / path)
+        except SpecError as err:
+            problems.append(f"{where}: spec {path}: {str(err).splitlines()[0]}")
+        runtime_env = yaml.safe_load(str(spec.get("runtimeEnvYAML") or "")) or {}
+        if not isinstance(runtime_env, dict) or runtime_env.get("working_dir") != APP_DIR:
+            problems.append(
+                f"{where}: runtimeEnvYAML must set working_dir: {APP_DIR}, where the relative spec path resolves"
+            )
+    return problems
+
+
+def _reads(container: Doc, kind: str, name: str) -> bool:
+    """Does `container` read the Secret/ConfigMap `name` (envFrom, or env valueFrom for every key we need)?"""
+    ref_key = "secretRef" if kind == "Secret" else "configMapRef"
+    for source in container.get("envFrom") or []:
+        if ((source or {}).get(ref_key) or {}).get("name") == name:
+            return True
+    if kind == "Secret":
+        wanted = set(S3_SECRET_KEYS)
+        for env in container.get("env") or []:
+            ref = ((env or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+            if ref.get("name") == name:
+                wanted.discard(env.get("name"))
+        return not wanted
+    return False
+
+
+def check_pod_env(docs: Sequence[Doc]) -> list[str]:
+    """Head, every worker group and the submitter read the S3 Secret and the sweep ConfigMap."""
+    problems: list[str] = []
+    for doc in docs:
+        if doc.get("kind") == "RayJob" and not (doc.get("spec") or {}).get("submitterPodTemplate"):
+            problems.append(
+                f"{doc_id(doc)}: no submitterPodTemplate; KubeRay's default submitter reads neither "
+                f"{SWEEP_CONFIG} nor {S3_SECRET}, so ${{{STORAGE_VAR}}} in the entrypoint would be empty"
+            )
+        for pod in ray_pods(doc):
+            container = ray_container(pod.template)
+            if not _reads(container, "Secret", S3_SECRET):
+                problems.append(f"{pod.where}: does not read the Secret {S3_SECRET} (envFrom secretRef)")
+            if not _reads(container, "ConfigMap", SWEEP_CONFIG):
+                problems.append(f"{pod.where}: does not read the ConfigMap {SWEEP_CONFIG} (envFrom configMapRef)")
+    return problems
+
+
+def _gpu_amounts(container: Doc) -> tuple[Any, Any]:
+    resources = container.get("resources") or {}
+    return (resources.get("limits") or {}).get(GPU), (resources.get("requests") or {}).get(GPU)
+
+
+def _gpu_count(value: Any) -> int:
+    """A GPU quantity (8 or "8") as an int; 0 when absent or not a whole number."""
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isdigit() else 0
+
+
+def _asks_gpus(value: Any) -> bool:
+    return value is not None and str(value).strip() not in ("0", "")
+
+
+def check_resources(docs: Sequence[Doc]) -> list[str]:
+    """The head takes no work (num-cpus "0", no GPU); GPU-image workers request GPUs, CPU-image workers none."""
+    problems: list[str] = []
+    for doc in docs:
+        cluster = cluster_spec(doc)
+        if cluster is None:
+            continue
+        if cluster.get("enableInTreeAutoscaling") is not True:
+            problems.append(f"{doc_id(doc)}: enableInTreeAutoscaling must be true (the worker group autoscales)")
+        for pod in ray_pods(doc):
+            container = ray_container(pod.template)
+            limit, request = _gpu_amounts(container)
+            params = (pod.group or {}).get("rayStartParams") or {}
+            if pod.role == "head":
+                if params.get("num-cpus") != "0":
+                    problems.append(f'{pod.where}: rayStartParams num-cpus must be "0" (no training on the head)')
+                if _asks_gpus(limit) or _asks_gpus(request) or _asks_gpus(params.get("num-gpus")):
+                    problems.append(f"{pod.where}: must not request GPUs")
+            elif pod.role == "worker":
+                group: Doc = pod.group or {}
+                bounds: list[Any] = [group.get(key) for key in ("minReplicas", "replicas", "maxReplicas")]
+                if all(isinstance(b, int) for b in bounds) and not bounds[0] <= bounds[1] <= bounds[2]:
+                    problems.append(f"{pod.where}: needs minReplicas <= replicas <= maxReplicas, got {bounds}")
+                flavour = image_flavour(str(container.get("image", "")))
+                if flavour == "gpu" and _gpu_count(limit) < 1:
+                    problems.append(f"{pod.where}: runs the GPU image but sets no {GPU} limit of at least 1")
+                elif flavour == "gpu" and request is not None and _gpu_count(request) != _gpu_count(limit):
+                    problems.append(f"{pod.where}: {GPU} request {request} differs from its limit {limit}")
+                elif flavour == "cpu" and (
+                    _asks_gpus(limit) or _asks_gpus(request) or _asks_gpus(params.get("num-gpus"))
+                ):
+                    problems.append(f"{pod.where}: runs the CPU image but requests GPUs")
+    return problems
+
+
+def check_names(docs: Sequence[Doc]) -> list[str]:
+    """RayJob names <= 47 characters, RayCluster names <= 53, DNS-1035 labels (KubeRay's own validation)."""
+    problems: list[str] = []
+    limits = {"RayJob": MAX_RAYJOB_NAME, "RayCluster": MAX_RAYCLUSTER_NAME}
+    for doc in docs:
+        limit = limits.get(str(doc.get("kind")))
+        if limit is None:
+            continue
+        name = str((doc.get("metadata") or {}).get("name", ""))
+        if len(name) > limit:
+            problems.append(f"{doc_id(doc)}: name has {len(name)} characters; KubeRay allows at most {limit}")
+        if not DNS_1035.fullmatch(name):
+            problems.append(f"{doc_id(doc)}: name must be a DNS-1035 label (lowercase letters, digits, '-')")
+    return problems
+
+
+def check_token_auth(docs: Sequence[Doc]) -> list[str]:
+    """Ray token authentication stays on: authOptions.mode token, and nothing sets RAY_AUTH_MODE=disabled."""
+    problems: list[str] = []
+    for doc in docs:
+        cluster = cluster_spec(doc)
+        if cluster is not None and (cluster.get("authOptions") or {}).get("mode") != "token":
+            problems.append(f"{doc_id(doc)}: authOptions.mode must be token (Ray token authentication stays on)")
+        problems += [f"{doc_id(doc)}: {problem}" for problem in _auth_mode_overrides(doc)]
+    return problems
+
+
+def _auth_mode_overrides(node: Any) -> list[str]:
+    """Environment entries anywhere in `node` that set RAY_AUTH_MODE to anything but token."""
+    return [
+        f"sets RAY_AUTH_MODE={env.get('value')}; token authentication stays on"
+        for mapping in _walk(node)
+        for env in mapping.get("env") or []
+        if isinstance(env, dict) and env.get("name") == "RAY_AUTH_MODE" and env.get("value") != "token"
+    ]
+
+
+def is_placeholder(value: Any) -> bool:
+    return isinstance(value, str) and PLACEHOLDER.fullmatch(value.strip()) is not None
+
+
+_AUTH_DISABLED = re.compile(r"RAY_AUTH_MODE\W{0,6}disabled", re.IGNORECASE)
+_DOCKER_ASSIGNMENT = re.compile(r"^\s*(?:ENV|ARG)\s+(.*)$", re.IGNORECASE | re.MULTILINE)
+
+
+def secret_values_in(doc: Doc) -> list[str]:
+    """Credential values written into a manifest: Secret data, literal credential env values, ConfigMap keys."""
+    problems: list[str] = []
+    if doc.get("kind") == "Secret":
+        for key, value in (doc.get("stringData") or {}).items():
+            if not is_placeholder(value):
+                problems.append(f"{doc_id(doc)}: stringData.{key} holds a value, not a placeholder")
+        for key, value in (doc.get("data") or {}).items():
+            try:
+                decoded = base64.b64decode(str(value), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                decoded = "?"
+            if not is_placeholder(decoded):
+                problems.append(f"{doc_id(doc)}: data.{key} holds a value, not a placeholder")
+    if doc.get("kind") == "ConfigMap":
+        for key in doc.get("data") or {}:
+            if looks_like_credential_name(str(key)):
+                problems.append(f"{doc_id(doc)}: {key} looks like a credential; credentials go in the Secret")
+    for mapping in _walk(doc):
+        for env in mapping.get("env") or []:
+            if not isinstance(env, dict) or "value" not in env:
+                continue
+            if looks_like_credential_name(str(env.get("name", ""))) and not is_placeholder(env["value"]):
+                problems.append(f"{doc_id(doc)}: env {env.get('name')} has a literal value; use valueFrom.secretKeyRef")
+    return problems
+
+
+def check_committed_files(root: Path = DEPLOY_DIR) -> list[str]:
+    """No credential in any file under `root` (deploy/), and nothing there turns token authentication off."""
+    problems: list[str] = []
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        where = file.relative_to(root.parent)
+        # The spec's own detector, line by line: AWS key ids, private keys, bearer tokens, secret-key-shaped
+        # lines and passwords in URLs.
+        for number, line in enumerate(text.splitlines(), 1):
+            why = _credential_in_text(line.strip())
+            if why:
+                problems.append(f"{where}:{number}: contains {why}")
+        if _AUTH_DISABLED.search(text):
+            problems.append(f"{where}: sets RAY_AUTH_MODE=disabled; token authentication stays on")
+        if file.suffix in (".yaml", ".yml"):
+            try:
+                documents = list(yaml.safe_load_all(text))
+            except yaml.YAMLError as exc:
+                problems.append(f"{where}: not valid YAML ({type(exc).__name__})")
+                continue
+            for document in documents:
+                # A manifest, or a JSON patch whose operations carry manifest fragments as values.
+                fragments = (
+                    [op.get("value") for op in document if isinstance(op, dict)]
+                    if isinstance(document, list)
+                    else [document]
+                )
+                for fragment in fragments:
+                    if isinstance(fragment, dict):
+                        found = secret_values_in(fragment) + _auth_mode_overrides(fragment)
+                        problems.extend(f"{where}: {problem}" for problem in found)
+        elif file.name == "Dockerfile" or file.name.endswith(".Dockerfile"):
+            for line in _DOCKER_ASSIGNMENT.findall(text):
+                for name, value in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)[= ]+(\S+)", line):
+                    if looks_like_credential_name(name) and not is_placeholder(value.strip("\"'")):
+                        problems.append(f"{where}: ENV/ARG {name} bakes a credential into the image")
+    return problems
+
+
+def structure_problems(doc: Doc) -> list[str]:
+    """apiVersion, kind, metadata.name and the basic shape of the kinds the manifests use besides Ray's."""
+    where = doc_id(doc)
+    problems = [f"{where}: missing {key}" for key in ("apiVersion", "kind") if not doc.get(key)]
+    name = (doc.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
+        problems.append(f"{where}: metadata.name must be a DNS subdomain name")
+    kind, api = doc.get("kind"), doc.get("apiVersion")
+    if kind not in API_VERSIONS:
+        return [*problems, f"{where}: kind {kind!r} is not one the manifests are checked for"]
+    if api != API_VERSIONS[str(kind)]:
+        problems.append(f"{where}: apiVersion must be {API_VERSIONS[str(kind)]}, not {api!r}")
+    spec = doc.get("spec") or {}
+    if kind in ("ConfigMap", "Secret"):
+        for field in ("data", "stringData") if kind == "Secret" else ("data",):
+            values = doc.get(field) or {}
+            if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+                problems.append(f"{where}: {field} must map names to strings")
+    elif kind == "Service":
+        ports = spec.get("ports") or []
+        if not ports or not all(isinstance(p, dict) and isinstance(p.get("port"), int) for p in ports):
+            problems.append(f"{where}: spec.ports must list ports with an integer port")
+        if not spec.get("selector"):
+            problems.append(f"{where}: spec.selector is empty")
+    elif kind in ("Deployment", "Job"):
+        template = spec.get("template") or {}
+        pod_spec = template.get("spec") or {}
+        if not all(c.get("name") and c.get("image") for c in pod_spec.get("containers") or [{}]):
+            problems.append(f"{where}: every container needs a name and an image")
+        if kind == "Deployment":
+            selector = (spec.get("selector") or {}).get("matchLabels") or {}
+            labels = (template.get("metadata") or {}).get("labels") or {}
+            if not selector or any(labels.get(k) != v for k, v in selector.items()):
+                problems.append(f"{where}: spec.selector.matchLabels must match the pod template's labels")
+        elif pod_spec.get("restartPolicy") not in ("Never", "OnFailure"):
+            problems.append(f"{where}: a Job's pods need restartPolicy Never or OnFailure")
+    elif kind in ("PodMonitor", "ServiceMonitor"):
+        endpoints = spec.get("podMetricsEndpoints" if kind == "PodMonitor" else "endpoints") or []
+        if (
+            not (spec.get("selector") or {}).get("matchLabels")
+            or not all(e.get("port") for e in endpoints)
+            or not endpoints
+        ):
+            problems.append(f"{where}: needs spec.selector.matchLabels and endpoints naming a port")
+    return problems
+
+
+def check_manifests(docs: Sequence[Doc], root: Path = PROJECT_ROOT, ray_version: str | None = None) -> list[str]:
+    """Every rule on a set of objects (schema validation aside: see `schema_problems`)."""
+    problems: list[str] = []
+    for doc in docs:
+        problems.extend(structure_problems(doc))
+        problems.extend(secret_values_in(doc))
+    problems += check_versions(docs, ray_version)
+    problems += check_entrypoint(docs, root)
+    problems += check_pod_env(docs)
+    problems += check_resources(docs)
+    problems += check_names(docs)
+    problems += check_token_auth(docs)
+    return problems
+
+
+def load_schemas(schema_dir: Path = SCHEMA_DIR) -> dict[str, Doc]:
+    """The KubeRay v1 JSON schemas by kind (FileNotFoundError if the folder is missing)."""
+    return {kind: json.loads((schema_dir / f"{kind.lower()}-ray.io-v1.json").read_text()) for kind in RAY_KINDS}
+
+
+def schema_problems(docs: Sequence[Doc], schemas: dict[str, Doc]) -> list[str]:
+    """RayJob/RayCluster against KubeRay's strict v1 schemas; the pod templates of Deployments and Jobs against
+    the Kubernetes PodTemplateSpec schema embedded in the RayCluster CRD. Needs the `jsonschema` package."""
+    import jsonschema
+
+    pod_template = schemas["RayCluster"]["properties"]["spec"]["properties"]["headGroupSpec"]["properties"]["template"]
+    validators = {kind: jsonschema.Draft7Validator(schema) for kind, schema in schemas.items()}
+    pod_validator = jsonschema.Draft7Validator(pod_template)
+    problems: list[str] = []
+    for doc in docs:
+        kind = doc.get("kind")
+        if kind in validators:
+            errors = validators[str(kind)].iter_errors(doc)
+        elif kind in ("Deployment", "Job"):
+            errors = pod_validator.iter_errors((doc.get("spec") or {}).get("template") or {})
+        else:
+            continue
+        problems.extend(f"{doc_id(doc)} {error.json_path}: {error.message}" for error in errors)
+    return problems
+
+
+_DOCKER_ARG = re.compile(r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)(?:=(\S*))?\s*$", re.IGNORECASE)
+
+
+def _docker_instructions(text: str) -> list[str]:
+    """Dockerfile instructions with line continuations joined and comments dropped."""
+    instructions: list[str] = []
+    current = ""
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        instructions.append((current + line).strip())
+        current = ""
+    if current:
+        instructions.append(current.strip())
+    return instructions
+
+
+def check_dockerfile(text: str, pins: dict[str, str] | None = None) -> list[str]:
+    """The image is rayproject/ray of the pinned Ray (py311, GPU and CPU flavours) plus the pinned torch (CUDA
+    index for GPU, CPU index for CPU) and the project, installed and run as a non-root user."""
+    pins = pins or pinned_versions()
+    ray, torch = pins["ray"], pins["torch"]
+    problems: list[str] = []
+    global_args: dict[str, str] = {}
+    stages: list[dict[str, Any]] = []  # {"base": str, "args": {...}, "runs": [...]}
+    users: list[str] = []
+    for instruction in _docker_instructions(text):
+        keyword, _, rest = instruction.partition(" ")
+        keyword = keyword.upper()
+        arg = _DOCKER_ARG.match(instruction)
+        if keyword == "ARG" and arg:
+            name, default = arg.group(1), arg.group(2)
+            scope = stages[-1]["args"] if stages else global_args
+            scope[name] = default if default is not None else global_args.get(name, "")
+        elif keyword == "FROM":
+            base = rest.split()[0]
+            stages.append({"base": _substitute(base, global_args), "args": {}, "runs": []})
+        elif keyword == "RUN" and stages:
+            stages[-1]["runs"].append(_substitute(rest, {**global_args, **stages[-1]["args"]}))
+        elif keyword == "USER":
+            users.append(rest.strip())
+    ray_bases = [s for s in stages if s["base"].startswith("rayproject/ray:")]
+    for flavour in FLAVOURS:
+        suffix = "-gpu" if flavour == "gpu" else ""
+        wanted = f"rayproject/ray:{ray}-py311{suffix}"
+        stage = next((s for s in ray_bases if s["base"] == wanted), None)
+        if stage is None:
+            problems.append(f"no {flavour.upper()} stage FROM {wanted} (the pinned Ray {ray}, Python 3.11)")
+            continue
+        torch_runs = [run for run in stage["runs"] if re.search(r"\btorch==", run)]
+        index = "https://download.pytorch.org/whl/cu" if flavour == "gpu" else "https://download.pytorch.org/whl/cpu"
+        if not any(index in run and "--index-url" in run for run in torch_runs):
+            problems.append(f"the {flavour.upper()} stage does not install torch from {index}... with --index-url")
+    for stage in ray_bases:
+        tag = stage["base"].split(":", 1)[1]
+        if not tag.startswith(f"{ray}-"):
+            problems.append(f"FROM {stage['base']}: the Ray image tag must be the pinned Ray {ray}")
+    for version in re.findall(r"\btorch==([^\s\"']+)", " ".join(r for s in stages for r in s["runs"])):
+        if version != torch:
+            problems.append(f"installs torch=={version}, not the pinned torch=={torch}")
+    runs = [run for stage in stages for run in stage["runs"]]
+    if not any(re.search(r"pip install\b.*\s\.(\s|$)", run) for run in runs):
+        problems.append("does not `pip install .` the project")
+    if any("torchattacks" in run for run in runs):
+        problems.append("installs torchattacks (a benchmark baseline only)")
+    if not users or users[-1].split(":")[0] in ("root", "0"):
+        problems.append("the image must end as a non-root USER (the Ray image's ray user, 1000)")
+    return problems
+
+
+def _substitute(text: str, args: dict[str, str]) -> str:
+    return re.sub(
+        r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", lambda m: args.get(m[1] or m[2], m[0]), text
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def deploy_targets() -> dict[str, Path]:
+    """Every directory `kubectl apply -k` is pointed at: the overlays, the RayCluster and the monitoring."""
+    targets = {f"overlays/{name}": OVERLAYS_DIR / name for name in overlay_names()}
+    targets["raycluster"] = RAYCLUSTER_DIR
+    targets["monitoring"] = MONITORING_DIR
+    return targets
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m orchestrator.deploy", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    render_cmd = commands.add_parser("render", help="render an overlay for a spec (for kubectl apply -f)")
+    render_cmd.add_argument("--spec", required=True, help="the sweep file, under sweeps/ (e.g. sweeps/ablation.yaml)")
+    render_cmd.add_argument("--overlay", required=True, help=f"one of deploy/overlays: {', '.join(overlay_names())}")
+    render_cmd.add_argument("--image", help="the project image to run (tag <ray version>-<gpu|cpu>[-<revision>])")
+    render_cmd.add_argument("--out", help="write here instead of standard output")
+    commands.add_parser("check", help="check every overlay, deploy/raycluster and the files under deploy/")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        return _check_all()
+    try:
+        docs = render(args.spec, args.overlay, args.image)
+    except (DeployError, SpecError) as err:
+        print(f"error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    header = (
+        f"# Rendered by: python -m orchestrator.deploy render --spec {args.spec} --overlay {args.overlay}\n"
+        "# Apply with: kubectl apply -f THIS_FILE (create the Secret sweep-s3-credentials first)\n"
+    )
+    text = dump_documents(docs, header)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _check_all() -> int:
+    problems = check_committed_files()
+    try:
+        schemas: dict[str, Doc] | None = load_schemas()
+    except FileNotFoundError:
+        schemas = None
+        print(f"note: KubeRay schemas not found in {SCHEMA_DIR}; schema validation skipped", file=sys.stderr)
+    for name, directory in deploy_targets().items():
+        try:
+            docs = build(directory)
+        except DeployError as err:
+            problems.append(f"{name}: {err}")
+            continue
+        problems += [f"{name}: {problem}" for problem in check_manifests(docs)]
+        if schemas is not None:
+            try:
+                problems += [f"{name}: {problem}" for problem in schema_problems(docs, schemas)]
+            except ImportError:
+                print("note: jsonschema is not installed; schema validation skipped", file=sys.stderr)
+                schemas = None
+    dockerfile = DEPLOY_DIR / "Dockerfile"
+    problems += [f"deploy/Dockerfile: {problem}" for problem in check_dockerfile(dockerfile.read_text())]
+    for problem in problems:
+        print(problem)
+    print(f"{len(problems)} problem(s)" if problems else "deploy/: all checks passed", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

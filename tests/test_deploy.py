@@ -1,0 +1,770 @@
+"""The Kubernetes deployment (deploy/, orchestrator/deploy.py), checked offline: no API server, no cluster, no Docker.
+
+Manifests are built with orchestrator.deploy's kustomize subset (and compared with `kubectl kustomize` where kubectl
+is installed), validated against the strict KubeRay v1 JSON schemas in ../shared/schemas/kuberay, and checked
+against the project's rules; every rule is also shown to catch a deliberately broken manifest.
+
+Kubernetes' own OpenAPI schemas are not available offline here, so ConfigMap, Secret, Service, Deployment, Job and
+PodMonitor get structure checks (`structure_problems`), and the pod templates of the Deployment and the Job are
+validated against the core/v1 PodTemplateSpec schema that the KubeRay CRD embeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator import deploy
+from orchestrator.deploy import (
+    GPU,
+    S3_SECRET,
+    DeployError,
+    Doc,
+    apply_json_patch,
+    build,
+    check_committed_files,
+    check_dockerfile,
+    check_entrypoint,
+    check_manifests,
+    check_names,
+    check_pod_env,
+    check_resources,
+    check_token_auth,
+    check_versions,
+    deploy_targets,
+    pinned_versions,
+    render,
+    schema_problems,
+    size_worker_group,
+    structure_problems,
+)
+from orchestrator.grid import expand
+from orchestrator.spec import load_spec, parse_spec
+
+ROOT = deploy.PROJECT_ROOT
+TARGETS = deploy_targets()
+RAY_TARGETS = [name for name in TARGETS if name != "monitoring"]
+PINS = pinned_versions()
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, list[Doc]]:
+    return {name: build(path) for name, path in TARGETS.items()}
+
+
+@pytest.fixture(scope="module")
+def schemas() -> dict[str, Doc]:
+    pytest.importorskip("jsonschema", reason="schema validation needs the jsonschema package (dev dependency)")
+    try:
+        return deploy.load_schemas()
+    except FileNotFoundError:
+        pytest.skip(f"KubeRay JSON schemas not found in {deploy.SCHEMA_DIR} (the project's ../shared)")
+
+
+def fresh(built: dict[str, list[Doc]], target: str) -> list[Doc]:
+    return copy.deepcopy(built[target])
+
+
+def ray_doc(docs: list[Doc]) -> Doc:
+    return next(doc for doc in docs if doc["kind"] in ("RayJob", "RayCluster"))
+
+
+def cluster(docs: list[Doc]) -> Doc:
+    found = deploy.cluster_spec(ray_doc(docs))
+    assert found is not None
+    return found
+
+
+def head(docs: list[Doc]) -> Doc:
+    container: Doc = cluster(docs)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def worker(docs: list[Doc]) -> Doc:
+    container: Doc = cluster(docs)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    return container
+
+
+def submitter(docs: list[Doc]) -> Doc:
+    container: Doc = ray_doc(docs)["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    return container
+
+
+def canonical(docs: list[Any]) -> list[Any]:
+    return sorted((d for d in docs if d), key=lambda d: (d["kind"], d["metadata"]["name"]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Building (our kustomize subset)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: no reference kustomize")
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_build_equals_kubectl_kustomize(built: dict[str, list[Doc]], target: str) -> None:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(TARGETS[target])], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert canonical(list(yaml.safe_load_all(out))) == canonical(built[target])
+
+
+def test_build_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n")
+    kustomization = tmp_path / "kustomization.yaml"
+    kustomization.write_text("resources: [cm.yaml]\nnamePrefix: x-\n")
+    with pytest.raises(DeployError, match="namePrefix not supported"):
+        build(tmp_path)
+    kustomization.write_text(
+        "resources: [cm.yaml]\npatches:\n- patch: '{data: {a: c}}'\n  target: {kind: ConfigMap, name: c}\n"
+    )
+    with pytest.raises(DeployError, match="only JSON 6902 patches"):
+        build(tmp_path)
+    kustomization.write_text(
+        "resources: [cm.yaml]\npatches:\n- patch: '[{op: replace, path: /data/a, value: c}]'\n"
+        "  target: {kind: ConfigMap, name: other}\n"
+    )
+    with pytest.raises(DeployError, match="matches nothing"):
+        build(tmp_path)
+    kustomization.write_text("resources: [../outside.yaml]\n")
+    (tmp_path.parent / "outside.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: o}\n")
+    with pytest.raises(DeployError, match="outside"):
+        build(tmp_path)
+
+
+def test_json_patch_operations() -> None:
+    doc: Doc = {"a": {"b": [1, 2]}, "c": "x", "d/e": 0}
+    apply_json_patch(
+        doc,
+        [
+            {"op": "add", "path": "/a/b/-", "value": 3},
+            {"op": "add", "path": "/a/b/0", "value": 0},
+            {"op": "replace", "path": "/c", "value": {"y": 1}},
+            {"op": "remove", "path": "/d~1e"},
+            {"op": "test", "path": "/a/b/3", "value": 3},
+        ],
+    )
+    assert doc == {"a": {"b": [0, 1, 2, 3]}, "c": {"y": 1}}
+    for bad in (
+        {"op": "replace", "path": "/missing", "value": 1},
+        {"op": "remove", "path": "/a/b/9"},
+        {"op": "test", "path": "/c/y", "value": 2},
+        {"op": "move", "path": "/c", "from": "/a"},
+    ):
+        with pytest.raises(DeployError):
+            apply_json_patch(copy.deepcopy(doc), [bad])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Schemas and structure
+
+
+@pytest.mark.parametrize("target", RAY_TARGETS)
+def test_ray_resources_validate_against_kuberay_v1_schemas(
+    built: dict[str, list[Doc]], schemas: dict[str, Doc], target: str
+) -> None:
+    docs = built[target]
+    assert any(doc["kind"] in ("RayJob", "RayCluster") for doc in docs)
+    assert schema_problems(docs, schemas) == []
+
+
+def test_schemas_catch_a_misspelled_field(built: dict[str, list[Doc]], schemas: dict[str, Doc]) -> None:
+    docs = fresh(built, "overlays/gpu-cluster")
+    group = cluster(docs)["workerGroupSpecs"][0]
+    group["minReplica"] = group.pop("minReplicas")
+    assert any("minReplica" in problem for problem in schema_problems(docs, schemas))
+    docs = fresh(built, "overlays/local")
+    next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["imge"] = "x"
+    assert any("imge" in problem for problem in schema_problems(docs, schemas))
+
+
+def test_every_object_has_the_basic_structure(built: dict[str, list[Doc]]) -> None:
+    docs = [doc for docs in built.values() for doc in docs]
+    docs += deploy.load_yaml_documents(deploy.DEPLOY_DIR / "base" / "secret.template.yaml")
+    assert {"ConfigMap", "Secret", "Service", "Deployment", "Job", "PodMonitor", "RayJob", "RayCluster"} <= {
+        doc["kind"] for doc in docs
+    }
+    assert [problem for doc in docs for problem in structure_problems(doc)] == []
+
+
+def _deployment(docs: list[Doc]) -> Doc:
+    return next(d for d in docs if d["kind"] == "Deployment")
+
+
+STRUCTURE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], None], str]] = {
+    "no name": ("overlays/local", lambda docs: docs[0]["metadata"].pop("name"), "metadata.name"),
+    "wrong apiVersion": ("overlays/local", lambda docs: _deployment(docs).update(apiVersion="v1"), "apps/v1"),
+    "selector mismatch": (
+        "overlays/local",
+        lambda docs: _deployment(docs)["spec"]["selector"]["matchLabels"].update(app="other"),
+        "matchLabels",
+    ),
+    "service without ports": (
+        "overlays/local",
+        lambda docs: next(d for d in docs if d["kind"] == "Service")["spec"].pop("ports"),
+        "spec.ports",
+    ),
+    "job restarting always": (
+        "overlays/local",
+        lambda docs: next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["spec"].update(
+            restartPolicy="Always"
+        ),
+        "restartPolicy",
+    ),
+    "non-string config": (
+        "overlays/local",
+        lambda docs: next(d for d in docs if d["kind"] == "ConfigMap")["data"].update(N=3),
+        "strings",
+    ),
+    "podmonitor without port": (
+        "monitoring",
+        lambda docs: docs[0]["spec"]["podMetricsEndpoints"][0].pop("port"),
+        "port",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURE_BREAKS))
+def test_structure_checks_catch_broken_objects(built: dict[str, list[Doc]], case: str) -> None:
+    target, breaks, expected = STRUCTURE_BREAKS[case]
+    docs = fresh(built, target)
+    breaks(docs)
+    problems = [problem for doc in docs for problem in structure_problems(doc)]
+    assert any(expected in problem for problem in problems), problems
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Our rules: the committed and rendered manifests pass, and a broken manifest fails each rule
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_committed_manifests_pass_every_rule(built: dict[str, list[Doc]], target: str) -> None:
+    assert check_manifests(built[target]) == []
+
+
+def test_committed_files_hold_no_secret_and_keep_token_auth() -> None:
+    assert check_committed_files() == []
+
+
+def test_tags_and_ray_version_are_the_pinned_ones(built: dict[str, list[Doc]]) -> None:
+    for target in RAY_TARGETS:
+        docs = built[target]
+        assert cluster(docs)["rayVersion"] == PINS["ray"]
+        for doc in docs:
+            for container in deploy.containers(doc):
+                if deploy.is_project_image(container["image"]):
+                    assert deploy.split_image(container["image"])[1] in (f"{PINS['ray']}-gpu", f"{PINS['ray']}-cpu")
+
+
+def _set_tag(container: Doc, tag: str) -> None:
+    container["image"] = f"{deploy.split_image(container['image'])[0]}:{tag}"
+
+
+# (target, what to break, the rule, a fragment of the expected message)
+RULE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], Callable[[list[Doc]], list[str]], str]] = {
+    # image tag and rayVersion = the pinned Ray
+    "old ray image tag": ("overlays/gpu-cluster", lambda d: _set_tag(worker(d), "2.59.0-gpu"), check_versions, "tag"),
+    "tag without flavour": ("raycluster", lambda d: _set_tag(head(d), PINS["ray"]), check_versions, "tag"),
+    "latest tag": ("overlays/local", lambda d: _set_tag(submitter(d), "latest"), check_versions, "tag"),
+    "bucket job tag": (
+        "overlays/local",
+        lambda d: _set_tag(next(x for x in d if x["kind"] == "Job")["spec"]["template"]["spec"]["containers"][0], "1"),
+        check_versions,
+        "tag",
+    ),
+    "rayVersion": (
+        "overlays/gpu-cluster",
+        lambda d: cluster(d).update(rayVersion="2.59.0"),
+        check_versions,
+        "rayVersion",
+    ),
+    "plain ray image": (
+        "raycluster",
+        lambda d: worker(d).update(image=f"rayproject/ray:{PINS['ray']}-py311-gpu"),
+        check_versions,
+        "not the project image",
+    ),
+    # the entrypoint runs an existing, valid sweep file
+    "missing spec": (
+        "overlays/gpu-cluster",
+        lambda d: ray_doc(d)["spec"].update(entrypoint="python -m orchestrator.sweep sweeps/nope.yaml"),
+        check_entrypoint,
+        "not found",
+    ),
+    "spec outside sweeps": (
+        "overlays/local",
+        lambda d: ray_doc(d)["spec"].update(entrypoint="python -m orchestrator.sweep README.md"),
+        check_entrypoint,
+        "under sweeps/",
+    ),
+    "shell sequence": (
+        "overlays/local",
+        lambda d: ray_doc(d)["spec"].update(entrypoint="cd /tmp && python -m orchestrator.sweep sweeps/smoke.yaml"),
+        check_entrypoint,
+        "one plain command",
+    ),
+    "not the sweep": (
+        "overlays/local",
+        lambda d: ray_doc(d)["spec"].update(entrypoint="python train.py sweeps/smoke.yaml"),
+        check_entrypoint,
+        "does not run",
+    ),
+    "plan only": (
+        "overlays/local",
+        lambda d: ray_doc(d)["spec"].update(entrypoint="python -m orchestrator.sweep sweeps/smoke.yaml --plan"),
+        check_entrypoint,
+        "only `--storage URL`",
+    ),
+    "storage variable nobody sets": (
+        "overlays/local",
+        lambda d: ray_doc(d)["spec"].update(entrypoint='python -m orchestrator.sweep sweeps/smoke.yaml --storage "$X"'),
+        check_entrypoint,
+        "no ConfigMap provides",
+    ),
+    "empty storage": (
+        "overlays/local",
+        lambda d: ray_doc(d)["spec"].update(entrypoint="python -m orchestrator.sweep sweeps/smoke.yaml --storage ''"),
+        check_entrypoint,
+        "--storage is empty",
+    ),
+    "no working dir": (
+        "overlays/local",
+        lambda d: ray_doc(d)["spec"].pop("runtimeEnvYAML"),
+        check_entrypoint,
+        "working_dir",
+    ),
+    # every pod template that runs Ray reads the S3 Secret (and the ConfigMap)
+    "worker without secret": (
+        "overlays/gpu-cluster",
+        lambda d: worker(d)["envFrom"].pop(1),
+        check_pod_env,
+        f"worker group gpu-workers: does not read the Secret {S3_SECRET}",
+    ),
+    "head without secret": (
+        "raycluster",
+        lambda d: head(d)["envFrom"].pop(1),
+        check_pod_env,
+        f"head: does not read the Secret {S3_SECRET}",
+    ),
+    "submitter without secret": (
+        "overlays/local",
+        lambda d: submitter(d)["envFrom"].pop(1),
+        check_pod_env,
+        f"submitter: does not read the Secret {S3_SECRET}",
+    ),
+    "one of two keys": (
+        "overlays/gpu-cluster",
+        lambda d: worker(d).update(
+            envFrom=worker(d)["envFrom"][:1],
+            env=[
+                {
+                    "name": "AWS_ACCESS_KEY_ID",
+                    "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": "AWS_ACCESS_KEY_ID"}},
+                }
+            ],
+        ),
+        check_pod_env,
+        "does not read the Secret",
+    ),
+    "worker without config": (
+        "overlays/gpu-cluster",
+        lambda d: worker(d)["envFrom"].pop(0),
+        check_pod_env,
+        "does not read the ConfigMap",
+    ),
+    "default submitter": (
+        "overlays/gpu-cluster",
+        lambda d: ray_doc(d)["spec"].pop("submitterPodTemplate"),
+        check_pod_env,
+        "no submitterPodTemplate",
+    ),
+    # GPU workers request GPUs, the head none and num-cpus "0"
+    "head takes work": (
+        "overlays/gpu-cluster",
+        lambda d: cluster(d)["headGroupSpec"]["rayStartParams"].update({"num-cpus": "8"}),
+        check_resources,
+        'num-cpus must be "0"',
+    ),
+    "head num-cpus left out": (
+        "raycluster",
+        lambda d: cluster(d)["headGroupSpec"]["rayStartParams"].pop("num-cpus"),
+        check_resources,
+        'num-cpus must be "0"',
+    ),
+    "head with a GPU": (
+        "overlays/gpu-cluster",
+        lambda d: head(d)["resources"]["limits"].update({GPU: 1}),
+        check_resources,
+        "head: must not request GPUs",
+    ),
+    "GPU worker without GPUs": (
+        "overlays/gpu-cluster",
+        lambda d: [worker(d)["resources"][key].pop(GPU) for key in ("limits", "requests")],
+        check_resources,
+        "sets no nvidia.com/gpu limit",
+    ),
+    "GPU request differs": (
+        "raycluster",
+        lambda d: worker(d)["resources"]["requests"].update({GPU: 4}),
+        check_resources,
+        "differs from its limit",
+    ),
+    "CPU worker with a GPU": (
+        "overlays/local",
+        lambda d: worker(d)["resources"]["limits"].update({GPU: 1}),
+        check_resources,
+        "CPU image but requests GPUs",
+    ),
+    "autoscaling off": (
+        "overlays/gpu-cluster",
+        lambda d: cluster(d).update(enableInTreeAutoscaling=False),
+        check_resources,
+        "enableInTreeAutoscaling",
+    ),
+    "replicas above max": (
+        "raycluster",
+        lambda d: cluster(d)["workerGroupSpecs"][0].update(replicas=17),
+        check_resources,
+        "minReplicas <= replicas <= maxReplicas",
+    ),
+    # names within KubeRay's limits
+    "long RayJob name": (
+        "overlays/local",
+        lambda d: ray_doc(d)["metadata"].update(name="s" * 48),
+        check_names,
+        "at most 47",
+    ),
+    "long RayCluster name": (
+        "raycluster",
+        lambda d: ray_doc(d)["metadata"].update(name="s" * 54),
+        check_names,
+        "at most 53",
+    ),
+    "not DNS-1035": (
+        "overlays/local",
+        lambda d: ray_doc(d)["metadata"].update(name="Sweep_1"),
+        check_names,
+        "DNS-1035",
+    ),
+    # token authentication never disabled
+    "no authOptions": (
+        "overlays/gpu-cluster",
+        lambda d: cluster(d).pop("authOptions"),
+        check_token_auth,
+        "mode must be token",
+    ),
+    "auth disabled": (
+        "raycluster",
+        lambda d: cluster(d)["authOptions"].update(mode="disabled"),
+        check_token_auth,
+        "mode must be token",
+    ),
+    "RAY_AUTH_MODE=disabled": (
+        "overlays/local",
+        lambda d: worker(d).setdefault("env", []).append({"name": "RAY_AUTH_MODE", "value": "disabled"}),
+        check_token_auth,
+        "RAY_AUTH_MODE=disabled",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RULE_BREAKS))
+def test_each_rule_catches_a_broken_manifest(built: dict[str, list[Doc]], case: str) -> None:
+    target, breaks, rule, expected = RULE_BREAKS[case]
+    docs = fresh(built, target)
+    assert rule(docs) == []
+    breaks(docs)
+    problems = rule(docs)
+    assert any(expected in problem for problem in problems), problems
+    assert any(expected in problem for problem in check_manifests(docs))
+
+
+def test_length_limit_is_inclusive(built: dict[str, list[Doc]]) -> None:
+    docs = fresh(built, "overlays/local")
+    ray_doc(docs)["metadata"]["name"] = "s" * deploy.MAX_RAYJOB_NAME
+    assert check_names(docs) == []
+
+
+def test_entrypoint_rule_validates_the_spec(built: dict[str, list[Doc]], tmp_path: Path) -> None:
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "smoke.yaml").write_text(
+        "name: smoke\nworkload: {data: {url: x}}\ngrid: {norm: [batchnorm]}\n"
+    )
+    problems = check_entrypoint(built["overlays/local"], root=tmp_path)
+    assert problems and "'batchnorm' is not one of" in problems[0]
+
+
+def test_secret_env_from_keys_is_accepted(built: dict[str, list[Doc]]) -> None:
+    docs = fresh(built, "overlays/gpu-cluster")
+    worker(docs)["envFrom"] = worker(docs)["envFrom"][:1]
+    worker(docs)["env"] = [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}} for key in deploy.S3_SECRET_KEYS
+    ]
+    assert check_pod_env(docs) == []
+
+
+def test_secret_template_holds_placeholders_only(built: dict[str, list[Doc]]) -> None:
+    [template] = deploy.load_yaml_documents(deploy.DEPLOY_DIR / "base" / "secret.template.yaml")
+    assert (template["kind"], template["metadata"]["name"]) == ("Secret", S3_SECRET)
+    assert set(template["stringData"]) == set(deploy.S3_SECRET_KEYS)
+    assert all(deploy.is_placeholder(value) and value for value in template["stringData"].values())
+    # Never applied by `kubectl apply -k`: it would overwrite the real credentials with placeholders.
+    assert not any(doc["kind"] == "Secret" for docs in built.values() for doc in docs)
+
+
+LEAKS = {
+    "aws key id": ("notes.txt", "key: AKIA" + "ABCDEFGHIJKLMNOP\n", "AWS access key id"),
+    "private key": ("id.txt", "-----BEGIN RSA " + "PRIVATE KEY-----\nabc\n", "private key"),
+    "secret value": (
+        "s.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {AWS_SECRET_ACCESS_KEY: hunter2hunter2}\n",
+        "stringData.AWS_SECRET_ACCESS_KEY holds a value",
+    ),
+    "base64 secret value": (
+        "s.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {AWS_ACCESS_KEY_ID: c2VjcmV0}\n",
+        "data.AWS_ACCESS_KEY_ID holds a value",
+    ),
+    "literal env": (
+        "p.yaml",
+        "- op: add\n  path: /spec/template/spec/containers/-\n"
+        "  value: {name: c, image: i, env: [{name: AWS_SECRET_ACCESS_KEY, value: abc}]}\n",
+        "env AWS_SECRET_ACCESS_KEY has a literal value",
+    ),
+    "password in a URL": (
+        "c.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {AWS_ENDPOINT_URL: 'http://u:p4ss@minio:9000'}\n",
+        "password in the URL",
+    ),
+    "credential in a ConfigMap": (
+        "c.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {MINIO_ROOT_PASSWORD: abc}\n",
+        "looks like a credential",
+    ),
+    "auth off in a manifest": (
+        "w.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: i\n"
+        "    env: [{name: RAY_AUTH_MODE, value: disabled}]\n",
+        "RAY_AUTH_MODE=disabled",
+    ),
+    "baked into the image": ("Dockerfile", "FROM x\nENV AWS_SECRET_ACCESS_KEY=abc\n", "bakes a credential"),
+    "auth off in the image": ("Dockerfile", "FROM x\nENV RAY_AUTH_MODE=disabled\n", "RAY_AUTH_MODE=disabled"),
+}
+
+
+@pytest.mark.parametrize("case", list(LEAKS))
+def test_committed_file_scan_catches_secrets(tmp_path: Path, case: str) -> None:
+    name, text, expected = LEAKS[case]
+    root = tmp_path / "deploy"
+    root.mkdir()
+    (root / "ok.yaml").write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {AWS_ACCESS_KEY_ID: REPLACE_ME, B: '<token>'}\n"
+    )
+    assert check_committed_files(root) == []
+    (root / name).write_text(text)
+    problems = check_committed_files(root)
+    assert any(expected in problem for problem in problems), problems
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Dockerfile installs exactly the pinned versions
+
+
+DOCKERFILE = (deploy.DEPLOY_DIR / "Dockerfile").read_text()
+
+
+def test_dockerfile_builds_on_the_pinned_ray_and_torch() -> None:
+    assert check_dockerfile(DOCKERFILE, PINS) == []
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE, re.MULTILINE))
+    assert (args["RAY_VERSION"], args["TORCH_VERSION"]) == (PINS["ray"], PINS["torch"])
+
+
+DOCKER_BREAKS = {
+    "old ray": (("ARG RAY_VERSION=2.60.0", "ARG RAY_VERSION=2.59.0"), "pinned Ray"),
+    "old torch": (("ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.12.0"), "not the pinned torch"),
+    "torch pinned by hand": (
+        ('"torch==${TORCH_VERSION}" --index-url "', '"torch==2.12.1" --index-url "'),
+        "torch==2.12.1",
+    ),
+    "no CPU flavour": (("-py311 AS flavour-cpu", "-py311-gpu AS flavour-cpu"), "no CPU stage"),
+    "CUDA torch on CPU": (("whl/cpu", "whl/cu128"), "CPU stage does not install torch"),
+    "python 3.12": (("-py311-gpu", "-py312-gpu"), "no GPU stage"),
+    "root": (("USER 1000:100", "USER root"), "non-root"),
+    "project not installed": (("--no-deps . &&", "--no-deps -e /nowhere &&"), "pip install ."),
+    "torchattacks": (("--no-deps . &&", "--no-deps . torchattacks==3.5.1 &&"), "torchattacks"),
+}
+
+
+@pytest.mark.parametrize("case", list(DOCKER_BREAKS))
+def test_dockerfile_check_catches_drift(case: str) -> None:
+    (old, new), expected = DOCKER_BREAKS[case]
+    assert old in DOCKERFILE
+    problems = check_dockerfile(DOCKERFILE.replace(old, new), PINS)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"):
+        assert entry in ignored
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rendering for a spec
+
+
+def _group(docs: list[Doc]) -> Doc:
+    group: Doc = cluster(docs)["workerGroupSpecs"][0]
+    return group
+
+
+def test_render_ablation_on_the_gpu_cluster_holds_the_largest_cell(schemas: dict[str, Doc]) -> None:
+    docs = render(ROOT / "sweeps/ablation.yaml", "gpu-cluster")
+    spec = load_spec(ROOT / "sweeps/ablation.yaml")
+    largest = max(cell.gpus for cell in expand(spec))
+    assert largest == 128  # batch 4096 = 128 workers x 32 images (Section 3)
+    group = _group(docs)
+    gpus_per_pod = worker(docs)["resources"]["limits"][GPU]
+    assert worker(docs)["resources"]["requests"][GPU] == gpus_per_pod == spec.resources.gpus_per_node
+    assert group["minReplicas"] * gpus_per_pod >= largest
+    assert group["replicas"] * gpus_per_pod >= largest
+    assert group["maxReplicas"] * gpus_per_pod <= spec.resources.cluster_gpus
+    job = ray_doc(docs)
+    assert job["spec"]["entrypoint"].split()[:4] == ["python", "-m", "orchestrator.sweep", "sweeps/ablation.yaml"]
+    assert job["metadata"]["name"] == "sweep-ablation"
+    assert check_manifests(docs) == [] and schema_problems(docs, schemas) == []
+
+
+def test_render_smoke_on_the_local_cluster_requests_no_gpu(schemas: dict[str, Doc]) -> None:
+    docs = render(ROOT / "sweeps/smoke.yaml", "local")
+    for doc in docs:
+        for container in deploy.containers(doc):
+            resources = container.get("resources") or {}
+            assert GPU not in (resources.get("limits") or {}) and GPU not in (resources.get("requests") or {})
+        assert "nvidia.com/gpu.present" not in json.dumps(doc)
+    assert "sweeps/smoke.yaml" in ray_doc(docs)["spec"]["entrypoint"]
+    assert check_manifests(docs) == [] and schema_problems(docs, schemas) == []
+
+
+@pytest.mark.parametrize(("overlay", "spec"), [("gpu-cluster", "ablation"), ("local", "smoke")])
+def test_committed_overlays_are_what_render_gives_for_their_spec(
+    built: dict[str, list[Doc]], overlay: str, spec: str
+) -> None:
+    """`kubectl apply -k` of an overlay and `render` of its spec create the same objects (the deadline aside,
+    which an overlay may round up)."""
+    committed = fresh(built, f"overlays/{overlay}")
+    rendered = render(ROOT / f"sweeps/{spec}.yaml", overlay)
+    committed_deadline = ray_doc(committed)["spec"].pop("activeDeadlineSeconds")
+    assert committed_deadline >= ray_doc(rendered)["spec"].pop("activeDeadlineSeconds")
+    assert canonical(committed) == canonical(rendered)
+
+
+def test_render_sets_the_image_everywhere_the_project_runs() -> None:
+    image = f"registry.example.org/team/adversarial-sweep:{PINS['ray']}-cpu-1a2b3c4"
+    docs = render(ROOT / "sweeps/tiny.yaml", "local", image=image)
+    images = {c["image"] for doc in docs for c in deploy.containers(doc) if deploy.is_project_image(c["image"])}
+    assert images == {image}
+    with pytest.raises(DeployError, match="tag"):
+        render(ROOT / "sweeps/tiny.yaml", "local", image="registry.example.org/adversarial-sweep:latest")
+
+
+def _ablation_with(**resources: Any) -> Any:
+    spec = load_spec(ROOT / "sweeps/ablation.yaml")
+    return spec.model_copy(update={"resources": spec.resources.model_copy(update=resources)})
+
+
+def test_worker_group_sizing() -> None:
+    spec = _ablation_with(cluster_gpus=256)
+    size = size_worker_group(spec, expand(spec), pod_cpus=64, pod_gpus=8)
+    assert (size.min_replicas, size.replicas, size.max_replicas, size.gpus_per_pod) == (16, 32, 32, 8)
+    spec = _ablation_with(gpus_per_node=4)
+    assert size_worker_group(spec, expand(spec), 64, 8).min_replicas == 32
+    with pytest.raises(DeployError, match="raise the overlay's worker cpu"):
+        spec = _ablation_with(cpus_per_worker=12)
+        size_worker_group(spec, expand(spec), 64, 8)
+    with pytest.raises(DeployError, match="requests none"):
+        size_worker_group(_ablation_with(), expand(_ablation_with()), 2, 0)
+    cpu = parse_spec(
+        "name: c\nworkload: {data: {url: builtin://digits}, recipe: {batch_size: 128, per_worker_batch: 32}}\n"
+        "resources: {use_gpu: false, cpus_per_worker: 1, max_workers_per_cell: 4, cluster_cpus: 12}\n"
+    )
+    size = size_worker_group(cpu, expand(cpu), pod_cpus=3, pod_gpus=0)  # 2 workers per pod, 1 CPU for Ray
+    assert (size.min_replicas, size.max_replicas, size.gpus_per_pod) == (2, 4, 0)
+
+
+def test_render_refuses_a_cluster_that_cannot_hold_the_largest_cell(tmp_path: Path, monkeypatch: Any) -> None:
+    # 12 GPUs in nodes of 8: a pod holds one node, so 12 one-GPU workers would need 16 GPUs.
+    spec = parse_spec(
+        "name: g\nworkload: {data: {url: s3://b/d}, recipe: {batch_size: 384, per_worker_batch: 32}}\n"
+        "resources: {use_gpu: true, cpus_per_worker: 1, cluster_gpus: 12, gpus_per_node: 8}\n"
+    )
+    with pytest.raises(DeployError, match="cluster_gpus"):
+        size_worker_group(spec, expand(spec), 64, 8)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_render_writes_one_applyable_file(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.yaml"
+    assert deploy.main(["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Rendered by: python -m orchestrator.deploy render --spec sweeps/ablation.yaml")
+    assert canonical(list(yaml.safe_load_all(text))) == canonical(render("sweeps/ablation.yaml", "gpu-cluster"))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--spec", "sweeps/smoke.yaml", "--overlay", "nope"], "unknown overlay 'nope'; one of gpu-cluster, local"),
+        (["--spec", "sweeps/nope.yaml", "--overlay", "local"], "spec file not found"),
+        (["--spec", "sweeps/ablation.yaml", "--overlay", "local"], "uses GPUs"),
+        (["--spec", "README.md", "--overlay", "local"], "under sweeps/"),
+    ],
+)
+def test_cli_errors_are_one_line_with_status_2(capsys: Any, args: list[str], expected: str) -> None:
+    assert deploy.main(["render", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err
+
+
+def test_cli_invalid_spec_is_one_line(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    (tmp_path / "sweeps").mkdir()
+    bad = tmp_path / "sweeps" / "bad.yaml"
+    bad.write_text("name: Bad\nworkload: {data: {url: x}}\ngrid: {norm: [batchnorm]}\n")
+    monkeypatch.setattr(deploy, "PROJECT_ROOT", tmp_path)
+    assert deploy.main(["render", "--spec", str(bad), "--overlay", "local"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name" in err and "batchnorm" in err
+
+
+def test_cli_check_passes_on_the_committed_tree(capsys: Any) -> None:
+    assert deploy.main(["check"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_cell_larger_than_the_cluster_is_one_line(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    (tmp_path / "sweeps").mkdir()
+    spec = tmp_path / "sweeps" / "big.yaml"
+    spec.write_text(
+        "name: big\nworkload: {data: {url: s3://b/d}, recipe: {batch_size: 8192, per_worker_batch: 32}}\n"
+        "grid: {seed: [0, 1]}\nresources: {use_gpu: true, max_workers_per_cell: 256, cluster_gpus: 128}\n"
+    )
+    monkeypatch.setattr(deploy, "PROJECT_ROOT", tmp_path)
+    assert deploy.main(["render", "--spec", str(spec), "--overlay", "gpu-cluster"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "256 GPUs" in err and "cluster_gpus" in err
+
+
+def test_rayjob_names_fit_kuberay() -> None:
+    assert deploy.rayjob_name("tiny_v2") == "sweep-tiny-v2"
+    long = deploy.rayjob_name("a" * 40 + "-" + "b" * 22)
+    assert len(long) <= deploy.MAX_RAYJOB_NAME and deploy.DNS_1035.fullmatch(long)
