@@ -128,6 +128,19 @@ def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepSt
     return EXIT_FAILED if failed else EXIT_OK
 
 
+# An autoscaling cluster (KubeRay) starts smaller than it can grow: its maximum is the budget, and cells wait for
+# the autoscaler instead of being refused. Set by the deployment, e.g. SWEEP_AUTOSCALER_MAX_GPUS=128.
+AUTOSCALER_MAX_ENV = {"CPU": "SWEEP_AUTOSCALER_MAX_CPUS", "GPU": "SWEEP_AUTOSCALER_MAX_GPUS"}
+
+
+def _resource_budget(cluster: dict[str, float]) -> dict[str, float]:
+    budget = {}
+    for resource, variable in AUTOSCALER_MAX_ENV.items():
+        ceiling = os.environ.get(variable, "").strip()
+        budget[resource] = max(float(cluster.get(resource, 0.0)), float(ceiling) if ceiling else 0.0)
+    return budget
+
+
 BUILTIN_DATA = "builtin://"
 
 
@@ -180,8 +193,7 @@ def _run_cells(
         context = ray.init(runtime_env={"env_vars": env})
         dashboard = f"dashboard: http://{context.dashboard_url}" if context.dashboard_url else "no dashboard"
     data_urls = _materialise_data(storage, todo)
-    cluster = ray.cluster_resources()
-    budget = {"CPU": float(cluster.get("CPU", 0.0)), "GPU": float(cluster.get("GPU", 0.0))}
+    budget = _resource_budget(ray.cluster_resources())
     payloads = [
         cell_payload(
             cell.cell_id,
