@@ -21,6 +21,10 @@ from ray.util.metrics import Gauge
 STATES = ("pending", "running", "finished", "failed")
 # A paper-scale epoch takes ~30 min (52 h / 110 epochs); a cell silent for longer than that needs a look.
 STALL_AFTER_S = 45 * 60.0
+# Ray's metrics agent drops a gauge value that has not been set again for two export intervals (~20 s with the
+# default 10 s interval), so a sweep would vanish from the dashboard during any quiet stretch: set every gauge
+# again this often.
+REPUBLISH_EVERY_S = 5.0
 
 
 class SweepProgress(Callback):
@@ -43,6 +47,8 @@ class SweepProgress(Callback):
             "failed": 0,
         }
         self.started = time.monotonic()
+        self._latest: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Gauge, float, dict[str, str]]] = {}
+        self._published = self.started
         self._cells = Gauge("sweep_cells", "Cells of the sweep by state", tag_keys=("sweep", "state"))
         self._epoch = Gauge("sweep_cell_epoch", "Last reported epoch of a cell", tag_keys=("sweep", "cell_id"))
         self._speed = Gauge(
@@ -55,9 +61,13 @@ class SweepProgress(Callback):
         )
         self._publish_counts()
 
+    def _set(self, gauge: Gauge, value: float, tags: dict[str, str]) -> None:
+        gauge.set(value, tags=tags)
+        self._latest[(gauge.info["name"], tuple(sorted(tags.items())))] = (gauge, value, tags)
+
     def _publish_counts(self) -> None:
         for state in STATES:
-            self._cells.set(self.counts[state], tags={"sweep": self.sweep, "state": state})
+            self._set(self._cells, self.counts[state], {"sweep": self.sweep, "state": state})
 
     def _say(self, text: str) -> None:
         elapsed = time.monotonic() - self.started
@@ -84,7 +94,7 @@ class SweepProgress(Callback):
         epoch = result.get("epoch")
         parts = [f"cell {cell_id} epoch {epoch}/{self.epochs.get(cell_id, '?')}"]
         if epoch is not None:
-            self._epoch.set(float(epoch), tags=tags)
+            self._set(self._epoch, float(epoch), tags)
         if "loss" in result:
             parts.append(f"loss {result['loss']:.3f}")
         for key in ("train_acc_adv", "train_acc_clean"):
@@ -92,14 +102,14 @@ class SweepProgress(Callback):
                 parts.append(f"{key.removeprefix('train_')} {result[key]:.3f}")
         if "images_per_sec" in result:
             parts.append(f"{result['images_per_sec']:.0f} img/s")
-            self._speed.set(float(result["images_per_sec"]), tags=tags)
+            self._set(self._speed, float(result["images_per_sec"]), tags)
         robust = _strongest_eval(result)
         if robust is not None:
             name, value = robust
             parts.append(f"eval {name} {value:.3f}")
-            self._robust.set(value, tags=tags)
+            self._set(self._robust, value, tags)
         elif "train_acc_adv" in result:
-            self._robust.set(float(result["train_acc_adv"]), tags=tags)
+            self._set(self._robust, float(result["train_acc_adv"]), tags)
         self._say(", ".join(parts))
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -107,6 +117,10 @@ class SweepProgress(Callback):
         like progress: its workers may be unplaceable or hung (Ray Train's own start-up timeout fails a worker
         group that cannot be placed after 60 s; this catches the rest)."""
         now = time.monotonic()
+        if now - self._published >= REPUBLISH_EVERY_S:
+            self._published = now
+            for gauge, value, tags in self._latest.values():
+                gauge.set(value, tags=tags)
         for cell_id, heard in list(self._last_heard.items()):
             if now - heard > self.stall_after_s:
                 self._say(f"cell {cell_id} has reported nothing for {now - heard:.0f} s: stalled or unschedulable?")

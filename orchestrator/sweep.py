@@ -181,7 +181,7 @@ def _run_cells(
     from ray import tune
 
     from orchestrator.progress import SweepProgress
-    from orchestrator.runner import cell_payload, resource_demand, run_cell
+    from orchestrator.runner import TRIAL_CPU, cell_payload, resource_demand, run_cell
     from orchestrator.scheduler import ResourceBudgetSearcher
 
     # The dashboard's Train view lists runs only with state tracking on; it must be set before the Train
@@ -221,18 +221,16 @@ def _run_cells(
         raise InfeasibleError(f"infeasible on this cluster: {err}") from None
     print(f"cluster: {budget['CPU']:g} CPUs, {budget['GPU']:g} GPUs; {dashboard}")
     progress = SweepProgress(spec.name, total, already_finished, {c.cell_id: c.config.recipe.epochs for c in todo})
-    tuner = tune.Tuner(
-        tune.with_resources(run_cell, {"CPU": 0.01}),
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo), reuse_actors=False),
-        # Tune's own experiment state is scratch: resuming works from the cells' Train checkpoints in storage.
-        run_config=tune.RunConfig(
-            name=f"{spec.name}-{int(time.time())}",
-            storage_path=tempfile.mkdtemp(prefix="sweep-tune-"),
-            callbacks=[progress],
-            verbose=0,
-        ),
-    )
-    grid = tuner.fit()
+    # Tune's own experiment state is scratch: resuming works from the cells' Train checkpoints in storage.
+    with tempfile.TemporaryDirectory(prefix="sweep-tune-") as scratch:
+        tuner = tune.Tuner(
+            tune.with_resources(run_cell, {"CPU": TRIAL_CPU}),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo), reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=f"{spec.name}-{int(time.time())}", storage_path=scratch, callbacks=[progress], verbose=0
+            ),
+        )
+        grid = tuner.fit()
     for error in grid.errors:
         print(f"trial error: {redact(str(error).splitlines()[-1] if str(error) else repr(error))}", file=sys.stderr)
 

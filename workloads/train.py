@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from workloads import data
@@ -96,7 +97,8 @@ class RaySession(Session):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        self._device = ray.train.torch.get_device()
+        # Fake GPUs (scheduling tests, DESIGN section 6) get GPU ids but no CUDA: train on the CPU there.
+        self._device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
 
     @property
     def device(self) -> torch.device:
@@ -447,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = TrainConfig.model_validate_json(args.config.read_text())
-    except (OSError, ValueError) as err:
+    except ValidationError as err:
+        # One line: pydantic's own text spends three lines on each error.
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
+        print(f"error: {args.config}: {' '.join(problems.split())}", file=sys.stderr)
+        return 2
+    except OSError as err:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
     session = LocalSession(args.out, use_gpu=cfg.use_gpu)
