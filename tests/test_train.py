@@ -1,0 +1,425 @@
+"""The training loop (workloads.train) without Ray: DDP against one process, exact resume, a digits cell that
+learns and becomes robust, config errors, the command line and the LR schedule (paper Section 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pydantic import ValidationError
+from torch import nn
+
+from workloads.config import RecipeConfig, TrainConfig
+from workloads.data import synthetic_to_parquet
+from workloads.models import ResNet, build_model
+from workloads.train import STATE_FILE, LocalSession, adversarial_loss, learning_rate, main, run
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: bit-reproducible numbers, and on a busy 2-core machine several times faster than two
+    threads that spin against other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synthetic_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """256 train / 64 test learnable 1x16x16 images in 4 + 1 shards: epochs take a fraction of a second."""
+    url = str(tmp_path_factory.mktemp("datasets") / "synthetic")
+    synthetic_to_parquet(url, 256, (1, 16, 16), NUM_CLASSES, seed=3, num_test=64, shard_size=64)
+    return url
+
+
+def cell(url: str, **sections: Any) -> TrainConfig:
+    """A tiny cell: ResNet-18 at width 1/16 with the small stem, PGD-1; `sections` override whole sections."""
+    spec: dict[str, Any] = {
+        "data": {"url": url, "shuffle_buffer": 128},
+        "model": {"depth": 18, "width": 1 / 16, "stem": "small"},
+        "attack": {"steps": 1},
+        "eval": {"pgd_steps": [2], "subset": 32, "batch_size": 16},
+    }
+    for name, value in sections.items():
+        spec[name] = value if not isinstance(value, dict) else {**spec.get(name, {}), **value}
+    return TrainConfig.model_validate(spec)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two DDP workers (gloo) against one process with gradient accumulation
+
+WORLD, MICRO, STEPS = 2, 4, 3  # each rank: 2 micro-batches of 4 images (grad_accum_steps); global batch 16
+
+
+def ddp_cell(norm: str, clean_ratio: float) -> TrainConfig:
+    return cell(
+        "unused",
+        model={"norm": norm},
+        training={"strategy": "mixture", "clean_ratio": clean_ratio},
+        recipe={"batch_size": 16, "per_worker_batch": MICRO},
+        num_workers=WORLD,
+    )
+
+
+def replica(cfg: TrainConfig) -> tuple[ResNet, torch.optim.Optimizer]:
+    """The same initial model everywhere, in float64 so PGD's sign() cannot flip on rounding noise.
+
+    BN momentum 0 keeps the running statistics at their initial values. They are the only state that differs
+    by design: each DDP rank updates its own from its half of the batch (and rank 0's are broadcast), while one
+    process updates them micro-batch after micro-batch, and the attack (BN in eval mode) reads them. Training
+    forwards still normalise with per-micro-batch statistics, as the paper's per-GPU BN does.
+    """
+    torch.manual_seed(0)
+    model = build_model(cfg.model, NUM_CLASSES, in_channels=1).double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    n = WORLD * MICRO * 2
+    return [
+        (torch.rand(n, 1, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (n,), generator=g))
+        for _ in range(STEPS)
+    ]
+
+
+def micro_batch(batch: tuple[torch.Tensor, torch.Tensor], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = batch
+    return images[index * MICRO : (index + 1) * MICRO], labels[index * MICRO : (index + 1) * MICRO]
+
+
+def attack_generator(rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1000 + rank)
+
+
+DDP_VARIANTS = {
+    "bn": ddp_cell("bn", 0.5),  # [adversarial; half the clean images] in one BN forward
+    "mbn": ddp_cell("mbn", 0.0),  # the clean branch is never used: DDP's find_unused_parameters path
+}
+
+
+def ddp_worker(rank: int, out: str, init_method: str) -> None:
+    """One DDP rank, stepping exactly as `run` does (no_sync on all but the last micro-batch of a step), once
+    per variant: one pair of processes serves every variant, as starting them costs more than training."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
+    try:
+        for variant, cfg in DDP_VARIANTS.items():
+            bare, optimizer = replica(cfg)
+            model = nn.parallel.DistributedDataParallel(bare, find_unused_parameters=bare.has_mbn)  # as in run()
+            generator = attack_generator(rank)
+            accum = cfg.grad_accum_steps
+            losses = []
+            for batch in global_batches():
+                optimizer.zero_grad(set_to_none=True)
+                for micro in range(accum):
+                    images, labels = micro_batch(batch, rank * accum + micro)
+                    with nullcontext() if micro == accum - 1 else model.no_sync():
+                        loss, _ = adversarial_loss(cfg, model, bare, images, labels, NUM_CLASSES, generator)
+                        (loss / accum).backward()
+                    losses.append(loss.item())
+                optimizer.step()
+            params = {name: p.detach().clone() for name, p in bare.named_parameters()}
+            torch.save({"losses": losses, "params": params}, Path(out) / f"{variant}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_worker, args=(str(out), f"tcp://127.0.0.1:{port}"), nprocs=WORLD)
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(DDP_VARIANTS))
+def test_two_ddp_workers_match_one_process_on_the_same_global_batch(variant: str, ddp_runs: Path) -> None:
+    cfg = DDP_VARIANTS[variant]
+    assert cfg.grad_accum_steps == 2
+    ranks = [torch.load(ddp_runs / f"{variant}-rank{r}.pt") for r in range(WORLD)]
+
+    # One process: the same global batch as WORLD x accum micro-batches in rank order, each rank's attack
+    # generator for its own micro-batches, every loss scaled by 1 / (WORLD x accum), one step per batch.
+    bare, optimizer = replica(cfg)
+    initial = {name: p.detach().clone() for name, p in bare.named_parameters()}
+    generators = [attack_generator(r) for r in range(WORLD)]
+    accum = cfg.grad_accum_steps
+    losses: list[list[float]] = [[] for _ in range(WORLD)]
+    for batch in global_batches():
+        optimizer.zero_grad(set_to_none=True)
+        for rank in range(WORLD):
+            for micro in range(accum):
+                images, labels = micro_batch(batch, rank * accum + micro)
+                loss, _ = adversarial_loss(cfg, bare, bare, images, labels, NUM_CLASSES, generators[rank])
+                (loss / (WORLD * accum)).backward()
+                losses[rank].append(loss.item())
+        optimizer.step()
+
+    for rank in range(WORLD):
+        assert ranks[rank]["losses"] == pytest.approx(losses[rank], rel=1e-9)
+    for name, p in bare.named_parameters():
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name  # DDP keeps replicas equal
+        torch.testing.assert_close(ranks[0]["params"][name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
+    moved = max(float((p.detach() - initial[name]).abs().max()) for name, p in bare.named_parameters())
+    assert moved > 1e-2  # three real steps, not a no-op compared with a no-op
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Interrupt and resume
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptedAfter(LocalSession):
+    """Reports (and checkpoints) like LocalSession, then dies right after the report of epoch `epoch`."""
+
+    def __init__(self, out_dir: Path, epoch: int) -> None:
+        super().__init__(out_dir)
+        self.epoch = epoch
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        super().report(metrics, state)
+        if metrics["epoch"] == self.epoch:
+            raise Interrupted
+
+
+TRAINED = ("loss", "lr", "train_acc_adv", "train_acc_clean")
+
+
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(synthetic_url: str, tmp_path: Path) -> None:
+    # Everything resume must restore: weights and BN statistics (MBN, BN* in the last epoch), SGD momentum,
+    # the attack's generator, the LR schedule (warm-up, decays) and the data order of each epoch. Checkpoints
+    # every 2 epochs and an interruption after epoch 3: epoch 3 is lost and must be re-done identically.
+    cfg = cell(
+        synthetic_url,
+        model={"norm": "mbn", "bn_star_epochs": 1},
+        training={"strategy": "mixture", "clean_ratio": 0.5},
+        recipe={"epochs": 4, "batch_size": 32, "per_worker_batch": 16, "base_lr": 0.8, "warmup_epochs": 1},
+        checkpoint_every=2,
+    )
+    whole = LocalSession(tmp_path / "whole")
+    run(cfg, whole)
+
+    broken = InterruptedAfter(tmp_path / "broken", epoch=3)
+    with pytest.raises(Interrupted):
+        run(cfg, broken)
+    assert sorted(p.parent.name for p in broken.out_dir.glob(f"checkpoint_*/{STATE_FILE}")) == ["checkpoint_000002"]
+
+    resumed = LocalSession(tmp_path / "broken")
+    final = run(cfg, resumed)
+    assert [h["epoch"] for h in resumed.history] == [3, 4]
+    assert {h["start_epoch"] for h in resumed.history} == {2}
+
+    def trained(history: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [tuple(h[k] for k in TRAINED) for h in history]
+
+    assert trained(broken.history[:2] + resumed.history) == trained(whole.history)  # ==, not approx
+    assert trained(broken.history[2:]) == trained(resumed.history[:1])  # the lost epoch 3, re-done
+    evals = {k: v for k, v in whole.history[-1].items() if k.startswith("eval/")}
+    assert set(evals) == {f"eval/mbn_{b}/{m}" for b in ("adv", "clean") for m in ("acc_clean", "acc_pgd_2")}
+    assert {k: v for k, v in final.items() if k.startswith("eval/")} == evals
+    assert final["train_seconds"] > final["epoch_seconds"] + resumed.history[0]["epoch_seconds"] > 0
+
+    a = torch.load(tmp_path / "whole" / "checkpoint_000004" / STATE_FILE, weights_only=False)
+    b = torch.load(tmp_path / "broken" / "checkpoint_000004" / STATE_FILE, weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # running statistics included
+    logged = [json.loads(line)["epoch"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 3, 4]
+
+    # run() applies learning_rate() per optimizer step; "lr" is the last step's value of each epoch.
+    steps = 256 // 32
+    for h in whole.history:
+        assert h["lr"] == learning_rate(cfg.recipe, h["epoch"] - 1 + (steps - 1) / steps)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A real digits cell: standard training learns, PGD training is clearly more robust
+
+# The smallest recipe found (CPU, one thread) for which both hold with a wide margin; sweeps/smoke.yaml reuses
+# it. Same recipe for both strategies; eps 16 for training and evaluation as in the paper.
+DIGITS_RECIPE: dict[str, Any] = {
+    "model": {"depth": 18, "norm": "bn", "width": 1 / 8, "stem": "small"},
+    "attack": {"steps": 1, "eps": 16.0},  # PGD-1, step 4 (footnote 6), clean start with probability 0.2
+    "recipe": {"epochs": 6, "batch_size": 32, "per_worker_batch": 32, "base_lr": 1.6},  # lr 0.2
+    "eval": {"pgd_steps": [20], "eps": 16.0, "subset": 200, "batch_size": 50},
+}
+
+
+def digits_cell(url: str, strategy: str) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {"data": {"url": url}, "training": {"strategy": strategy, "clean_ratio": 0.0}, **DIGITS_RECIPE}
+    )
+
+
+def test_digits_standard_training_learns_and_pgd_training_is_clearly_more_robust(
+    digits_url: str, tmp_path: Path
+) -> None:
+    standard = run(digits_cell(digits_url, "standard"), LocalSession(tmp_path / "standard"))
+    robust = run(digits_cell(digits_url, "mixture"), LocalSession(tmp_path / "pgd"))
+    # Measured: standard 0.965 clean / 0.38 PGD-20; PGD-1 mixture 0.965 clean / 0.87 PGD-20.
+    assert standard["eval/main/acc_clean"] >= 0.95
+    assert robust["eval/main/acc_clean"] >= 0.85
+    assert robust["eval/main/acc_pgd_20"] >= 0.7
+    assert robust["eval/main/acc_pgd_20"] >= standard["eval/main/acc_pgd_20"] + 0.25
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad configs, and the command line
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "allowed"),
+    [
+        ({"model": {"depth": 19}}, "model.depth", "19 is not one of 18, 34, 50, 101, 152, 200, 338, 638"),
+        ({"model": {"norm": "ln"}}, "model.norm", "Input should be 'bn', 'gn' or 'mbn'"),
+        ({"model": {"depht": 50}}, "model.depht", "Extra inputs are not permitted"),
+        ({"training": {"strategy": "trades"}}, "training.strategy", "'mixture', 'alp' or 'standard'"),
+        ({"training": {"clean_ratio": 1.5}}, "training.clean_ratio", "less than or equal to 1"),
+        ({"training": {"clean_ratio": -0.2}}, "training.clean_ratio", "greater than or equal to 0"),
+        ({"attack": {"eps": 0}}, "attack.eps", "greater than 0"),
+        ({"eval": {"eps": -16}}, "eval.eps", "greater than 0"),
+        ({"data": None}, "data", "Input should be a valid dictionary"),
+        ({"data": {}}, "data.url", "Field required"),
+        ({"data": {"url": ""}}, "data.url", "at least 1 character"),
+        ({"data": {"url": "  "}}, "data.url", "a data URL is required (local path, file:// or s3://)"),
+        (
+            {"recipe": {"batch_size": 100}},
+            "recipe.batch_size",
+            "100 is not divisible by num_workers x recipe.per_worker_batch = 1 x 32 = 32",
+        ),
+        (
+            {"num_workers": 3},  # 4096 images per step over 3 workers x 32
+            "recipe.batch_size",
+            "4096 is not divisible by num_workers x recipe.per_worker_batch = 3 x 32 = 96",
+        ),
+    ],
+)
+def test_bad_config_names_the_field_and_what_is_allowed(patch: dict[str, Any], field: str, allowed: str) -> None:
+    spec: dict[str, Any] = {"data": {"url": "/datasets/digits"}} | patch
+    with pytest.raises(ValidationError) as err:
+        TrainConfig.model_validate(spec)
+    assert field in str(err.value) and allowed in str(err.value)
+
+
+def test_missing_data_section_is_named() -> None:
+    with pytest.raises(ValidationError, match=r"(?s)data\n\s+Field required"):
+        TrainConfig.model_validate({"model": {"depth": 18}})
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "workloads.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"data": {"url": "x"}, "model": {"depth": 19}}', "model.depth: Value error, 19 is not one of 18, 34"),
+        ('{"data": {"url": "x"}, "training": {"clean_ratio": 2}}', "training.clean_ratio: Input should be less"),
+        ('{"data": {"url": "x"}, "recipe": {"batch_size": 48}}', "recipe.batch_size 48 is not divisible"),
+        ('{"model": {"depth": 18}}', "data: Field required"),
+        ('{"data": {"url": "x"},', "Invalid JSON"),
+    ],
+    ids=["depth", "clean-ratio", "batch", "no-data", "not-json"],
+)
+def test_main_rejects_a_bad_config_with_one_line_and_exit_2(
+    text: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "cell.json"
+    path.write_text(text)
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"error: {path}: ") and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_main_reports_a_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+
+
+def test_python_m_workloads_train_exits_2_on_a_bad_config_and_0_on_a_good_one(
+    synthetic_url: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": {"url": synthetic_url}, "model": {"norm": "layer"}}))
+    done = cli(str(bad), "--out", str(tmp_path / "bad-out"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "model.norm" in done.stderr and "'bn', 'gn' or 'mbn'" in done.stderr
+
+    good = tmp_path / "good.json"
+    cfg = cell(synthetic_url, recipe={"epochs": 2, "batch_size": 32, "per_worker_batch": 32}, checkpoint_every=1)
+    good.write_text(cfg.model_dump_json())
+    out = tmp_path / "out"
+    done = cli(str(good), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.parent.name for p in out.glob(f"checkpoint_*/{STATE_FILE}")) == [
+        "checkpoint_000001",
+        "checkpoint_000002",
+    ]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert "eval/main/acc_clean" in lines[-1] and "eval/main/acc_pgd_2" in lines[-1]
+    assert "finished 2 epochs" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule (Section 3: 0.1 x batch / 256, /10 at epochs 35, 70 and 95 of 110)
+
+
+def test_linear_scaling_rule() -> None:
+    assert RecipeConfig(batch_size=256).lr == pytest.approx(0.1)
+    assert RecipeConfig(batch_size=4096).lr == pytest.approx(1.6)  # the paper's batch
+    assert RecipeConfig(batch_size=32, base_lr=1.6).lr == pytest.approx(0.2)
+    assert learning_rate(RecipeConfig(batch_size=4096), 0) == pytest.approx(1.6)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "milestones"),
+    [(110, [35, 70, 95]), (220, [70, 140, 190]), (22, [7, 14, 19]), (10, [3, 6, 9]), (6, [2, 4, 5])],
+)
+def test_lr_divides_by_10_at_the_scaled_decay_points(epochs: int, milestones: list[int]) -> None:
+    recipe = RecipeConfig(epochs=epochs, batch_size=512)  # lr 0.2
+    assert recipe.lr_milestones() == milestones
+    assert learning_rate(recipe, 0) == pytest.approx(0.2)
+    for i, m in enumerate(milestones):
+        assert learning_rate(recipe, m - 1e-6) == pytest.approx(0.2 * 0.1**i)
+        assert learning_rate(recipe, m) == pytest.approx(0.2 * 0.1 ** (i + 1))
+    assert learning_rate(recipe, epochs - 1e-6) == pytest.approx(0.2e-3)
+
+
+def test_warmup_ramps_linearly_to_the_scaled_lr_then_the_schedule_takes_over() -> None:
+    recipe = RecipeConfig(epochs=110, batch_size=1024, warmup_epochs=5)  # lr 0.4
+    ramp = [learning_rate(recipe, e / 4) for e in range(20)]  # quarter-epoch steps through the warm-up
+    assert all(0 < a < b for a, b in zip(ramp, ramp[1:], strict=False))
+    assert ramp[0] < 0.4 * 1e-3
+    assert learning_rate(recipe, 2.5) == pytest.approx(0.2, rel=1e-3)
+    assert learning_rate(recipe, 5) == pytest.approx(0.4)
+    assert learning_rate(recipe, 34.9) == pytest.approx(0.4)
+    assert learning_rate(recipe, 35) == pytest.approx(0.04)
