@@ -23,7 +23,7 @@ from torch import nn
 from workloads.config import RecipeConfig, TrainConfig
 from workloads.data import synthetic_to_parquet
 from workloads.models import ResNet, build_model
-from workloads.train import STATE_FILE, LocalSession, adversarial_loss, learning_rate, main, run
+from workloads.train import STATE_FILE, LocalSession, adversarial_loss, evaluate, learning_rate, main, run
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -414,6 +414,14 @@ def test_lr_divides_by_10_at_the_scaled_decay_points(epochs: int, milestones: li
     assert learning_rate(recipe, epochs - 1e-6) == pytest.approx(0.2e-3)
 
 
+def test_a_short_run_still_ends_at_the_papers_final_lr() -> None:
+    # 4 epochs: 95/110 and 70/110 both round to epoch 3; both decays must happen there.
+    recipe = RecipeConfig(epochs=4, batch_size=512)
+    assert recipe.lr_milestones() == [1, 3, 3]
+    assert learning_rate(recipe, 2.5) == pytest.approx(0.2e-1)
+    assert learning_rate(recipe, 3.5) == pytest.approx(0.2e-3)
+
+
 def test_warmup_ramps_linearly_to_the_scaled_lr_then_the_schedule_takes_over() -> None:
     recipe = RecipeConfig(epochs=110, batch_size=1024, warmup_epochs=5)  # lr 0.4
     ramp = [learning_rate(recipe, e / 4) for e in range(20)]  # quarter-epoch steps through the warm-up
@@ -423,3 +431,15 @@ def test_warmup_ramps_linearly_to_the_scaled_lr_then_the_schedule_takes_over() -
     assert learning_rate(recipe, 5) == pytest.approx(0.4)
     assert learning_rate(recipe, 34.9) == pytest.approx(0.4)
     assert learning_rate(recipe, 35) == pytest.approx(0.04)
+
+
+def test_a_pgd_n_result_does_not_depend_on_the_other_n_evaluated(synthetic_url: str, tmp_path: Path) -> None:
+    """Every cell is attacked identically: PGD-N's random starts come from (eval seed, N, eval batch)."""
+    torch.manual_seed(0)
+    model = build_model(cell(synthetic_url).model, NUM_CLASSES, in_channels=1)
+    session = LocalSession(tmp_path)
+    alone = evaluate(cell(synthetic_url, eval={"pgd_steps": [3]}), model, session, NUM_CLASSES)
+    together = evaluate(cell(synthetic_url, eval={"pgd_steps": [1, 3, 5]}), model, session, NUM_CLASSES)
+    assert alone["main"]["acc_pgd_3"] == together["main"]["acc_pgd_3"]
+    other_seed = evaluate(cell(synthetic_url, eval={"pgd_steps": [3], "seed": 1}), model, session, NUM_CLASSES)
+    assert other_seed["main"]["acc_clean"] == alone["main"]["acc_clean"]

@@ -105,9 +105,10 @@ class RecipeConfig(_Strict):
         return self.base_lr * self.batch_size / self.lr_reference_batch
 
     def lr_milestones(self) -> list[int]:
-        return sorted(
-            {max(1, round(f * self.epochs)) for f in self.lr_decay_at if round(f * self.epochs) < self.epochs}
-        )
+        """Epochs at which the LR drops /10. A list, not a set: in a short run two decay points can round to the
+        same epoch, and both decays must happen so the run ends at the paper's final LR (lr/1000)."""
+        epochs = (round(f * self.epochs) for f in self.lr_decay_at)
+        return sorted(max(1, e) for e in epochs if e < self.epochs)
 
     @field_validator("lr_decay_at")
     @classmethod

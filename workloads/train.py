@@ -280,30 +280,32 @@ def adversarial_loss(
 def evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int) -> dict[str, dict[str, float]]:
     """Clean accuracy and targeted-PGD accuracy for each N in eval.pgd_steps on a fixed subset (Section 3).
 
-    The subset (the first `eval.subset` images of the eval split) and every image's target class are fixed by
-    eval.seed, independent of the number of workers; ranks attack disjoint strided slices and sum their counts.
-    Each N is a separate attack from a random start (never resumed from a weaker one), so more steps can only
-    find more adversarial images. MBN models are evaluated once per branch (Table 1: MBN_adv and MBN_clean).
+    Every cell is attacked identically, whatever the number of workers and whichever other N are evaluated: the
+    subset is the first `eval.subset` images of the eval split, each image's target class is drawn once from
+    eval.seed, and the random start of eval batch b under PGD-N comes from a generator seeded by (seed, N, b).
+    Ranks take whole eval batches round-robin and sum their counts. Each N is a separate attack from a random
+    start (never resumed from a weaker one). MBN models are evaluated once per branch (Table 1: MBN_adv and
+    MBN_clean).
     """
     images, labels = data.load_split(cfg.data.url, cfg.data.eval_split, cfg.eval.subset)
-    all_targets = random_targets(labels, num_classes, torch.Generator().manual_seed(cfg.eval.seed))
-    mine = slice(session.rank, None, session.world_size)
-    images, labels, all_targets = images[mine], labels[mine], all_targets[mine]
+    targets = random_targets(labels, num_classes, torch.Generator().manual_seed(cfg.eval.seed))
+    size = cfg.eval.batch_size
+    my_batches = range(session.rank, -(-len(labels) // size), session.world_size)
     branches: list[Literal["adv", "clean"] | None] = ["adv", "clean"] if bare.has_mbn else [None]
     bare.eval()
     results: dict[str, dict[str, float]] = {}
     for branch in branches:
         if branch is not None:
             bare.set_mbn_branch(branch)
-        generator = torch.Generator().manual_seed(cfg.eval.seed * 1000 + session.rank)
-        counts = [0.0] * (1 + len(cfg.eval.pgd_steps)) + [float(len(labels))]
-        for start in range(0, len(labels), cfg.eval.batch_size):
-            x = images[start : start + cfg.eval.batch_size].to(session.device)
-            y = labels[start : start + cfg.eval.batch_size].to(session.device)
-            t = all_targets[start : start + cfg.eval.batch_size].to(session.device)
+        counts = [0.0] * (2 + len(cfg.eval.pgd_steps))  # clean, one per N, images seen
+        for b in my_batches:
+            part = slice(b * size, (b + 1) * size)
+            x, y, t = (v[part].to(session.device) for v in (images, labels, targets))
+            counts[-1] += len(y)
             with torch.no_grad():
                 counts[0] += float((bare(x).argmax(1) == y).sum())
             for i, steps in enumerate(cfg.eval.pgd_steps, start=1):
+                start = torch.Generator().manual_seed(hash((cfg.eval.seed, steps, b)) % 2**63)
                 adv = pgd(
                     bare,
                     x,
@@ -314,7 +316,7 @@ def evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int)
                     step_size=cfg.eval.step_size,
                     targeted=cfg.eval.targeted,
                     targets=t,
-                    generator=generator,
+                    generator=start,
                 )
                 with torch.no_grad():
                     counts[i] += float((bare(adv).argmax(1) == y).sum())
@@ -414,7 +416,8 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
                 metrics |= {f"eval/{branch}/{key}": value for key, value in values.items()}
         session.report(metrics, _state(bare, optimizer, generator, epoch + 1, train_seconds) if save else None)
     if start_epoch >= cfg.recipe.epochs:
-        # Killed after the last checkpoint but before the final report: only the evaluation is left to do.
+        # Fitting a run whose last checkpoint is the final epoch (Ray Train resumes it from storage; the sweep only
+        # does so when result.json was never written): nothing left to train, report the evaluation again.
         final = {"epoch": start_epoch, "train_seconds": train_seconds, "start_epoch": start_epoch}
         for branch, values in evaluate(cfg, bare, session, info.num_classes).items():
             final |= {f"eval/{branch}/{key}": value for key, value in values.items()}
