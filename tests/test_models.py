@@ -269,3 +269,24 @@ def test_non_mbn_models_ignore_split() -> None:
     model = small("bn").eval()
     x = images(4, 0)
     assert torch.equal(model(x, split=2), model(x))
+
+
+@pytest.mark.parametrize(("norm", "branch"), [("bn", "adv"), ("mbn", "adv"), ("mbn", "clean"), ("gn", "adv")])
+def test_bn_folded_attack_copy_computes_the_same_function(norm: str, branch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(depth=50, norm=norm, width=1 / 16, stem="small"), num_classes=10)
+    model.train()
+    model(torch.rand(8, 3, 32, 32), split=4)  # non-trivial running statistics in every branch
+    if model.has_mbn:
+        model.set_mbn_branch(branch)  # type: ignore[arg-type]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = model.folded_for_attack()
+    model.eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the original is untouched
+    convs_with_bias = sum(isinstance(m, nn.Conv2d) and m.bias is not None for m in folded.modules())
+    assert (convs_with_bias > 0) == (norm != "gn")  # BN folded into the convs; GN cannot be
+    assert not any(p.requires_grad for p in folded.parameters())
