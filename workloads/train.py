@@ -277,6 +277,18 @@ def adversarial_loss(
     return loss, stats
 
 
+def _use_rank0_buffers(bare: nn.Module) -> None:
+    """Give every rank rank 0's BN running statistics before evaluating.
+
+    DDP broadcasts rank 0's buffers at the start of each forward, but each rank then updates its own copy on its
+    own batch, so after training the ranks hold slightly different statistics. The checkpoint stores rank 0's;
+    evaluating with rank 0's on every rank makes the reported numbers those of the saved model.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in bare.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int) -> dict[str, dict[str, float]]:
     """Clean accuracy and targeted-PGD accuracy for each N in eval.pgd_steps on a fixed subset (Section 3).
 
@@ -287,6 +299,7 @@ def evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int)
     start (never resumed from a weaker one). MBN models are evaluated once per branch (Table 1: MBN_adv and
     MBN_clean).
     """
+    _use_rank0_buffers(bare)
     images, labels = data.load_split(cfg.data.url, cfg.data.eval_split, cfg.eval.subset)
     targets = random_targets(labels, num_classes, torch.Generator().manual_seed(cfg.eval.seed))
     size = cfg.eval.batch_size
