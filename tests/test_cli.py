@@ -282,7 +282,7 @@ def test_credential_keys_anywhere(tmp_path: Path, override: dict[str, Any], path
 
 
 def test_credential_values_anywhere(tmp_path: Path) -> None:
-    key_id = "AKIAABCDEFGHIJKLMNOP"
+    key_id = "AKIAIOSFODNN7EXAMPLE"  # AWS documentation example key
     spec = merged(BASE, {"workload": {"data": {"url": f"s3://bucket/{key_id}/digits"}}})
     run = sweep(write_spec(tmp_path, spec), "--plan")
     assert_invalid(run, "workload.data.url: looks like a credential (an AWS access key id)", secret=key_id)
