@@ -18,6 +18,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.util.metrics import Gauge
 
+from orchestrator.grid import describe_axes
+
 STATES = ("pending", "running", "finished", "failed")
 # A paper-scale epoch takes ~30 min (52 h / 110 epochs); a cell silent for longer than that needs a look.
 STALL_AFTER_S = 45 * 60.0
@@ -84,7 +86,7 @@ class SweepProgress(Callback):
         self._move("pending", "running")
         self._last_heard[trial.config["cell"]["cell_id"]] = time.monotonic()
         cell = trial.config["cell"]
-        axes = " ".join(f"{k}={v}" for k, v in cell["axes"].items())
+        axes = describe_axes(cell["axes"])
         self._say(f"cell {cell['cell_id']} started: {axes}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from orchestrator.grid import Cell, expand
+from orchestrator.grid import Cell, describe_axes, expand
 from orchestrator.lease import DriverLease, LeaseHeldError
 from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json
 from orchestrator.redact import redact
@@ -120,7 +120,7 @@ def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepSt
     except Exception as err:  # the results are safe in storage; a report can be rebuilt with orchestrator.report
         print(f"warning: could not build the report ({type(err).__name__}: {redact(str(err))})", file=sys.stderr)
     for record in failed:
-        axes = " ".join(f"{k}={v}" for k, v in record["axes"].items())
+        axes = describe_axes(record["axes"])
         print(
             f"FAILED cell {record['cell_id']} ({axes}): {redact(record.get('error', 'unknown error'))}",
             file=sys.stderr,

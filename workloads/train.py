@@ -344,6 +344,12 @@ def evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int)
     return results
 
 
+def _eval_metrics(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int) -> dict[str, float]:
+    """`evaluate` flattened into report keys `eval/<branch>/<metric>` (the orchestrator parses them back)."""
+    results = evaluate(cfg, bare, session, num_classes)
+    return {f"eval/{branch}/{key}": value for branch, values in results.items() for key, value in values.items()}
+
+
 def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
     """Train one cell from its last checkpoint (or scratch), evaluate it, and return the final metrics."""
     info = data.read_info(cfg.data.url)
@@ -425,16 +431,13 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         last = epoch + 1 == cfg.recipe.epochs
         save = last or (epoch + 1) % cfg.checkpoint_every == 0
         if last:
-            for branch, values in evaluate(cfg, bare, session, info.num_classes).items():
-                metrics |= {f"eval/{branch}/{key}": value for key, value in values.items()}
+            metrics |= _eval_metrics(cfg, bare, session, info.num_classes)
         session.report(metrics, _state(bare, optimizer, generator, epoch + 1, train_seconds) if save else None)
     if start_epoch >= cfg.recipe.epochs:
         # Fitting a run whose last checkpoint is the final epoch (Ray Train resumes it from storage; the sweep only
         # does so when result.json was never written): nothing left to train, report the evaluation again.
         final = {"epoch": start_epoch, "train_seconds": train_seconds, "start_epoch": start_epoch}
-        for branch, values in evaluate(cfg, bare, session, info.num_classes).items():
-            final |= {f"eval/{branch}/{key}": value for key, value in values.items()}
-        session.report(final, None)
+        session.report(final | _eval_metrics(cfg, bare, session, num_classes=info.num_classes), None)
     return session.history[-1] if isinstance(session, LocalSession) and session.history else {}
 
 
