@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs
 
-from workloads.fs import open_fs, write_atomic
+from workloads.fs import open_fs, with_retries, write_atomic
 
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
@@ -82,9 +79,12 @@ class SweepStorage:
         return with_retries(read, f"read {path}")
 
     def remove(self, path: str) -> None:
-        fs = self.fs
-        if fs.exists(path):
-            fs.rm(path)
+        def remove() -> None:
+            fs = self.fs
+            if fs.exists(path):
+                fs.rm(path)
+
+        with_retries(remove, f"remove {path}")
 
     def cell_records(self) -> dict[str, dict[str, Any]]:
         """result.json (finished) or error.json (failed) of every cell that has one, keyed by cell id."""
@@ -122,26 +122,3 @@ class SweepStorage:
                 options["region"] = region
             return f"{parsed.netloc}{parsed.path}/cells", pyarrow.fs.S3FileSystem(**options)
         return self.path("cells"), None
-
-
-T = TypeVar("T")
-RETRY_DEADLINE_S = 120.0
-
-
-def with_retries(operation: Callable[[], T], what: str, deadline_s: float = RETRY_DEADLINE_S) -> T:
-    """Run a storage operation, retrying transient failures (connection errors, throttling, 5xx: OSError and
-    its kin) with exponential backoff and full jitter until `deadline_s`; then the last error propagates and the
-    caller fails cleanly. A missing object is an answer, not a transient failure, and is never retried."""
-    started = time.monotonic()
-    delay = 0.5
-    while True:
-        try:
-            return operation()
-        except FileNotFoundError:
-            raise
-        except (OSError, ConnectionError, TimeoutError) as err:
-            if time.monotonic() - started + delay > deadline_s:
-                raise
-            print(f"storage: {what} failed ({type(err).__name__}); retrying in up to {delay:.1f} s", flush=True)
-            time.sleep(random.uniform(0, delay))
-            delay = min(delay * 2, 15.0)

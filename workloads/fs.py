@@ -9,13 +9,16 @@ e.g. IRSA on Kubernetes), never from a spec, so nothing the project writes or lo
 from __future__ import annotations
 
 import os
+import random
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["open_fs", "write_atomic"]
+__all__ = ["is_transient", "open_fs", "with_retries", "write_atomic"]
 
 
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -52,3 +55,59 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     else:
         # A single PUT: object stores never expose a partly written object.
         fs.pipe_file(path, data)
+
+
+T = TypeVar("T")
+RETRY_DEADLINE_S = 120.0
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Errors that say "the store is unreachable or overloaded right now", as each client library spells it.
+
+    pyarrow's S3 filesystem raises OSError; s3fs lets botocore's connection and HTTP-client errors through
+    untranslated (EndpointConnectionError is not an OSError), and aiohttp's when the connection drops mid-body.
+    """
+    found: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        found += [BotoConnectionError, HTTPClientError]
+    except ImportError:  # local storage only: no botocore installed
+        pass
+    try:
+        from aiohttp import ClientError
+
+        found.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: a connection error, a timeout, throttling or a 5xx. A missing object or a refusal is an
+    answer (retrying cannot change it); so is anything that is not an I/O error at all (e.g. a corrupt file)."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return isinstance(err, _transient_types())
+
+
+def with_retries(operation: Callable[[], T], what: str, deadline_s: float = RETRY_DEADLINE_S) -> T:
+    """Run a storage operation, retrying transient failures with exponential backoff and full jitter until
+    `deadline_s`; then the last error propagates and the caller fails cleanly. Every retry is said on stdout
+    (the job log), so an outage is visible while it lasts."""
+    started = time.monotonic()
+    delay = 0.5
+    while True:
+        try:
+            return operation()
+        except Exception as err:
+            if not is_transient(err) or time.monotonic() - started + delay > deadline_s:
+                raise
+            waited = time.monotonic() - started
+            print(
+                f"storage: {what} failed ({type(err).__name__}, {waited:.0f} s so far); retry in <= {delay:.1f} s",
+                flush=True,
+            )
+            time.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 8.0)

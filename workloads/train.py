@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -31,13 +32,15 @@ from torch import nn
 from workloads import data
 from workloads.attacks import pgd, random_targets
 from workloads.config import RecipeConfig, TrainConfig
+from workloads.fs import with_retries
 from workloads.models import ResNet, build_model
 
 STATE_FILE = "state.pt"
-# Fault injection for the test suite's fault matrix (a real failure in a real worker, not a mock). JSON:
-# {"seed": S, "epoch": E, "kind": "raise" | "nan" | "exit", "once_file": PATH?}: in cells with seed S, at the start
-# of epoch E (1-based), raise an error, make the loss non-finite, or kill the worker process. With `once_file`
-# the fault fires only while that file does not exist (it is created when firing), so a retry can succeed.
+# Fault injection for the test suite's fault matrix (a real failure in a real worker, not a mock). JSON, one fault
+# or a list: {"seed": S, "epoch": E, "kind": "raise" | "nan" | "sigkill", "rank": R?, "once_file": PATH?}. In
+# cells with seed S, halfway through epoch E (1-based), on rank R (default: every rank): raise an error, make the
+# loss non-finite from there on, or SIGKILL the worker's own process (what the kernel's OOM killer or a lost node
+# does to it). With `once_file` the fault fires only if it can create that file, so a retry can succeed.
 FAULT_ENV = "SWEEP_INJECT_FAULT"
 
 
@@ -116,7 +119,9 @@ class RaySession(Session):
 
         parent = latest.path.rstrip("/").rsplit("/", 1)[0]
         try:
-            infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+            infos = with_retries(
+                lambda: latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent)), f"list {parent}"
+            )
         except OSError:
             return [latest]
         older = sorted(
@@ -133,16 +138,53 @@ class RaySession(Session):
 
     @staticmethod
     def _load(checkpoint: Any) -> dict[str, Any]:
-        with checkpoint.as_directory() as folder:
-            return _load_state(Path(folder) / STATE_FILE)
+        # A store that is down is retried here, so that only a checkpoint that really is unreadable (truncated,
+        # corrupt) sends `_first_readable` on to an older one.
+        def download() -> dict[str, Any]:
+            with checkpoint.as_directory() as folder:
+                return _load_state(Path(folder) / STATE_FILE)
+
+        return with_retries(download, f"read checkpoint {checkpoint.path}")
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         if state is None or self.rank != 0:
             self._train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / STATE_FILE)
-            self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(folder))
+        # Training waits only for the local write of the state; the upload runs in Ray Train's upload thread
+        # (ASYNC), in report order, and the worker waits for pending uploads before it finishes. A worker lost
+        # mid-upload loses that checkpoint only: the previous one is complete in storage (each object is one
+        # PUT, or a multipart upload that becomes visible only when completed).
+        folder = tempfile.mkdtemp(prefix="sweep-checkpoint-")
+        torch.save(state, Path(folder) / STATE_FILE)
+        self._train.report(
+            metrics,
+            checkpoint=self._train.Checkpoint.from_directory(folder),
+            checkpoint_upload_mode=self._train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+            checkpoint_upload_fn=self._upload,
+        )
+
+    def _upload(self, checkpoint: Any, name: str) -> Any:
+        """Copy a checkpoint folder to the run's storage, riding out a storage outage of up to
+        `fs.RETRY_DEADLINE_S` (Ray Train's own upload gives up after 3 quick attempts). Re-copying after a partial
+        failure is safe: the destination is new and each file is overwritten whole."""
+        import pyarrow.fs
+
+        storage = self._train.get_context().get_storage()
+        destination = storage.build_checkpoint_path_from_name(name)
+        target = storage.storage_filesystem
+
+        def copy() -> None:
+            target.create_dir(destination)
+            pyarrow.fs.copy_files(
+                checkpoint.path,
+                destination,
+                source_filesystem=checkpoint.filesystem,
+                destination_filesystem=target,
+            )
+
+        with_retries(copy, f"upload checkpoint {name}")
+        return self._train.Checkpoint(destination, filesystem=target)
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -184,24 +226,30 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _injected_fault(cfg: TrainConfig, epoch: int) -> str | None:
+def _injected_fault(cfg: TrainConfig, epoch: int, rank: int) -> str | None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
-    fault = json.loads(spec)
-    if fault.get("seed") != cfg.seed or fault.get("epoch", 1) != epoch + 1:
-        return None
-    once = fault.get("once_file")
-    if once:
-        if os.path.exists(once):
-            return None
-        Path(once).touch()
-    kind = str(fault["kind"])
-    if kind == "raise":
-        raise RuntimeError(f"injected fault at epoch {epoch + 1}")
-    if kind == "exit":
-        os._exit(17)
-    return kind
+    faults = json.loads(spec)
+    for fault in faults if isinstance(faults, list) else [faults]:
+        if fault.get("seed") != cfg.seed or fault.get("epoch", 1) != epoch + 1:
+            continue
+        if fault.get("rank", rank) != rank:
+            continue
+        once = fault.get("once_file")
+        if once:
+            try:  # O_EXCL: of several ranks (or attempts) racing for a one-shot fault, exactly one fires it
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+        kind = str(fault["kind"])
+        print(f"fault injection: {kind} at epoch {epoch + 1} on rank {rank}", flush=True)
+        if kind == "raise":
+            raise RuntimeError(f"injected fault at epoch {epoch + 1}")
+        if kind == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return kind
+    return None
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -392,8 +440,10 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         started = time.perf_counter()
         sums = {"loss": 0.0, "adv_correct": 0.0, "adv_seen": 0.0, "clean_correct": 0.0, "clean_seen": 0.0}
         batches = _micro_batches(cfg, info, session, epoch)
-        poison = math.nan if _injected_fault(cfg, epoch) == "nan" else 1.0
+        poison = 1.0
         for step in range(steps_per_epoch):
+            if step == steps_per_epoch // 2 and _injected_fault(cfg, epoch, session.rank) == "nan":
+                poison = math.nan
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg.recipe, epoch + step / steps_per_epoch)
             optimizer.zero_grad(set_to_none=True)
