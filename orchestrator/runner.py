@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from orchestrator.redact import redact
-from orchestrator.storage import ERROR_FILE, RESULT_FILE, SweepStorage
+from orchestrator.storage import ERROR_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
 
 TRIAL_CPU = 0.01  # not 0: Tune rejects a trial with no resources (DESIGN section 6)
+PLACEMENT_POLL_S = 5.0
+
+
+class UnschedulableError(RuntimeError):
+    pass
 
 
 def cell_payload(
@@ -31,6 +37,7 @@ def cell_payload(
     cpus_per_worker: float,
     max_failures: int,
     keep_checkpoints: int,
+    placement_timeout_s: float,
 ) -> dict[str, Any]:
     """Everything a trial needs, as plain JSON-able data (it travels through Tune's config)."""
     return {
@@ -44,6 +51,7 @@ def cell_payload(
         "cpus_per_worker": cpus_per_worker,
         "max_failures": max_failures,
         "keep_checkpoints": keep_checkpoints,
+        "placement_timeout_s": placement_timeout_s,
     }
 
 
@@ -63,9 +71,7 @@ def run_cell(config: dict[str, Any]) -> None:
     cell = config["cell"]
     storage = SweepStorage(cell["sweep_url"])
     storage_path, filesystem = storage.ray_storage()
-    resources = {"CPU": cell["cpus_per_worker"]}
-    if cell["use_gpu"]:
-        resources["GPU"] = cell["gpus_per_worker"]
+    resources = worker_bundle(cell)
     # NCCL needs real GPUs; scheduling tests run with fake GPU resources on a CPU box, where gloo is the way.
     backend = "nccl" if cell["use_gpu"] and torch.cuda.is_available() else "gloo"
     trainer = TorchTrainer(
@@ -92,6 +98,7 @@ def run_cell(config: dict[str, Any]) -> None:
     )
     started = time.time()
     try:
+        wait_until_placeable(cell, storage)
         result = trainer.fit()
     except Exception as err:
         storage.write_json(
@@ -100,7 +107,7 @@ def run_cell(config: dict[str, Any]) -> None:
                 "cell_id": cell["cell_id"],
                 "axes": cell["axes"],
                 "status": "failed",
-                "error": redact(_root_cause(err)),
+                "error": redact(str(err) if isinstance(err, UnschedulableError) else _root_cause(err)),
                 "failed_at": time.time(),
             },
         )
@@ -108,6 +115,72 @@ def run_cell(config: dict[str, Any]) -> None:
     metrics = dict(result.metrics or {})
     storage.write_json(storage.cell_path(cell["cell_id"], RESULT_FILE), finished_record(cell, metrics, started))
     storage.remove(storage.cell_path(cell["cell_id"], ERROR_FILE))
+
+
+def worker_bundle(cell: dict[str, Any]) -> dict[str, float]:
+    bundle = {"CPU": float(cell["cpus_per_worker"])}
+    if cell["use_gpu"]:
+        bundle["GPU"] = float(cell["gpus_per_worker"])
+    return bundle
+
+
+def placement_problem(num_workers: int, bundle: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
+    """Why `num_workers` workers of `bundle` cannot be placed on nodes with these total resources, or None.
+
+    Capacity, not availability: cells already running are the searcher's business (it admits a cell only when
+    its resources are free). This catches what no waiting fixes unless the cluster grows: a bundle larger than
+    any node, or a resource the cluster does not have. Ray Train itself would retry such a worker group every 60
+    s for ever, with nothing in the sweep's log to say why (DESIGN section 6).
+    """
+    slots = sum(
+        min(int(node.get(resource, 0.0) / amount + 1e-9) for resource, amount in bundle.items() if amount > 0)
+        for node in nodes
+    )
+    if slots >= num_workers:
+        return None
+    wanted = ", ".join(f"{amount:g} {resource}" for resource, amount in sorted(bundle.items()))
+    offered = "; ".join(
+        ", ".join(f"{node.get(resource, 0.0):g} {resource}" for resource in sorted(bundle)) for node in nodes
+    )
+    return (
+        f"needs {num_workers} worker(s) of {{{wanted}}} but the {len(nodes)} live node(s) "
+        f"({offered or 'none'}) hold {slots}"
+    )
+
+
+def _live_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")]
+
+
+def wait_until_placeable(
+    cell: dict[str, Any],
+    storage: SweepStorage,
+    nodes: Callable[[], list[dict[str, float]]] = _live_nodes,
+    poll_s: float = PLACEMENT_POLL_S,
+) -> None:
+    """Return once the cell's worker group fits the live nodes; meanwhile say so in the log and in storage
+    (`unschedulable.json`, shown by orchestrator.status); give up with UnschedulableError after the spec's
+    `resources.placement_timeout_s`."""
+    problem = placement_problem(cell["num_workers"], worker_bundle(cell), nodes())
+    if problem is None:
+        return
+    marker = storage.cell_path(cell["cell_id"], UNSCHEDULABLE_FILE)
+    since = time.time()
+    timeout = float(cell["placement_timeout_s"])
+    storage.write_json(marker, {"cell_id": cell["cell_id"], "since": since, "problem": problem})
+    print(
+        f"cell {cell['cell_id']} UNSCHEDULABLE: {problem}; waiting up to {timeout:.0f} s for the cluster to grow",
+        flush=True,
+    )
+    while problem is not None and time.time() - since < timeout:
+        time.sleep(min(poll_s, max(0.0, since + timeout - time.time())))
+        problem = placement_problem(cell["num_workers"], worker_bundle(cell), nodes())
+    storage.remove(marker)
+    if problem is not None:
+        raise UnschedulableError(f"unschedulable: {problem} (waited {timeout:.0f} s)")
+    print(f"cell {cell['cell_id']} is placeable now", flush=True)
 
 
 def finished_record(cell: dict[str, Any], metrics: dict[str, Any], started: float) -> dict[str, Any]:

@@ -307,6 +307,9 @@ class Resources(_Strict):
     gpus_per_node: int = Field(8, ge=1, le=1024)
     # CPU specs (use_gpu: false) plan on this many CPUs; null: the planning machine's CPU count.
     cluster_cpus: int | None = Field(None, ge=1, le=10_000_000)
+    # A cell whose workers fit on none of the live nodes is reported at once (log line, status "unschedulable")
+    # and fails after this long: time for an autoscaler to add a node (a GPU node boots in minutes).
+    placement_timeout_s: float = Field(900.0, gt=0, le=7 * 86_400)
 
 
 class Planning(_Strict):

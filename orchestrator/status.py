@@ -8,6 +8,8 @@ A cell's state (DESIGN section 4's layout):
   running   the Train run left a trace (a checkpoint, Ray Train's checkpoint_manager_snapshot.json or its
             .validate_storage_marker) but no result yet. After the cluster is gone this also means
             "interrupted": re-submitting the sweep resumes it; `updated` tells how long it has been quiet;
+  unschedulable  cells/<id>/unschedulable.json exists: the cell's workers fit on none of the live nodes; the
+            sweep waits for the cluster to grow, then fails the cell (resources.placement_timeout_s);
   pending   nothing but (maybe) config.json.
 
 The latest epoch and the training accuracies come from Ray Train V2's checkpoint_manager_snapshot.json, which
@@ -35,12 +37,12 @@ from typing import Any
 from orchestrator.grid import expand
 from orchestrator.results import AXES
 from orchestrator.spec import SpecError, parse_spec
-from orchestrator.storage import CONFIG_FILE, ERROR_FILE, RESULT_FILE, SweepStorage
+from orchestrator.storage import CONFIG_FILE, ERROR_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
 
 EXIT_OK, EXIT_INVALID = 0, 2
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 STARTED_MARKER = ".validate_storage_marker"  # Ray Train writes it when the run starts
-STATES = ("pending", "running", "finished", "failed")
+STATES = ("pending", "unschedulable", "running", "finished", "failed")
 # A running cell that has written nothing for this long (and for 3 checkpoint intervals) is shown as stalled.
 STALL_SECONDS = 30 * 60
 
@@ -190,9 +192,15 @@ def _cell_status(
             status.eta_seconds = 0.0
             return status
 
+    if UNSCHEDULABLE_FILE in files:
+        marker = storage.read_json(storage.cell_path(cell_id, UNSCHEDULABLE_FILE)) or {}
+        status.state = "unschedulable"
+        status.error = str(marker.get("problem") or "its workers fit on no live node")
+        return status
     # Anything the Train run wrote (checkpoints, snapshot, start marker): not the driver's config/error files.
-    activity = [t for name, t in files.items() if name not in (CONFIG_FILE, ERROR_FILE) and t is not None]
-    started = any(name not in (CONFIG_FILE, ERROR_FILE) for name in files)
+    driver_files = (CONFIG_FILE, ERROR_FILE)
+    activity = [t for name, t in files.items() if name not in driver_files and t is not None]
+    started = any(name not in driver_files for name in files)
     if ERROR_FILE in files:
         error = storage.read_json(storage.cell_path(cell_id, ERROR_FILE)) or {}
         failed_at = float(error.get("failed_at") or files[ERROR_FILE] or 0.0)
@@ -263,7 +271,11 @@ def format_status(name: str, url: str, statuses: list[CellStatus], notes: list[s
     counts = {state: sum(s.state == state for s in statuses) for state in STATES}
     lines = [
         f"sweep {name} ({url}): {len(statuses)} cells: "
-        + ", ".join(f"{counts[state]} {state}" for state in ("finished", "running", "pending", "failed"))
+        + ", ".join(
+            f"{counts[state]} {state}"
+            for state in ("finished", "running", "pending", "unschedulable", "failed")
+            if counts[state] or state != "unschedulable"
+        )
     ]
     varied = [a for a in AXES if len({repr(s.axes.get(a)) for s in statuses}) > 1] or [
         a for a in AXES if any(a in s.axes for s in statuses)
@@ -275,7 +287,7 @@ def format_status(name: str, url: str, statuses: list[CellStatus], notes: list[s
     for s in statuses:
         training = s.state != "finished"
         epoch = f"{s.epoch if s.epoch is not None else '-'}/{s.epochs if s.epochs is not None else '?'}"
-        if s.state == "pending":
+        if s.state in ("pending", "unschedulable"):
             epoch, left = f"0/{s.epochs if s.epochs is not None else '?'}", "-"
         elif s.state == "running":
             done = s.epoch is not None and s.epochs is not None and s.epoch >= s.epochs

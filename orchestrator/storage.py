@@ -5,6 +5,7 @@
     <storage>/<name>/cells/<cell_id>/checkpoint_*   Ray Train checkpoints (the Train run is named by the cell id)
     <storage>/<name>/cells/<cell_id>/result.json    written last and atomically: its presence means "finished"
     <storage>/<name>/cells/<cell_id>/error.json     the last failure, removed when the cell finishes
+    <storage>/<name>/cells/<cell_id>/unschedulable.json  present while the cell's workers fit on no live node
     <storage>/<name>/results.parquet, report/
 
 A cell's state is derived from storage alone, so any driver (or `orchestrator.report`) can rebuild the picture.
@@ -25,6 +26,7 @@ from workloads.fs import open_fs, with_retries, write_atomic
 
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
+UNSCHEDULABLE_FILE = "unschedulable.json"  # present while the cell's workers fit on no live node
 CONFIG_FILE = "config.json"
 
 

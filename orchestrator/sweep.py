@@ -206,6 +206,7 @@ def _run_cells(
             cpus_per_worker=cell.cpus_per_worker,
             max_failures=cell.max_failures,
             keep_checkpoints=spec.keep_checkpoints,
+            placement_timeout_s=spec.resources.placement_timeout_s,
         )
         for cell in todo
     ]

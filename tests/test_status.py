@@ -233,3 +233,20 @@ def test_no_sweep_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         [sys.executable, "-m", "orchestrator.status", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1
+
+
+def test_a_cell_waiting_for_an_unplaceable_worker_group_shows_as_unschedulable(sweep: dict[str, Any]) -> None:
+    storage, pending = sweep["storage"], sweep["cells"]["pending"]
+    problem = "needs 1 worker(s) of {0.5 CPU, 1 GPU} but the 1 live node(s) (2 CPU, 0 GPU) hold 0"
+    Tree(storage).write(pending, "unschedulable.json", {"since": T0 + 100, "problem": problem}, T0 + 100)
+
+    cells = by_id(storage.url, T0 + 200)
+    assert cells[pending.cell_id].state == "unschedulable"
+    assert cells[pending.cell_id].error == problem
+    assert cells[sweep["cells"]["running"].cell_id].state == "running"  # only the marked cell changes
+
+    _, name, statuses, notes = status.cell_statuses(storage.url, T0 + 200)
+    text = status.format_status(name, storage.url, statuses, notes, T0 + 200)
+    assert "1 unschedulable" in text.splitlines()[0]
+    row = next(line for line in text.splitlines() if line.startswith(pending.cell_id))
+    assert row.split()[1] == "unschedulable" and "needs 1 worker(s)" in row

@@ -23,6 +23,7 @@ Create a dataset with ``python -m workloads.data digits URL`` (or ``folder SRC U
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import queue
@@ -42,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from workloads.fs import open_fs, write_atomic
+from workloads.fs import open_fs, with_retries, write_atomic
 
 __all__ = [
     "DatasetInfo",
@@ -140,7 +141,7 @@ def read_info(url: str) -> DatasetInfo:
     """Read ``meta.json`` under ``url``; a clear error says how to create the dataset when there is none."""
     fs, root = open_fs(url)
     try:
-        raw = fs.cat_file(f"{root}/{META_FILE}")
+        raw = with_retries(lambda: fs.cat_file(f"{root}/{META_FILE}"), f"read {url}/{META_FILE}")
     except FileNotFoundError:
         raise FileNotFoundError(_missing_dataset_message(url)) from None
     try:
@@ -513,13 +514,50 @@ def _decode(table: pa.Table, shape: tuple[int, int, int], where: str) -> tuple[n
     return out.reshape(table.num_rows, *shape), labels
 
 
+class _Shard:
+    """One open shard file that reopens itself after a storage error (the connection under it may be gone)."""
+
+    def __init__(self, fs: Any, where: str) -> None:
+        self.fs, self.where = fs, where
+        self._handle: Any = None
+        self._file: pq.ParquetFile | None = None
+
+    def file(self) -> pq.ParquetFile:
+        if self._file is None:
+            self._handle = self.fs.open(self.where, "rb")
+            try:
+                self._file = pq.ParquetFile(self._handle)
+            except Exception:
+                self.close()
+                raise
+        return self._file
+
+    def row_group(self, g: int) -> pa.Table:
+        try:
+            return self.file().read_row_group(g, columns=["image", "label"])
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._handle is not None:
+            with contextlib.suppress(Exception):
+                self._handle.close()
+        self._handle = self._file = None
+
+
 def _read_rows(
     fs: Any, root: str, shard: ShardInfo, shape: tuple[int, int, int], lo: int, hi: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Rows [lo, hi) of one shard, one row group at a time; row groups outside the range are never fetched."""
+    """Rows [lo, hi) of one shard, one row group at a time; row groups outside the range are never fetched.
+
+    A storage outage mid-epoch does not end the epoch: opening the shard and each row-group read are retried
+    (`fs.with_retries`), on a freshly opened file.
+    """
     where = f"{root}/{shard.path}"
-    with fs.open(where, "rb") as f:
-        pf = pq.ParquetFile(f)
+    source = _Shard(fs, where)
+    try:
+        pf = with_retries(source.file, f"open {where}")
         if pf.metadata.num_rows != shard.num_images:
             raise ValueError(
                 f"{where} has {pf.metadata.num_rows} rows but {META_FILE} says {shard.num_images}: "
@@ -529,12 +567,14 @@ def _read_rows(
         for g in range(pf.num_row_groups):
             end = start + pf.metadata.row_group(g).num_rows
             if end > lo and start < hi:
-                table = pf.read_row_group(g, columns=["image", "label"])
+                table = with_retries(partial(source.row_group, g), f"read {where}")
                 a, b = max(lo, start) - start, min(hi, end) - start
                 yield _decode(table.slice(a, b - a), shape, where)
             start = end
             if start >= hi:
                 break
+    finally:
+        source.close()
 
 
 def batches_per_epoch(source: str | DatasetInfo, split: str, world_size: int, batch_size: int) -> int:
