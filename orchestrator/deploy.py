@@ -24,6 +24,9 @@ The rules, each a function that returns one line per problem (and each broken on
 - `check_pod_env`: the head, every worker group and the job submitter read the S3 Secret and the ConfigMap.
 - `check_resources`: the head has `num-cpus: "0"` and no GPU; workers of the GPU image request GPUs, workers of
   the CPU image none; autoscaling bounds are consistent.
+- `check_autoscaler_budget`: the head, where the driver runs, sets the driver's budget on an autoscaling cluster,
+  SWEEP_AUTOSCALER_MAX_GPUS and SWEEP_AUTOSCALER_MAX_CPUS (orchestrator.sweep), to the most the cluster can hold:
+  the head's own plus, for every worker group, maxReplicas x its pods' GPUs (CPUs), as KubeRay starts them.
 - `check_names`: RayJob names at most 47 characters, RayCluster names at most 53, both DNS-1035 labels
   (KubeRay's MaxRayJobNameLength / MaxRayClusterNameLength).
 - `check_token_auth`: Ray token authentication stays on (`authOptions.mode: token`, never RAY_AUTH_MODE=disabled).
@@ -55,6 +58,7 @@ import yaml
 from orchestrator.grid import Cell, expand
 from orchestrator.plan import plan_spec
 from orchestrator.spec import Spec, SpecError, _credential_in_text, load_spec, looks_like_credential_name
+from orchestrator.sweep import AUTOSCALER_MAX_ENV
 
 Doc = dict[str, Any]
 
@@ -492,6 +496,58 @@ def _pod_shape(group: Doc) -> tuple[float, int]:
     return parse_cpu(cpu), _gpu_count(limits.get(GPU, requests.get(GPU)))
 
 
+def ray_node_resources(params: Doc, container: Doc) -> dict[str, float]:
+    """The CPUs and GPUs of the Ray node KubeRay starts in a pod: rayStartParams num-cpus / num-gpus, else the Ray
+    container's cpu (rounded up, as KubeRay does) and nvidia.com/gpu limits, else its requests."""
+    resources = container.get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+    if "num-cpus" in params:
+        cpus = float(params["num-cpus"])
+    else:
+        cpu = limits.get("cpu", requests.get("cpu"))
+        cpus = float(math.ceil(parse_cpu(cpu) - 1e-9)) if cpu is not None else 0.0
+    gpus = float(params["num-gpus"]) if "num-gpus" in params else float(_gpu_count(limits.get(GPU, requests.get(GPU))))
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def autoscaler_budget(doc: Doc) -> dict[str, float]:
+    """The most CPUs and GPUs a RayJob's or RayCluster's cluster can have: the head's own, plus maxReplicas pods of
+    every worker group. Raises DeployError for a quantity that is not a number."""
+    budget = {"CPU": 0.0, "GPU": 0.0}
+    for pod in ray_pods(doc):
+        if pod.role == "submitter":
+            continue
+        group = pod.group or {}
+        try:
+            node = ray_node_resources(group.get("rayStartParams") or {}, ray_container(pod.template))
+        except ValueError:
+            raise DeployError(f"{pod.where}: num-cpus or num-gpus is not a number") from None
+        count = 1 if pod.role == "head" else group.get("maxReplicas")
+        if not isinstance(count, int):
+            raise DeployError(f"{pod.where}: maxReplicas is not an integer")
+        for resource in budget:
+            budget[resource] += count * node[resource]
+    return budget
+
+
+def _env_value(amount: float) -> str:
+    return str(int(amount)) if float(amount).is_integer() else f"{amount:g}"
+
+
+def set_autoscaler_budget(doc: Doc) -> None:
+    """Set the driver's budget variables on the head's Ray container to the cluster's maximum (in place)."""
+    budget = autoscaler_budget(doc)
+    head = ray_container(ray_pods(doc)[0].template)
+    env = head.setdefault("env", [])
+    for resource, variable in AUTOSCALER_MAX_ENV.items():
+        entry = next((e for e in env if isinstance(e, dict) and e.get("name") == variable), None)
+        if entry is None:
+            entry = {"name": variable}
+            env.append(entry)
+        entry.pop("valueFrom", None)
+        entry["value"] = _env_value(budget[resource])
+
+
 def render(spec_path: str | Path, overlay: str, image: str | None = None) -> list[Doc]:
     """The overlay's objects with its RayJob fitted to the spec at `spec_path`; raises DeployError or SpecError."""
     directory = overlay_dir(overlay)
@@ -527,6 +583,7 @@ def render(spec_path: str | Path, overlay: str, image: str | None = None) -> lis
         resources = ray_container(group["template"]).setdefault("resources", {})
         for key in ("requests", "limits"):
             resources.setdefault(key, {})[GPU] = size.gpus_per_pod
+    set_autoscaler_budget(job)
     if image is not None:
         for doc in docs:
             for container in containers(doc):
@@ -715,6 +772,55 @@ def check_resources(docs: Sequence[Doc]) -> list[str]:
     return problems
 
 
+def check_autoscaler_budget(docs: Sequence[Doc]) -> list[str]:
+    """The driver budgets an autoscaling cluster by SWEEP_AUTOSCALER_MAX_GPUS / SWEEP_AUTOSCALER_MAX_CPUS, read on
+    the head (where the driver runs): each is set there, as a literal, to the most the cluster can hold (the
+    head's own plus maxReplicas x each worker group's pods), and nowhere else that could override or shadow it."""
+    problems: list[str] = []
+    for doc in docs:
+        if doc.get("kind") == "ConfigMap":
+            for variable in AUTOSCALER_MAX_ENV.values():
+                if variable in (doc.get("data") or {}):
+                    problems.append(
+                        f"{doc_id(doc)}: sets {variable}, which depends on each cluster's size; set it on the head"
+                    )
+        cluster = cluster_spec(doc)
+        if cluster is None:
+            continue
+        runtime_env = yaml.safe_load(str((doc.get("spec") or {}).get("runtimeEnvYAML") or "")) or {}
+        env_vars = (runtime_env.get("env_vars") or {}) if isinstance(runtime_env, dict) else {}
+        for variable in AUTOSCALER_MAX_ENV.values():
+            if isinstance(env_vars, dict) and variable in env_vars:
+                problems.append(f"{doc_id(doc)}: runtimeEnvYAML sets {variable}, overriding the head's; set it there")
+        try:
+            budget = autoscaler_budget(doc)
+        except DeployError as err:
+            problems.append(str(err))
+            continue
+        head = ray_pods(doc)[0]
+        env = {e.get("name"): e for e in ray_container(head.template).get("env") or [] if isinstance(e, dict)}
+        for resource, variable in AUTOSCALER_MAX_ENV.items():
+            wanted = _env_value(budget[resource])
+            entry = env.get(variable)
+            if entry is None:
+                problems.append(
+                    f"{head.where}: sets no {variable}; the driver would budget only the {resource}s present when it "
+                    f"starts, not the {wanted} the worker groups can grow to"
+                )
+                continue
+            value = str(entry.get("value", ""))
+            try:
+                matches = "value" in entry and float(value) == budget[resource]
+            except ValueError:
+                matches = False
+            if not matches:
+                problems.append(
+                    f"{head.where}: {variable} is {value or 'not a literal value'!r} but the cluster holds at most "
+                    f"{wanted} {resource}s (the head's plus maxReplicas x {resource}s per pod of each worker group)"
+                )
+    return problems
+
+
 def check_names(docs: Sequence[Doc]) -> list[str]:
     """RayJob names <= 47 characters, RayCluster names <= 53, DNS-1035 labels (KubeRay's own validation)."""
     problems: list[str] = []
@@ -886,6 +992,7 @@ def check_manifests(docs: Sequence[Doc], root: Path = PROJECT_ROOT, ray_version:
     problems += check_entrypoint(docs, root)
     problems += check_pod_env(docs)
     problems += check_resources(docs)
+    problems += check_autoscaler_budget(docs)
     problems += check_names(docs)
     problems += check_token_auth(docs)
     return problems

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
-echo "== mypy"; .venv/bin/mypy orchestrator workloads benchmarks
+echo "== mypy"; .venv/bin/mypy orchestrator workloads benchmarks scripts
 echo "== pytest"; .venv/bin/python -m pytest -q -ra "$@"

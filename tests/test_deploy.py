@@ -30,7 +30,9 @@ from orchestrator.deploy import (
     DeployError,
     Doc,
     apply_json_patch,
+    autoscaler_budget,
     build,
+    check_autoscaler_budget,
     check_committed_files,
     check_dockerfile,
     check_entrypoint,
@@ -44,6 +46,7 @@ from orchestrator.deploy import (
     pinned_versions,
     render,
     schema_problems,
+    set_autoscaler_budget,
     size_worker_group,
     structure_problems,
 )
@@ -92,6 +95,10 @@ def head(docs: list[Doc]) -> Doc:
 def worker(docs: list[Doc]) -> Doc:
     container: Doc = cluster(docs)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     return container
+
+
+def head_env(docs: list[Doc]) -> dict[str, Doc]:
+    return {entry["name"]: entry for entry in head(docs).get("env") or []}
 
 
 def submitter(docs: list[Doc]) -> Doc:
@@ -434,6 +441,77 @@ RULE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], Callable[[list[Doc
         check_resources,
         "minReplicas <= replicas <= maxReplicas",
     ),
+    # the driver's budget (on the head) is what the worker groups can grow to
+    "GPU budget below the worker group": (
+        "overlays/gpu-cluster",
+        lambda d: head_env(d)["SWEEP_AUTOSCALER_MAX_GPUS"].update(value="64"),
+        check_autoscaler_budget,
+        "SWEEP_AUTOSCALER_MAX_GPUS is '64' but the cluster holds at most 128 GPUs",
+    ),
+    "maxReplicas raised, budget not": (
+        "raycluster",
+        lambda d: cluster(d)["workerGroupSpecs"][0].update(maxReplicas=20),
+        check_autoscaler_budget,
+        "SWEEP_AUTOSCALER_MAX_GPUS is '128' but the cluster holds at most 160 GPUs",
+    ),
+    "worker pods resized, CPU budget not": (
+        "overlays/local",
+        lambda d: worker(d)["resources"]["limits"].update(cpu="4"),
+        check_autoscaler_budget,
+        "SWEEP_AUTOSCALER_MAX_CPUS is '2' but the cluster holds at most 4 CPUs",
+    ),
+    "fractional worker CPUs round up": (
+        "overlays/local",
+        lambda d: worker(d)["resources"]["limits"].update(cpu="2500m"),
+        check_autoscaler_budget,
+        "at most 3 CPUs",
+    ),
+    "num-gpus start parameter": (
+        "raycluster",
+        lambda d: cluster(d)["workerGroupSpecs"][0]["rayStartParams"].update({"num-gpus": "4"}),
+        check_autoscaler_budget,
+        "at most 64 GPUs",
+    ),
+    "head takes CPUs": (
+        "overlays/local",
+        lambda d: cluster(d)["headGroupSpec"]["rayStartParams"].update({"num-cpus": "1"}),
+        check_autoscaler_budget,
+        "at most 3 CPUs",
+    ),
+    "no budget on the head": (
+        "overlays/gpu-cluster",
+        lambda d: head(d).pop("env"),
+        check_autoscaler_budget,
+        "sets no SWEEP_AUTOSCALER_MAX_GPUS",
+    ),
+    "budget from a reference": (
+        "raycluster",
+        lambda d: head(d).update(
+            env=[
+                head_env(d)["SWEEP_AUTOSCALER_MAX_GPUS"],
+                {
+                    "name": "SWEEP_AUTOSCALER_MAX_CPUS",
+                    "valueFrom": {"configMapKeyRef": {"name": "sweep-config", "key": "MAX_CPUS"}},
+                },
+            ]
+        ),
+        check_autoscaler_budget,
+        "SWEEP_AUTOSCALER_MAX_CPUS is 'not a literal value'",
+    ),
+    "budget in the shared ConfigMap": (
+        "overlays/local",
+        lambda d: next(x for x in d if x["kind"] == "ConfigMap")["data"].update(SWEEP_AUTOSCALER_MAX_GPUS="0"),
+        check_autoscaler_budget,
+        "ConfigMap/sweep-config: sets SWEEP_AUTOSCALER_MAX_GPUS",
+    ),
+    "budget in the runtime env": (
+        "overlays/gpu-cluster",
+        lambda d: ray_doc(d)["spec"].update(
+            runtimeEnvYAML="working_dir: /home/ray/app\nenv_vars: {SWEEP_AUTOSCALER_MAX_GPUS: '8'}\n"
+        ),
+        check_autoscaler_budget,
+        "runtimeEnvYAML sets SWEEP_AUTOSCALER_MAX_GPUS",
+    ),
     # names within KubeRay's limits
     "long RayJob name": (
         "overlays/local",
@@ -484,6 +562,62 @@ def test_each_rule_catches_a_broken_manifest(built: dict[str, list[Doc]], case: 
     problems = rule(docs)
     assert any(expected in problem for problem in problems), problems
     assert any(expected in problem for problem in check_manifests(docs))
+
+
+# What each cluster can grow to: (GPUs, CPUs) = maxReplicas x (GPUs, CPUs) per worker pod; the heads have none.
+BUDGETS = {"overlays/gpu-cluster": (16 * 8, 16 * 64), "overlays/local": (0, 1 * 2), "raycluster": (16 * 8, 16 * 64)}
+
+
+@pytest.mark.parametrize("target", RAY_TARGETS)
+def test_driver_budget_is_the_worker_groups_maximum(built: dict[str, list[Doc]], target: str) -> None:
+    docs = built[target]
+    group = cluster(docs)["workerGroupSpecs"][0]
+    limits = worker(docs)["resources"]["limits"]
+    gpus, cpus = BUDGETS[target]
+    assert (group["maxReplicas"] * limits.get(GPU, 0), group["maxReplicas"] * int(limits["cpu"])) == (gpus, cpus)
+    env = head_env(docs)
+    assert env["SWEEP_AUTOSCALER_MAX_GPUS"]["value"] == str(gpus)
+    assert env["SWEEP_AUTOSCALER_MAX_CPUS"]["value"] == str(cpus)
+    assert autoscaler_budget(ray_doc(docs)) == {"GPU": gpus, "CPU": cpus}
+    # Only the head (where the driver runs) sets them.
+    for container in (worker(docs), *([submitter(docs)] if target != "raycluster" else [])):
+        assert not {e["name"] for e in container.get("env") or []} & set(deploy.AUTOSCALER_MAX_ENV.values())
+
+
+def test_driver_on_the_rendered_head_budgets_the_whole_cluster(monkeypatch: Any) -> None:
+    """The variables the manifests set are the ones orchestrator.sweep reads: a driver started with the head's
+    environment on a cluster scaled down to one node still budgets all 16 nodes."""
+    from orchestrator import sweep
+
+    for name, entry in head_env(render(ROOT / "sweeps/ablation.yaml", "gpu-cluster")).items():
+        monkeypatch.setenv(name, entry["value"])
+    assert sweep._resource_budget({"CPU": 64.0, "GPU": 8.0}) == {"CPU": 1024.0, "GPU": 128.0}
+
+
+def test_render_sets_the_budget_of_the_sized_worker_group(monkeypatch: Any) -> None:
+    """`render` sizes the worker group from the spec's plan and the head's budget follows the same numbers."""
+    sized = deploy.WorkerGroupSize(replicas=3, min_replicas=1, max_replicas=3, gpus_per_pod=0, workers_per_pod=1)
+    monkeypatch.setattr(deploy, "size_worker_group", lambda *args: sized)
+    docs = render(ROOT / "sweeps/tiny.yaml", "local")
+    assert cluster(docs)["workerGroupSpecs"][0]["maxReplicas"] == 3
+    assert {k: v["value"] for k, v in head_env(docs).items()} == {
+        "SWEEP_AUTOSCALER_MAX_GPUS": "0",
+        "SWEEP_AUTOSCALER_MAX_CPUS": "6",
+    }
+    assert check_manifests(docs) == []
+
+
+def test_set_autoscaler_budget_adds_or_replaces(built: dict[str, list[Doc]]) -> None:
+    docs = fresh(built, "raycluster")
+    cluster(docs)["workerGroupSpecs"][0]["maxReplicas"] = 32
+    head(docs).pop("env")
+    head(docs)["env"] = [{"name": "SWEEP_AUTOSCALER_MAX_CPUS", "valueFrom": {"configMapKeyRef": {"name": "x"}}}]
+    set_autoscaler_budget(ray_doc(docs))
+    assert head(docs)["env"] == [
+        {"name": "SWEEP_AUTOSCALER_MAX_CPUS", "value": "2048"},
+        {"name": "SWEEP_AUTOSCALER_MAX_GPUS", "value": "256"},
+    ]
+    assert check_autoscaler_budget(docs) == []
 
 
 def test_length_limit_is_inclusive(built: dict[str, list[Doc]]) -> None:
