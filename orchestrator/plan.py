@@ -28,25 +28,29 @@ CPU specs (use_gpu false): every worker is one slot, the cluster has floor(clust
 slots, and hours are worker-hours of a device `relative_speed` times as fast as one of the paper's GPUs (set
 planning.relative_speed accordingly, e.g. ~0.01 for a CPU core on a small ResNet).
 
-Makespan: a list-scheduling simulation of the driver's admission policy (orchestrator/scheduler.py, DESIGN.md
-section 6): cells ordered largest first (most GPUs, then most estimated hours); whenever GPUs are free, the
-first pending cell that fits starts, so small cells backfill the gaps. It is never below the lower bound
-max(total / cluster GPUs, longest cell).
+Makespan: the driver's admission policy (`orchestrator.packing`, the same code the Tune searcher in
+orchestrator/scheduler.py runs, DESIGN.md section 6) replayed on a simulated clock with the estimated wall times:
+the widest cell that fits first while every pending cell is short next to the remaining work / GPUs; then the
+longest first, a cell that does not fit getting a reservation at the earliest time enough GPUs free up, which
+smaller cells may fill only if they end by then or leave it what it needs (EASY backfilling). It is never below
+the lower bound max(total / cluster GPUs, longest cell), and within a few percent of it on the paper's study
+(sweeps/paper-study.yaml on 64-256 GPUs: `python -m benchmarks.scheduler_sim`). The bound itself can be loose:
+when most cells take the whole cluster (sweeps/ablation.yaml) no two of them overlap, and `--plan` also prints
+`packing.exclusion_bound`, which the makespan then meets.
 
 No torch, no ray.
 """
 
 from __future__ import annotations
 
-import heapq
 import os
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
 from orchestrator.grid import Cell, describe_axes
+from orchestrator.packing import DEFAULT_POLICY, Policy, exclusion_bound, simulate
 from orchestrator.spec import AXES, Planning, Spec, SpecError
 from workloads.config import RESNET_STAGES, TrainConfig
 
@@ -228,40 +232,6 @@ def _check_feasible(cells: Sequence[Cell], device: str, capacity: int, gpus_per_
         raise SpecError("\n".join(shown))
 
 
-def _simulate(jobs: list[tuple[int, float]], capacity: int) -> list[float]:
-    """Start times of `jobs` (slots, wall hours), given in priority order, under first-fit admission.
-
-    Whenever slots are free, the first pending job (in priority order) that fits starts; small jobs backfill
-    gaps. Jobs of equal size keep their relative order, so the first fit is the best-ranked head among the
-    per-size queues that fit: O(jobs x distinct sizes), fast for 10,000 cells.
-    """
-    queues: dict[int, deque[int]] = {}
-    for rank, (slots, _) in enumerate(jobs):
-        queues.setdefault(slots, deque()).append(rank)
-    starts = [0.0] * len(jobs)
-    running: list[tuple[float, int]] = []  # (end time, slots)
-    free, now, pending = capacity, 0.0, len(jobs)
-    while pending:
-        while True:
-            heads = [q[0] for size, q in queues.items() if q and size <= free]
-            if not heads:
-                break
-            rank = min(heads)
-            slots, wall = jobs[rank]
-            queues[slots].popleft()
-            starts[rank] = now
-            heapq.heappush(running, (now + wall, slots))
-            free -= slots
-            pending -= 1
-        if pending:
-            # Nothing else fits: advance to the next completion (feasibility guarantees there is one).
-            now, released = heapq.heappop(running)
-            free += released
-            while running and running[0][0] <= now:
-                free += heapq.heappop(running)[1]
-    return starts
-
-
 def make_plan(
     cells: Sequence[Cell],
     cluster_gpus: int,
@@ -269,10 +239,12 @@ def make_plan(
     *,
     cluster_cpus: int | None = None,
     planning: Planning | None = None,
+    policy: Policy = DEFAULT_POLICY,
 ) -> Plan:
     """Cost, makespan and feasibility of `cells` on `cluster_gpus` GPUs in nodes of `gpus_per_node`.
 
     CPU cells (gpus == 0) are planned on `cluster_cpus` (default: this machine's CPU count) in worker slots.
+    `policy` is the admission policy the makespan simulates (`orchestrator.packing`; the default is the driver's).
     Raises SpecError, naming the cell's axes and the numbers, if a cell can never be placed.
     """
     planning = planning or Planning()
@@ -290,12 +262,10 @@ def make_plan(
         slots = cell.gpus if device == "GPU" else cell.num_workers
         hours = estimate_device_hours(cell.config, planning)
         costs.append((slots, hours, hours / slots))
-    # The driver's admission order (orchestrator/scheduler.py): most GPUs first, then the costliest.
-    order = sorted(range(len(cells)), key=lambda i: (-cells[i].gpus, -costs[i][1], -costs[i][0], cells[i].cell_id))
-    ranked = _simulate([(costs[i][0], costs[i][2]) for i in order], capacity)
-    starts = [0.0] * len(cells)
-    for rank, i in enumerate(order):
-        starts[i] = ranked[rank]
+    # The driver's policy on a simulated clock; the scheduler counts one resource here (GPUs, or worker slots).
+    starts = simulate(
+        [{"slots": slots} for slots, _, _ in costs], [wall for _, _, wall in costs], {"slots": capacity}, policy
+    )
 
     plans = tuple(
         CellPlan(
@@ -393,6 +363,9 @@ def format_plan(plan: Plan) -> str:
     out.append(f"total: {_hours(plan.total_device_hours)} {plan.unit} (estimated)")
     out.append(f"makespan on {where}: {_readable(plan.makespan_hours)}")
     out.append(f"lower bound: {_readable(plan.lower_bound_hours)} (max(total / {plan.capacity}, longest cell))")
+    exclusive = exclusion_bound([p.slots for p in plan.cells], [p.wall_hours for p in plan.cells], plan.capacity)
+    if exclusive > plan.lower_bound_hours * 1.001:
+        out.append(f"  and at least {_readable(exclusive)}: cells too wide to share the cluster run one after another")
     out.append(
         f"cost model: calibrated to ResNet-{PAPER_DEPTH} PGD-{PAPER_PGD_STEPS}, {PAPER_EPOCHS} epochs of "
         f"ImageNet on {PAPER_GPUS} GPUs in {PAPER_WALL_HOURS:g} h (Section 3); "

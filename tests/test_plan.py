@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator.grid import expand
+from orchestrator.packing import LARGEST_FIRST, simulate
 from orchestrator.plan import (
     PAPER_GPU_HOURS,
     estimate_device_hours,
@@ -17,11 +19,13 @@ from orchestrator.plan import (
     plan_to_json,
     resnet_macs,
 )
-from orchestrator.spec import Spec, SpecError, parse_spec
+from orchestrator.spec import Spec, SpecError, load_spec, parse_spec
 from tests.test_spec import make_spec
 from workloads.config import RESNET_STAGES, TrainConfig
 
 PAPER = "name: paper\nworkload: {data: {url: s3://bucket/imagenet}}\n"
+LIMIT_32 = "resources: {cluster_gpus: 128, max_workers_per_cell: 32}\n"
+SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 
 
 def paper_spec(grid: dict[str, Any] | None = None, resources: str = "") -> Spec:
@@ -139,27 +143,47 @@ def gang_spec(cluster_gpus: int, batches: list[int], seeds: list[int]) -> Spec:
     return parse_spec(text)
 
 
-def test_makespan_of_gangs_is_simulated_largest_first() -> None:
+def test_makespan_of_gangs_reaches_the_lower_bound_where_largest_first_does_not() -> None:
     # Equal work per cell (cost does not depend on batch size), so wall time = H / GPUs.
     spec = gang_spec(4, [128, 64, 32], [0, 1])
     plan = plan_spec(spec)
     assert [p.gpus for p in plan.cells] == [4, 4, 2, 2, 1, 1]
     h = plan.cells[-1].wall_hours  # a 1-GPU cell: all of its work on one GPU
     assert [p.wall_hours for p in plan.cells] == pytest.approx([h / 4, h / 4, h / 2, h / 2, h, h])
-    # 4-GPU cells one after the other, then both 2-GPU cells together, then both 1-GPU cells.
+    assert plan.lower_bound_hours == pytest.approx(6 * h / 4)  # 6 H of work on 4 GPUs
+    # The longest cells first: both 1-GPU cells and one 2-GPU cell at once, the other 2-GPU cell when that one
+    # ends, then the 4-GPU cells one after the other; no GPU idles until the end, so this is optimal.
     starts = sorted((p.gpus, p.start_hours) for p in plan.cells)
-    assert [s for _, s in starts] == pytest.approx([h, h, h / 2, h / 2, 0.0, h / 4])
-    assert plan.makespan_hours == pytest.approx(2 * h)
-    assert plan.lower_bound_hours == pytest.approx(6 * h / 4)
-    assert plan.makespan_hours >= plan.lower_bound_hours
+    assert [s for _, s in starts] == pytest.approx([0.0, 0.0, 0.0, h / 2, h, 5 * h / 4])
+    assert plan.makespan_hours == pytest.approx(plan.lower_bound_hours)
+    # The previous policy (most GPUs first) runs the 1-GPU cells last, side by side, for a whole H.
+    old = make_plan(expand(spec), 4, 8, planning=spec.planning, policy=LARGEST_FIRST)
+    assert old.makespan_hours == pytest.approx(2 * h)
 
 
-def test_small_cells_backfill() -> None:
-    plan = plan_spec(gang_spec(5, [128, 32], [0, 1]))
-    one_gpu = [p for p in plan.cells if p.gpus == 1]
-    four_gpu = sorted(p.start_hours for p in plan.cells if p.gpus == 4)
-    assert four_gpu[0] == 0.0 and four_gpu[1] > 0.0
-    assert min(p.start_hours for p in one_gpu) == 0.0
+def test_plan_replays_the_searchers_policy() -> None:
+    # The plan's start times are what orchestrator.packing decides for the same cells and estimates.
+    spec = paper_spec({"depth": [50, 152, 338], "pgd_steps": [5, 30], "batch_size": [512, 4096]}, LIMIT_32)
+    plan = plan_spec(spec)
+    starts = simulate([{"GPU": p.gpus} for p in plan.cells], [p.wall_hours for p in plan.cells], {"GPU": 128})
+    assert [p.start_hours for p in plan.cells] == pytest.approx(starts)
+    assert len({p.gpus for p in plan.cells}) > 1  # heterogeneous: 16 and 32 GPUs
+
+
+def test_whole_cluster_cells_run_one_after_another_and_the_plan_says_so() -> None:
+    # sweeps/ablation.yaml gives almost every cell all 128 GPUs: none of those can overlap any other cell, so
+    # the best makespan is their summed wall time plus the longest of the other cells, well above total / 128.
+    plan = plan_spec(load_spec(SWEEPS / "ablation.yaml"))
+    whole = sum(p.wall_hours for p in plan.cells if p.gpus == 128)
+    others = max(p.wall_hours for p in plan.cells if p.gpus < 128)
+    assert plan.makespan_hours == pytest.approx(whole + others)
+    assert plan.makespan_hours > 1.1 * plan.lower_bound_hours
+    assert "cells too wide to share the cluster run one after another" in format_plan(plan)
+    # A study whose cells take a quarter of the cluster at most is packed close to the lower bound.
+    paper = plan_spec(load_spec(SWEEPS / "paper-study.yaml"))
+    assert max(p.gpus for p in paper.cells) == 32 and len(paper.cells) == 49
+    assert paper.makespan_hours <= 1.10 * paper.lower_bound_hours
+    assert "too wide" not in format_plan(paper)
 
 
 @pytest.mark.parametrize("cluster", [8, 128, 1000])
