@@ -174,6 +174,19 @@ def _with_data_url(cell: Cell, data_urls: dict[str, str]) -> dict[str, Any]:
     return config
 
 
+def _keep_credentials_out_of_trial_runtime_envs() -> None:
+    """Ray Tune copies AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/session tokens from the driver's environment into
+    every trial actor's runtime_env, and Ray's runtime-env agent logs each runtime_env it creates in plain text
+    (logs/runtime_env_agent.log, readable from the dashboard). Trials and Train workers get their credentials
+    from their own environment instead: the raylet's (which `ray.init` and `ray start` inherit from the shell)
+    or the pod's Secret on Kubernetes (deploy/). Found by tests/test_faults_ray.py's grep of the session logs."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = {
+        name for name in class_cache.ENV_VARS_TO_PROPAGATE if not name.startswith("AWS_")
+    }
+
+
 def _run_cells(
     spec: Spec, storage: SweepStorage, todo: list[Cell], plan: Plan, already_finished: int, total: int
 ) -> None:
@@ -192,6 +205,7 @@ def _run_cells(
     if not ray.is_initialized():
         context = ray.init(runtime_env={"env_vars": env})
         dashboard = f"dashboard: http://{context.dashboard_url}" if context.dashboard_url else "no dashboard"
+    _keep_credentials_out_of_trial_runtime_envs()
     data_urls = _materialise_data(storage, todo)
     budget = _resource_budget(ray.cluster_resources())
     payloads = [

@@ -30,6 +30,7 @@ from orchestrator import sweep
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
 from orchestrator.status import cell_statuses
+from tests.conftest import S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY
 from tests.outage_proxy import OutageProxy
 from workloads.train import FAULT_ENV
 
@@ -39,6 +40,7 @@ SIGKILL_SEED, NAN_SEED, CORRUPT_SEED, OUTAGE_SEED = 21, 22, 23, 24
 SIGKILL_EPOCH = 3  # the SIGKILL lands halfway through this epoch, on rank 1 of 2
 CORRUPT_FAILS_AT = 3  # the first run of the corrupt-checkpoint sweep dies in this epoch, after two checkpoints
 OUTAGE_S = 20.0
+OUTPUTS: list[str] = []  # everything the module's sweeps printed, grepped for credentials by the last test
 
 
 def spec_dict(name: str, seeds: list[int], *, epochs: int, max_failures: int, **extra: Any) -> dict[str, Any]:
@@ -88,6 +90,12 @@ def registered(cell_dir: Path) -> tuple[int, str]:
     snapshot = json.loads((cell_dir / "checkpoint_manager_snapshot.json").read_text())
     latest = snapshot["latest_checkpoint_result"]
     return int(latest["metrics"]["epoch"]), str(latest["checkpoint_dir_name"])
+
+
+def keep(capfd: pytest.CaptureFixture[str]) -> Any:
+    captured = capfd.readouterr()
+    OUTPUTS.extend([captured.out, captured.err])
+    return captured
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------
@@ -155,7 +163,7 @@ def test_sigkill_of_one_train_worker_mid_epoch_resumes_from_the_last_checkpoint(
     assert expand(load_spec(spec))[0].num_workers == 2  # DDP over two workers: one of them is killed
 
     code = sweep.main([str(spec), "--storage", str(tmp_path / "runs")])
-    out = capfd.readouterr().out
+    out = keep(capfd).out
 
     assert (once_files / "sigkill").exists(), "the SIGKILL never fired"
     assert code == sweep.EXIT_OK, out[-3000:]
@@ -180,7 +188,7 @@ def test_non_finite_loss_fails_that_cell_and_the_others_finish(
     cells = cell_ids_by_seed(spec)
 
     code = sweep.main([str(spec), "--storage", str(tmp_path / "runs")])
-    err = capfd.readouterr().err
+    err = keep(capfd).err
 
     assert code == sweep.EXIT_FAILED
     folder = tmp_path / "runs" / "nan"
@@ -209,10 +217,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     assert latest_epoch == CORRUPT_FAILS_AT - 1, (latest_epoch, latest_dir)
     state = cell_dir / latest_dir / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a torn write
-    capfd.readouterr()
+    keep(capfd)
 
     assert sweep.main([str(spec), "--storage", storage]) == sweep.EXIT_OK
-    out = capfd.readouterr().out
+    out = keep(capfd).out
 
     result = json.loads((cell_dir / "result.json").read_text())
     assert result["status"] == "finished" and result["epochs"] == epochs
@@ -221,7 +229,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
 
 
 def test_s3_outage_mid_checkpoint_is_retried_and_loses_nothing(
-    ray_faults: None, proxy: OutageProxy, s3_server: str, s3_bucket: str, tmp_path: Path
+    ray_faults: None,
+    proxy: OutageProxy,
+    s3_server: str,
+    s3_bucket: str,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     import boto3
 
@@ -233,6 +246,7 @@ def test_s3_outage_mid_checkpoint_is_retried_and_loses_nothing(
     proxy.arm(rb"/cells/" + cell.encode() + rb"/checkpoint_[^/]*/state\.pt$", nth=2)
 
     code = sweep.main([str(spec), "--storage", f"{s3_bucket}/study"])
+    out = keep(capfd).out
 
     assert len(proxy.outages) == 1, "the outage never started: no second checkpoint upload was seen"
     outage = proxy.outages[0]
@@ -240,6 +254,7 @@ def test_s3_outage_mid_checkpoint_is_retried_and_loses_nothing(
     assert code == sweep.EXIT_OK
     retried = proxy.requests_after(outage.ended, outage.key)
     assert {"PUT", "POST"} & set(retried), f"{outage.key} was not uploaded again after the outage: {retried}"
+    assert re.search(r"storage: upload checkpoint checkpoint_\S+ failed \(OSError", out), out[-3000:]
 
     client = boto3.client("s3", endpoint_url=s3_server)  # straight to moto, around the proxy
     prefix = f"study/outage/cells/{cell}/"
@@ -274,7 +289,7 @@ def test_impossible_resource_request_is_reported_unschedulable_not_left_pending(
     started = time.monotonic()
     code = sweep.main([str(spec), "--storage", str(tmp_path / "runs")])
     elapsed = time.monotonic() - started
-    captured = capfd.readouterr()
+    captured = keep(capfd)
 
     assert code == sweep.EXIT_FAILED
     assert elapsed < 60, f"took {elapsed:.0f} s to give up on an unplaceable cell"
@@ -286,3 +301,37 @@ def test_impossible_resource_request_is_reported_unschedulable_not_left_pending(
     _, _, statuses, _ = cell_statuses(str(tmp_path / "runs" / "unplaceable"))
     assert [(s.state, s.error.split(":")[0]) for s in statuses] == [("failed", "unschedulable")]
     assert not (tmp_path / "runs" / "unplaceable" / "cells" / cell / "unschedulable.json").exists()
+
+
+def test_nothing_the_runs_wrote_or_printed_holds_the_test_credentials(
+    ray_faults: None, s3_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Runs last in the module: every byte the sweeps above printed, stored locally or in S3, and every file in
+    the Ray session's log folder (driver, raylet, GCS, Train controller and worker logs)."""
+    import boto3
+    import ray
+
+    secrets = [S3_ACCESS_KEY_ID.encode(), S3_SECRET_ACCESS_KEY.encode()]
+    assert len(OUTPUTS) >= 10, "the fault tests above did not run in this session"
+    printed = "\n".join(OUTPUTS).encode()
+    assert b"UNSCHEDULABLE" in printed and b"storage: upload checkpoint" in printed  # the outputs really are here
+    leaks = [f"printed output at {printed.find(s)}" for s in secrets if s in printed]
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    local = [p for p in tmp_path_factory.getbasetemp().rglob("*") if p.is_file()]
+    logs = [p for p in (session / "logs").rglob("*") if p.is_file()]
+    assert len(logs) > 10 and any(p.name.startswith("worker-") for p in logs), logs
+    for path in local + logs:
+        body = path.read_bytes()
+        leaks += [str(path) for s in secrets if s in body]
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    stored = 0
+    for bucket in client.list_buckets()["Buckets"]:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+            for obj in page.get("Contents", []):
+                body = client.get_object(Bucket=bucket["Name"], Key=obj["Key"])["Body"].read()
+                stored += 1
+                leaks += [f"s3://{bucket['Name']}/{obj['Key']}" for s in secrets if s in body]
+    assert stored > 10
+    assert not leaks, leaks
