@@ -43,6 +43,8 @@ class ResourceBudgetSearcher(Searcher):
 
     `priority` holds each cell's estimated device-hours (GPU-hours, or worker-hours for a CPU cell); without
     it every cell counts as equally long and the widest goes first. `clock` returns seconds (monotonic).
+    `on_running_change` is called with the running cells whenever a cell starts or ends (the driver tells an
+    autoscaler what to provide through it).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class ResourceBudgetSearcher(Searcher):
         budget: Demand,
         priority: Sequence[float] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_running_change: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         super().__init__(metric=None, mode=None)
         if len(cells) != len(demands):
@@ -67,6 +70,7 @@ class ResourceBudgetSearcher(Searcher):
         self._cells = [dict(cell) for cell in cells]
         self._packer = Packer(demands, hours, budget)
         self._clock = clock
+        self._on_running_change = on_running_change
         self._running: dict[str, int] = {}  # trial id -> cell index
         self.started: list[int] = []  # cell indices in the order they were suggested
         self.peak_use: dict[str, float] = dict.fromkeys(budget, 0.0)
@@ -85,6 +89,7 @@ class ResourceBudgetSearcher(Searcher):
         self._running[trial_id] = index
         self.started.append(index)
         self._track_peak()
+        self._running_changed()
         return {"cell": self._cells[index]}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -93,6 +98,11 @@ class ResourceBudgetSearcher(Searcher):
             return
         # A failed cell's run time says nothing about the cost model: keep it out of the calibration.
         self._packer.finish(index, self._now(), calibrate=not error)
+        self._running_changed()
+
+    def _running_changed(self) -> None:
+        if self._on_running_change is not None:
+            self._on_running_change([self._cells[i] for i in self._running.values()])
 
     def _track_peak(self) -> None:
         for resource in self.peak_use:

@@ -174,6 +174,18 @@ def _with_data_url(cell: Cell, data_urls: dict[str, str]) -> dict[str, Any]:
     return config
 
 
+def request_capacity(running: list[dict[str, Any]]) -> None:
+    """Ask the autoscaler for room for every running cell's worker group: one bundle per worker. A cell's Train
+    workers ask only once its trial has checked they can be placed (runner.wait_until_placeable), so without
+    this a cluster that scaled down would never be asked to grow back. The request replaces the previous one;
+    an empty list withdraws it."""
+    from ray.autoscaler.sdk import request_resources
+
+    from orchestrator.runner import worker_bundle
+
+    request_resources(bundles=[worker_bundle(cell) for cell in running for _ in range(cell["num_workers"])])
+
+
 def _keep_credentials_out_of_trial_runtime_envs() -> None:
     """Ray Tune copies AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/session tokens from the driver's environment into
     every trial actor's runtime_env, and Ray's runtime-env agent logs each runtime_env it creates in plain text
@@ -225,12 +237,14 @@ def _run_cells(
         for cell in todo
     ]
     cost = {c.cell_id: c.device_hours for c in plan.cells}
+    autoscaled = any(os.environ.get(variable, "").strip() for variable in AUTOSCALER_MAX_ENV.values())
     try:
         searcher = ResourceBudgetSearcher(
             payloads,
             [resource_demand(p) for p in payloads],
             budget,
             priority=[cost[cell.cell_id] for cell in todo],
+            on_running_change=request_capacity if autoscaled else None,
         )
     except ValueError as err:
         raise InfeasibleError(f"infeasible on this cluster: {err}") from None
@@ -245,7 +259,11 @@ def _run_cells(
                 name=f"{spec.name}-{int(time.time())}", storage_path=scratch, callbacks=[progress], verbose=0
             ),
         )
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            if autoscaled:
+                request_capacity([])  # the sweep needs nothing more: let the autoscaler scale down
     for error in grid.errors:
         print(f"trial error: {redact(str(error).splitlines()[-1] if str(error) else repr(error))}", file=sys.stderr)
 

@@ -102,6 +102,34 @@ def test_searcher_breaks_ties_by_cost_and_budgets_cpus_too() -> None:
     assert cpu_bound.suggest("b") is not None
 
 
+def test_searcher_reports_the_running_cells_whenever_they_change() -> None:
+    """What the driver forwards to the autoscaler (sweep.request_capacity): exactly the cells running now."""
+    seen: list[list[str]] = []
+    cells = [{"cell_id": f"c{i}", "gpus": g} for i, g in enumerate([4, 4, 1])]
+    searcher = ResourceBudgetSearcher(
+        cells,
+        [{"CPU": 0.01, "GPU": c["gpus"]} for c in cells],
+        {"CPU": 2.0, "GPU": 5.0},
+        on_running_change=lambda running: seen.append(sorted(c["cell_id"] for c in running)),
+    )
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    assert a is not None and b is not None and searcher.suggest("c") is None  # 4 + 1 GPUs in use
+    searcher.on_trial_complete("a")
+    c = searcher.suggest("c")
+    assert c is not None
+    searcher.on_trial_complete("b")
+    searcher.on_trial_complete("c")
+    first, second = a["cell"]["cell_id"], b["cell"]["cell_id"]
+    assert seen == [
+        [first],
+        sorted([first, second]),
+        [second],
+        sorted([second, c["cell"]["cell_id"]]),
+        [c["cell"]["cell_id"]],
+        [],
+    ]
+
+
 def test_searcher_rejects_a_cell_larger_than_the_cluster() -> None:
     with pytest.raises(ValueError, match="needs 16 GPU but the cluster has 8"):
         make_searcher([2, 16], budget_gpus=8)
