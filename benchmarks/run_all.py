@@ -17,7 +17,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import orchestration_overhead, pgd_vs_torchattacks, planning, step_cost
+from benchmarks import (
+    checkpoint_io,
+    data_reader,
+    gpu_throughput,
+    orchestration_overhead,
+    pgd_vs_torchattacks,
+    planning,
+    scheduler_sim,
+    step_cost,
+)
 from benchmarks._common import (
     DEFAULT_THREADS,
     Check,
@@ -34,9 +43,14 @@ COMMAND = ".venv/bin/python -m benchmarks.run_all"
 # Cheapest first: a broken environment shows up in seconds, not after the long orchestration runs.
 MODULES: dict[str, ModuleType] = {
     "planning": planning,
+    "scheduler_sim": scheduler_sim,
     "step_cost": step_cost,
     "pgd_vs_torchattacks": pgd_vs_torchattacks,
+    "checkpoint_io": checkpoint_io,
+    "data_reader": data_reader,
     "orchestration_overhead": orchestration_overhead,
+    # Last: tens of minutes on a GPU; on a machine without CUDA it reports "skipped" at once.
+    "gpu_throughput": gpu_throughput,
 }
 
 
@@ -214,9 +228,14 @@ def _orchestration_details(r: dict[str, Any]) -> str:
 
 DETAILS: dict[str, Callable[[dict[str, Any]], str]] = {
     "planning": _planning_details,
+    # Newer modules render their own section.
+    "scheduler_sim": scheduler_sim.details_markdown,
     "step_cost": _step_details,
     "pgd_vs_torchattacks": _pgd_details,
+    "checkpoint_io": checkpoint_io.details_markdown,
+    "data_reader": data_reader.details_markdown,
     "orchestration_overhead": _orchestration_details,
+    "gpu_throughput": gpu_throughput.details_markdown,
 }
 
 
@@ -255,7 +274,10 @@ def render(results: dict[str, Any], machine: dict[str, Any], started: dt.datetim
         "is the work done whether or not the scheduler gave the core away; with 2 OpenMP threads on oversubscribed "
         "cores both clocks explode (the tiny cell took 112 s at 2 threads against 9.8 s at 1). The orchestration "
         "benchmark is about wall time (Ray start-up is mostly waiting on processes), so it reports wall seconds "
-        "with the CPU seconds of the whole process tree beside them.",
+        "with the CPU seconds of the whole process tree beside them. The storage benchmarks (checkpoint_io, "
+        "data_reader) run against moto's S3 server on 127.0.0.1, in a child process, and compare our path with a "
+        "plain client (or the step with and without the reader) in the same run. The scheduler simulator times "
+        "nothing: its numbers are deterministic.",
     ]
     for name, result in results.items():
         out.append(f"## {name} ({seconds[name]:.0f} s)")

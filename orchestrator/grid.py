@@ -11,8 +11,10 @@ Every derived parameter is resolved here, in `_Resolver.resolve`, and nowhere el
   normalised to clean_ratio 1.0 and pgd_steps 0, and standard cells differing only in those axes collapse.
 
 A cell's id is the first 12 hex digits of the SHA-256 of its resolved config as canonical JSON, without the
-purely operational fields (`checkpoint_every`, `keep_checkpoints`): the same cell gets the same id on every
-submission and machine, so a re-run finds its checkpoints and results. Equal ids collapse (first one kept).
+purely operational fields (`checkpoint_every`, `keep_checkpoints`, `performance.compile`): the same cell gets the
+same id on every submission and machine, so a re-run finds its checkpoints and results. Equal ids collapse (first
+one kept). Sections added after ids were first handed out (`performance`) enter the id only when they differ from
+their defaults, so the cells of existing sweeps keep their ids (and with them their checkpoints and results).
 
 No torch, no ray.
 """
@@ -32,6 +34,10 @@ from workloads.config import TrainConfig, paper_step_size
 
 # Changing these does not change what a cell trains, so they stay out of its id.
 OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
+# Per section: operational fields inside it (torch.compile runs the same arithmetic as eager, up to rounding).
+OPERATIONAL_SUBFIELDS: dict[str, frozenset[str]] = {"performance": frozenset({"compile"})}
+# Sections that enter the id only when set away from their defaults (they came after the first ids).
+LATE_SECTIONS: tuple[str, ...] = ("performance",)
 ID_HEX_DIGITS = 12
 
 
@@ -71,7 +77,13 @@ def bn_star_epochs(epochs: int) -> int:
 
 def cell_id(config: TrainConfig) -> str:
     """Stable id of a resolved config: sha256 of canonical JSON (sorted keys, compact), 12 hex digits."""
-    payload = config.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
+    exclude: dict[str, Any] = {name: True for name in OPERATIONAL_FIELDS}
+    exclude |= {name: set(fields) for name, fields in OPERATIONAL_SUBFIELDS.items()}
+    payload = config.model_dump(mode="json", exclude=exclude)
+    for name in LATE_SECTIONS:
+        default = TrainConfig.model_fields[name].default.model_dump(mode="json", exclude=exclude.get(name))
+        if payload.get(name) == default:
+            del payload[name]
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:ID_HEX_DIGITS]
 
@@ -106,6 +118,7 @@ class _Resolver:
         self.base: dict[str, Any] = {
             "data": self.workload.data,
             "eval": self.workload.eval,
+            "performance": self.workload.performance,
             "num_workers": 1,
             "use_gpu": spec.resources.use_gpu,
             "checkpoint_every": spec.checkpoint_every,

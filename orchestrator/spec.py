@@ -53,6 +53,7 @@ from workloads.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
+    PerformanceConfig,
     RecipeConfig,
     TrainingConfig,
 )
@@ -292,6 +293,7 @@ class Workload(_Strict):
     training: TrainingConfig = TrainingConfig()
     recipe: RecipeConfig = RecipeConfig()
     eval: EvalConfig = EvalConfig()
+    performance: PerformanceConfig = PerformanceConfig()
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 

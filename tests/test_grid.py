@@ -212,6 +212,15 @@ def test_operational_fields_do_not_change_the_id() -> None:
     assert ids(expand(make_spec(storage="s3://bucket/elsewhere", name="other"))) == base
 
 
+def test_precision_is_part_of_the_id_and_compile_is_not() -> None:
+    """bf16 may change results (docs/precision.md), so it makes a different cell; torch.compile only changes speed.
+    The default section stays out of the hash, so cells planned before it existed keep their ids."""
+    base = ids(expand(make_spec()))
+    assert ids(expand(make_spec(workload={"performance": {"compile": True}}))) == base
+    assert ids(expand(make_spec(workload={"performance": {"precision": "auto"}}))) == base
+    assert set(ids(expand(make_spec(workload={"performance": {"precision": "bf16"}})))).isdisjoint(base)
+
+
 def test_expand_imports_neither_torch_nor_ray() -> None:
     code = (
         "import sys; import orchestrator.spec, orchestrator.grid, orchestrator.plan; "

@@ -154,6 +154,36 @@ class DataConfig(_Strict):
         return url
 
 
+class PerformanceConfig(_Strict):
+    """How a cell's arithmetic runs on its device. Neither option changes the recipe; precision changes rounding.
+
+    precision: "fp32" is the IEEE reference (on CUDA, TF32 tensor cores are switched off too); "bf16" runs the
+    forward passes of training and of the attack under bfloat16 autocast, with fp32 weights, fp32 losses and the
+    PGD steps on fp32 images; "auto" is bf16 on a CUDA GPU with bf16 tensor cores (compute capability 8.0 and
+    up) and fp32 everywhere else, so CPU runs keep their fp32 numbers. Evaluation is always fp32 (docs/precision.md).
+    compile: `torch.compile` the model; the attack and the training forward run the compiled model.
+    """
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, value: object) -> object:
+        if isinstance(value, str) and value.lower() in {"fp16", "float16", "half"}:
+            raise ValueError(
+                f"{value!r} is not supported: use 'bf16' (fp32's exponent range, no loss scaling; the paper's "
+                "pipeline lost about 3 points of robustness to an fp16 attack), 'fp32' or 'auto'"
+            )
+        return value
+
+    def resolved_precision(self, device_type: str, bf16_tensor_cores: bool = True) -> Literal["fp32", "bf16"]:
+        """The precision "auto" stands for on `device_type` ("cuda", "cpu", ...); explicit choices stay."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if device_type == "cuda" and bf16_tensor_cores else "fp32"
+
+
 class TrainConfig(_Strict):
     """Everything one cell needs. The orchestrator builds it from a grid cell; the workload only reads it."""
 
@@ -163,6 +193,7 @@ class TrainConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     recipe: RecipeConfig = RecipeConfig()
     eval: EvalConfig = EvalConfig()
+    performance: PerformanceConfig = PerformanceConfig()
     seed: int = 0
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False

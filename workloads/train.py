@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -30,10 +31,10 @@ from pydantic import ValidationError
 from torch import nn
 
 from workloads import data
-from workloads.attacks import pgd, random_targets
-from workloads.config import RecipeConfig, TrainConfig
+from workloads.attacks import autocast, memory_format_of, pgd, random_targets
+from workloads.config import PerformanceConfig, RecipeConfig, TrainConfig
 from workloads.fs import with_retries
-from workloads.models import ResNet, build_model
+from workloads.models import ResNet, build_model, use_channels_last
 
 STATE_FILE = "state.pt"
 # Fault injection for the test suite's fault matrix (a real failure in a real worker, not a mock). JSON, one fault
@@ -42,6 +43,9 @@ STATE_FILE = "state.pt"
 # loss non-finite from there on, or SIGKILL the worker's own process (what the kernel's OOM killer or a lost node
 # does to it). With `once_file` the fault fires only if it can create that file, so a retry can succeed.
 FAULT_ENV = "SWEEP_INJECT_FAULT"
+# The torch.compile backend. Tests swap in "aot_eager": the same graph capture and forward/backward split, without
+# inductor's code generation, which takes minutes on two CPU cores.
+_COMPILE_BACKEND = "inductor"
 
 
 class Session:
@@ -205,6 +209,150 @@ def _first_readable(candidates: Iterator[tuple[str, Callable[[], dict[str, Any]]
     return None
 
 
+# ------------------------------------------------------------------------------------------------------------
+# How the math runs on this worker's device (TrainConfig.performance; docs/precision.md)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """The device-side choices of one worker, resolved from `cfg.performance` and its device.
+
+    On the CPU everything is off (fp32 unless bf16 is asked for explicitly, contiguous NCHW, no cuDNN), so CPU
+    runs compute exactly what they computed before these options existed.
+    """
+
+    device: torch.device
+    precision: Literal["fp32", "bf16"]
+    channels_last: bool
+    compile: bool
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the forward passes (training and attack); None: fp32 throughout."""
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def resolve_execution(performance: PerformanceConfig, device: torch.device) -> Execution:
+    """`performance` on `device`: "auto" precision is bf16 on a GPU with bf16 tensor cores, else fp32.
+
+    Compute capability 8.0 (A100) and up have bf16 tensor cores; on older GPUs (V100, T4) bf16 is emulated and
+    slower than fp32, so "auto" stays fp32 there (an explicit "bf16" is still honoured). Channels-last only on
+    CUDA: cuDNN's tensor-core convolutions are NHWC-native, while on the CPU it would change the reference numbers.
+    """
+    cuda = device.type == "cuda"
+    tensor_cores = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
+    return Execution(
+        device=device,
+        precision=performance.resolved_precision(device.type, tensor_cores),
+        channels_last=cuda,
+        compile=performance.compile,
+    )
+
+
+def configure_backends(execution: Execution) -> None:
+    """Process-wide CUDA settings for a cell's worker process (nothing on the CPU)."""
+    if execution.device.type != "cuda":
+        return
+    # A cell's shapes are fixed (the attack batch, the training batch, the eval batch), so timing cuDNN's candidate
+    # algorithms once per shape pays for itself within the first steps. (It also makes GPU runs non-bit-exact
+    # from run to run; CPU runs stay exact.)
+    torch.backends.cudnn.benchmark = True
+    if execution.precision == "fp32":
+        # fp32 is the reference: IEEE fp32 arithmetic, not the TF32 tensor cores cuDNN uses for fp32
+        # convolutions by default (inputs rounded to 10 mantissa bits, between bf16's 7 and fp32's 23).
+        _set_fp32_precision(("ieee", "ieee"))
+
+
+def _fp32_precision() -> tuple[str, str]:
+    """(cuDNN convolutions, CUDA matmuls) fp32 precision: "tf32" or "ieee" ("none": torch's default)."""
+    return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision  # type: ignore[attr-defined]
+
+
+def _set_fp32_precision(value: tuple[str, str]) -> None:
+    # The fp32_precision API, never the legacy allow_tf32 flags: torch refuses to read flags set through both.
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = value  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _ieee_fp32(device: torch.device) -> Iterator[None]:
+    """Evaluation runs in IEEE fp32 on every cell, whatever its training precision (docs/precision.md)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = _fp32_precision()
+    _set_fp32_precision(("ieee", "ieee"))
+    try:
+        yield
+    finally:
+        _set_fp32_precision(saved)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """`torch.compile(model)` with the project's backend (inductor; tests use a cheaper one)."""
+    return torch.compile(model, backend=_COMPILE_BACKEND)  # type: ignore[return-value]
+
+
+def data_parallel(bare: ResNet, grad_accum_steps: int, compiled: bool = False) -> nn.Module:
+    """`bare` wrapped for DDP as `run` wraps it (compiled after wrapping, so DDPOptimizer can split the graph at
+    gradient-bucket boundaries and overlap the all-reduce with the backward).
+
+    MBN with clean ratio 0 never uses the clean branch, so DDP must be told some parameters may go unused.
+    `static_graph` (gradients bucketed in the order recorded in the first step, no per-step graph search) only
+    where it is valid: every parameter used in every step (not MBN), no gradient accumulation (DDP's reducer
+    trips an internal assert on `no_sync` + `static_graph` in torch 2.13, pytorch/pytorch#143580), and not under
+    torch.compile (DDPOptimizer does not support it, pytorch/pytorch#109261).
+    """
+    static = not bare.has_mbn and grad_accum_steps == 1 and not compiled
+    ddp = nn.parallel.DistributedDataParallel(bare, find_unused_parameters=bare.has_mbn, static_graph=static)
+    return compile_model(ddp) if compiled else ddp
+
+
+def _on_device(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], execution: Execution
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches on the worker's device, in its memory format.
+
+    On a GPU, batch k+1 is copied into pinned memory and sent on a side stream while batch k trains, so the copy
+    overlaps compute and never blocks the host; the compute stream waits for it only when it uses the batch.
+    On the CPU the batches pass through untouched.
+    """
+    device = execution.device
+    if device.type != "cuda":
+        yield from batches
+        return
+    stream = torch.cuda.Stream(device=device)
+
+    def upload(batch: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if batch is None:
+            return None
+        images, labels = batch
+        with torch.cuda.stream(stream):
+            images = images.pin_memory().to(device, non_blocking=True)
+            images = images.contiguous(memory_format=execution.memory_format)
+            labels = labels.pin_memory().to(device, non_blocking=True)
+        return images, labels
+
+    try:
+        pending = upload(next(batches, None))
+        while pending is not None:
+            compute = torch.cuda.current_stream(device)
+            compute.wait_stream(stream)
+            images, labels = pending
+            # Allocated on the side stream, used on the compute stream: keep the memory until the latter is done.
+            images.record_stream(compute)
+            labels.record_stream(compute)
+            pending = upload(next(batches, None))
+            yield images, labels
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: `config` is `TrainConfig.model_dump()`."""
     run(TrainConfig.model_validate(config), RaySession())
@@ -282,19 +430,29 @@ def adversarial_loss(
     labels: torch.Tensor,
     num_classes: int,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    *,
+    amp_dtype: torch.dtype | None = None,
+    attack_forward: nn.Module | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
     """Loss of one micro-batch under the cell's strategy, and counts for the train accuracies.
 
     The batch is [adversarial images; the first round(r * B) clean counterparts] (Section 4.1, clean ratio r),
     and the cross-entropy is averaged over it: at r = 1 this is Eq. 1 with alpha = 0.5. MBN models get the split
     index so each part is normalised by its own BN branch, in one forward that DDP sees once (Section 4.2).
+
+    `amp_dtype` (bf16): the forward passes of the attack and of training run under autocast; the weights stay
+    fp32 (the optimizer updates them in fp32), and the loss is taken on fp32 logits. `attack_forward`: what the
+    attack differentiates (the compiled model when compiling; None: the model's BN-folded twin). The counts are
+    tensors on the device: reading them here would make the host wait for the GPU every micro-batch.
     """
     training = cfg.training
     n = images.shape[0]
     if training.strategy == "standard":
-        logits = model(images)
+        with autocast(images.device, amp_dtype):
+            logits = model(images)
+        logits = logits.float() if amp_dtype is not None else logits
         loss = F.cross_entropy(logits, labels)
-        return loss, {"clean_correct": float((logits.argmax(1) == labels).sum()), "clean_seen": n}
+        return loss, {"clean_correct": (logits.argmax(1) == labels).sum(), "clean_seen": n}
 
     adv = pgd(
         bare,
@@ -306,20 +464,26 @@ def adversarial_loss(
         step_size=cfg.attack.resolved_step_size,
         clean_start_prob=cfg.attack.clean_start_prob,
         generator=generator,
+        forward=attack_forward,
+        amp_dtype=amp_dtype,
     )
     n_clean = round(training.clean_ratio * n)
-    batch = torch.cat([adv, images[:n_clean]])
-    targets = torch.cat([labels, labels[:n_clean]])
-    logits = model(batch, split=n)
+    batch, targets = adv, labels
+    if n_clean:
+        batch = torch.cat([adv, images[:n_clean]]).contiguous(memory_format=memory_format_of(images))
+        targets = torch.cat([labels, labels[:n_clean]])
+    with autocast(images.device, amp_dtype):
+        logits = model(batch, split=n)
+    logits = logits.float() if amp_dtype is not None else logits
     loss = F.cross_entropy(logits, targets)
     if training.strategy == "alp" and n_clean:
         # ALP (Kannan et al. 2018, Section 4.1 "Adversarial logits pairing"): pull each adversarial image's logits
         # towards its clean counterpart's.
         loss = loss + training.alp_weight * F.mse_loss(logits[:n_clean], logits[n:])
-    stats = {
-        "adv_correct": float((logits[:n].argmax(1) == labels).sum()),
+    stats: dict[str, torch.Tensor | int] = {
+        "adv_correct": (logits[:n].argmax(1) == labels).sum(),
         "adv_seen": n,
-        "clean_correct": float((logits[n:].argmax(1) == labels[:n_clean]).sum()),
+        "clean_correct": (logits[n:].argmax(1) == labels[:n_clean]).sum(),
         "clean_seen": n_clean,
     }
     return loss, stats
@@ -346,8 +510,18 @@ def evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int)
     Ranks take whole eval batches round-robin and sum their counts. Each N is a separate attack from a random
     start (never resumed from a weaker one). MBN models are evaluated once per branch (Table 1: MBN_adv and
     MBN_clean).
+
+    Always in IEEE fp32, whatever the cell trained in: a low-precision attack can be weaker, so a bf16 evaluation
+    could flatter a bf16-trained model; one fp32 evaluation keeps every cell comparable. The paper's pipeline did
+    the same with its fp16 attack ("evaluation during training will still use FP32, for fair comparison").
     """
+    with _ieee_fp32(session.device):
+        return _evaluate(cfg, bare, session, num_classes)
+
+
+def _evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int) -> dict[str, dict[str, float]]:
     _use_rank0_buffers(bare)
+    layout = torch.channels_last if session.device.type == "cuda" else torch.contiguous_format
     images, labels = data.load_split(cfg.data.url, cfg.data.eval_split, cfg.eval.subset)
     targets = random_targets(labels, num_classes, torch.Generator().manual_seed(cfg.eval.seed))
     size = cfg.eval.batch_size
@@ -362,6 +536,7 @@ def evaluate(cfg: TrainConfig, bare: ResNet, session: Session, num_classes: int)
         for b in my_batches:
             part = slice(b * size, (b + 1) * size)
             x, y, t = (v[part].to(session.device) for v in (images, labels, targets))
+            x = x.contiguous(memory_format=layout)
             counts[-1] += len(y)
             with torch.no_grad():
                 counts[0] += float((bare(x).argmax(1) == y).sum())
@@ -401,8 +576,12 @@ def _eval_metrics(cfg: TrainConfig, bare: ResNet, session: Session, num_classes:
 def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
     """Train one cell from its last checkpoint (or scratch), evaluate it, and return the final metrics."""
     info = data.read_info(cfg.data.url)
+    execution = resolve_execution(cfg.performance, session.device)
+    configure_backends(execution)
     generator = _seed_everything(cfg.seed * 1009 + session.rank)
     bare = build_model(cfg.model, info.num_classes, in_channels=info.image_shape[0]).to(session.device)
+    if execution.channels_last:
+        use_channels_last(bare)
     optimizer = torch.optim.SGD(
         bare.parameters(),
         lr=cfg.recipe.lr,
@@ -419,11 +598,15 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         start_epoch = state["epoch"]
     train_seconds = state["train_seconds"] if state is not None else 0.0
 
-    model: nn.Module = bare
-    if session.world_size > 1:
-        # MBN with clean ratio 0 never uses the clean branch; DDP must be told some parameters may go unused.
-        model = nn.parallel.DistributedDataParallel(bare, find_unused_parameters=bare.has_mbn)
     accum = cfg.grad_accum_steps
+    # torch.compile (optional): the attack and a single process's training call the same compiled module, in eval
+    # and train mode. The attack then runs the compiled model, not the BN-folded twin: compiled code folds eval-mode
+    # BN into the surrounding elementwise kernels itself, and compiling a second module would double the compile
+    # time. Under DDP, training compiles the DDP wrapper instead (see data_parallel).
+    compiled = compile_model(bare) if execution.compile else None
+    model: nn.Module = compiled if compiled is not None else bare
+    if session.world_size > 1:
+        model = data_parallel(bare, accum, compiled=execution.compile)
     micro_per_epoch = data.batches_per_epoch(
         info, cfg.data.train_split, session.world_size, cfg.recipe.per_worker_batch
     )
@@ -438,8 +621,12 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         bare.set_bn_star(cfg.model.bn_star_epochs > 0 and epoch >= cfg.recipe.epochs - cfg.model.bn_star_epochs)
         bare.train()
         started = time.perf_counter()
-        sums = {"loss": 0.0, "adv_correct": 0.0, "adv_seen": 0.0, "clean_correct": 0.0, "clean_seen": 0.0}
-        batches = _micro_batches(cfg, info, session, epoch)
+        # Summed on the device and read once per epoch (float64: the same sums as Python floats on the CPU).
+        sums = {
+            key: torch.zeros((), dtype=torch.float64, device=session.device)
+            for key in ("loss", "adv_correct", "adv_seen", "clean_correct", "clean_seen")
+        }
+        batches = _on_device(_micro_batches(cfg, info, session, epoch), execution)
         poison = 1.0
         for step in range(steps_per_epoch):
             if step == steps_per_epoch // 2 and _injected_fault(cfg, epoch, session.rank) == "nan":
@@ -449,18 +636,28 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             for micro in range(accum):
                 images, labels = next(batches)
-                images, labels = images.to(session.device), labels.to(session.device)
                 # Accumulating micro-batches: only the last backward of a step all-reduces gradients.
                 sync = nullcontext() if micro == accum - 1 or session.world_size == 1 else model.no_sync()  # type: ignore[operator]
                 with sync:
-                    loss, stats = adversarial_loss(cfg, model, bare, images, labels, info.num_classes, generator)
+                    loss, stats = adversarial_loss(
+                        cfg,
+                        model,
+                        bare,
+                        images,
+                        labels,
+                        info.num_classes,
+                        generator,
+                        amp_dtype=execution.amp_dtype,
+                        attack_forward=compiled,
+                    )
                     loss = loss * poison
                     (loss / accum).backward()
-                sums["loss"] += float(loss.detach())
+                sums["loss"] += loss.detach()
                 for key, value in stats.items():
                     sums[key] += value
             optimizer.step()
-        totals = dict(zip(sums, _all_reduce(list(sums.values()), session.device), strict=True))
+        summed = torch.stack(list(sums.values())).tolist()
+        totals = dict(zip(sums, _all_reduce(summed, session.device), strict=True))
         seconds = time.perf_counter() - started
         train_seconds += seconds
         mean_loss = totals["loss"] / (steps_per_epoch * accum * session.world_size)
