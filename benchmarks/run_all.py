@@ -208,20 +208,23 @@ def _orchestration_details(r: dict[str, Any]) -> str:
         markdown_table(["command", *(f"run {i}" for i in range(runs)), "median"], rows),
         f"Sweep timeline (median seconds from launch): {phases}.",
         f"Sweep CPU seconds by process (last run; names are Linux's 15-character `comm`): {top}.",
-        f"Extrapolation: the overhead is taken as fixed per cell (same `workloads.train.run` loop in both), so for "
-        f"a cell of >= 5 min it is at most {r['overhead_seconds']:.1f} s / 300 s = "
-        f"{100 * r['long_cell_fraction']:.1f} %. In-loop `train_seconds` Ray / single: "
-        f"{r['in_loop_train_ratio']:.2f} (few-second epochs on a shared machine: read as noise unless far from 1).",
+        "The difference is paid once per sweep: a fresh Ray instance and its dashboard, Tune, and Ray Train's "
+        "actors (a controller, a worker group, and Train's state, synchronisation, placement-group, dataset and "
+        "autoscaling-coordinator actors: each a new process that imports Ray) start and stop once. In-loop "
+        f"`train_seconds` Ray / single: {r['in_loop_train_ratio']:.2f} (few-second epochs on a shared machine: "
+        "read as noise unless far from 1).",
     ]
     if "cells" in r:
         parts.append(
             f"{r['cells']} cells in one sweep (seeds 0..{r['cells'] - 1}, run one after another: 2 x 1.01 CPUs do "
             f"not fit in 2): {r['multi_sweep_seconds']:.1f} s wall, {r['multi_sweep_cpu_seconds']:.1f} CPU s. "
-            f"Amortised overhead per cell (T(N) - N x T(single)) / N = {r['amortised_overhead_per_cell']:.1f} s; "
-            f"marginal (T(N) - T(1)) / (N - 1) - T(single) = {r['marginal_overhead_per_cell']:.1f} s wall, "
-            f"{r['marginal_overhead_per_cell_cpu']:.1f} s in CPU seconds of the process trees (the steadier of "
-            "the two: a single N-cell run, whose wall time also depends on how much one cell's teardown overlaps "
-            "the next one's start-up)."
+            f"What one more cell adds beyond its own training, (T(N) - T(1)) / (N - 1) - T(single) = "
+            f"{r['marginal_overhead_per_cell']:.1f} s wall, {r['marginal_overhead_per_cell_cpu']:.1f} s in CPU "
+            "seconds of the process trees (the steadier of the two: a single N-cell run, whose wall time also "
+            "depends on how much one cell's teardown overlaps the next one's start-up); against a 5-min cell "
+            f"that is {100 * r['long_cell_fraction']:.1f} %, and it is the part that grows with a study's size. "
+            f"Amortised over this sweep, (T(N) - N x T(single)) / N = {r['amortised_overhead_per_cell']:.1f} s per "
+            "cell."
         )
     return "\n\n".join(parts)
 

@@ -12,8 +12,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from orchestrator.redact import redact
 from orchestrator.storage import ERROR_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
 
@@ -63,6 +61,7 @@ def resource_demand(payload: dict[str, Any]) -> dict[str, float]:
 def run_cell(config: dict[str, Any]) -> None:
     """Tune function trainable: fit the cell's TorchTrainer and publish result.json (or error.json)."""
     import ray.train
+    import torch  # here, not at the top: the sweep's driver imports this module and never needs torch
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 

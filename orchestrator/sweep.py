@@ -199,6 +199,26 @@ def _keep_credentials_out_of_trial_runtime_envs() -> None:
     }
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def skip_preemption_watcher_without_nodes_to_lose(live_nodes: int, autoscaled: bool) -> bool:
+    """Switch off Ray Train's preemption watcher on a single-node cluster that cannot grow; True if switched off.
+
+    Ray Train 2.60 starts a PreemptionWatcher actor for every worker group (every cell) that polls for nodes being
+    drained (a reclaimed spot instance, a KubeRay scale-down), so that workers learn of it before their node
+    goes. One node and no autoscaler budget (a laptop, a CI box) leaves no node to drain but the one the driver
+    itself runs on, so there the watcher is only one more process per cell and an error-level line per cell in
+    the sweep's log (about its restart arguments). Wherever nodes can come and go it stays on, and a value the
+    user set wins. Train reads the variable in the process that calls `fit()`, the Tune trial, which gets it
+    from this (the driver's) environment: Tune passes Train's variables on to every trial.
+    """
+    if live_nodes != 1 or autoscaled or PREEMPTION_WATCHER_ENV in os.environ:
+        return False
+    os.environ[PREEMPTION_WATCHER_ENV] = "0"
+    return True
+
+
 def _run_cells(
     spec: Spec, storage: SweepStorage, todo: list[Cell], plan: Plan, already_finished: int, total: int
 ) -> None:
@@ -218,6 +238,8 @@ def _run_cells(
         context = ray.init(runtime_env={"env_vars": env})
         dashboard = f"dashboard: http://{context.dashboard_url}" if context.dashboard_url else "no dashboard"
     _keep_credentials_out_of_trial_runtime_envs()
+    autoscaled = any(os.environ.get(variable, "").strip() for variable in AUTOSCALER_MAX_ENV.values())
+    skip_preemption_watcher_without_nodes_to_lose(sum(1 for node in ray.nodes() if node.get("Alive")), autoscaled)
     data_urls = _materialise_data(storage, todo)
     budget = _resource_budget(ray.cluster_resources())
     payloads = [
@@ -237,7 +259,6 @@ def _run_cells(
         for cell in todo
     ]
     cost = {c.cell_id: c.device_hours for c in plan.cells}
-    autoscaled = any(os.environ.get(variable, "").strip() for variable in AUTOSCALER_MAX_ENV.values())
     try:
         searcher = ResourceBudgetSearcher(
             payloads,

@@ -8,6 +8,7 @@ is allowed, never a traceback, and never echoes a secret; `--plan` validates and
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -429,3 +430,26 @@ def test_spec_over_max_cells(tmp_path: Path) -> None:
     spec = {**BASE, "grid": {"seed": list(range(100)), "norm": ["bn", "gn"]}, "max_cells": 100}
     run = sweep(write_spec(tmp_path, spec), "--plan")
     assert_invalid(run, "grid: expands to 200 cells", "max_cells 100")
+
+
+@pytest.mark.parametrize(
+    ("live_nodes", "autoscaled", "user_value", "switched_off"),
+    [
+        (1, False, None, True),  # a laptop or CI box: no node to drain but the driver's own
+        (2, False, None, False),  # another node could be drained
+        (1, True, None, False),  # a KubeRay cluster that starts with its head alone and grows
+        (1, False, "1", False),  # the user's own setting wins
+    ],
+)
+def test_preemption_watcher_is_off_only_where_no_node_can_be_lost(
+    live_nodes: int, autoscaled: bool, user_value: str | None, switched_off: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import sweep
+
+    if user_value is None:
+        monkeypatch.delenv(sweep.PREEMPTION_WATCHER_ENV, raising=False)
+    else:
+        monkeypatch.setenv(sweep.PREEMPTION_WATCHER_ENV, user_value)
+    assert sweep.skip_preemption_watcher_without_nodes_to_lose(live_nodes, autoscaled) is switched_off
+    expected = "0" if switched_off else user_value
+    assert os.environ.get(sweep.PREEMPTION_WATCHER_ENV) == expected

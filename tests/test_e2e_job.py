@@ -346,6 +346,9 @@ def test_submitted_sweep_succeeds(submitted: Submission) -> None:
     # The driver joined the 2-CPU cluster rather than starting a local Ray instance of its own.
     assert "Started a local Ray instance" not in log
     assert "cluster: 2 CPUs, 0 GPUs" in log, log[-6000:]
+    # One node, no autoscaler: the sweep switched Ray Train's preemption watcher off, and with it the error-level
+    # line Ray logs for every cell about the watcher's restart arguments.
+    assert "PreemptionWatcher" not in log, log[-6000:]
 
 
 @pytest.mark.slow
