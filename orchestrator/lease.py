@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.storage import SweepStorage
+from workloads.fs import process_exists
 
 LEASE_FILE = "driver.lease"
 DEFAULT_TTL_S = 60.0
@@ -102,17 +103,5 @@ def _is_live(held: dict[str, Any]) -> bool:
     if held.get("expires_at", 0) < time.time():
         return False
     if held.get("host") == socket.gethostname():
-        return _pid_alive(int(held.get("pid", -1)))
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        return process_exists(int(held.get("pid", -1)))
     return True

@@ -647,3 +647,24 @@ def test_compiled_model_serves_attack_and_training_and_matches_eager(
     assert eager_twin_calls - twin_calls[0] == 256 // 16
     for key in ("loss", "train_acc_adv", "train_acc_clean", "eval/mbn_adv/acc_pgd_2", "eval/mbn_clean/acc_clean"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key
+
+
+def test_checkpoint_folders_of_dead_workers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    """A worker killed between its local checkpoint write and the end of the upload leaves the folder behind;
+    the next worker on the machine removes it, but never a live process's folder (its upload may be pending)."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)  # a process that has exited
+    prefix = train.CHECKPOINT_SCRATCH_PREFIX
+    dead = tmp_path / f"{prefix}{dead_pid}-abc123"
+    live = tmp_path / f"{prefix}{os.getpid()}-def456"
+    unrelated = [tmp_path / f"{prefix}notapid", tmp_path / "other-123-x"]
+    for folder in (dead, live, *unrelated):
+        folder.mkdir()
+        (folder / train.STATE_FILE).write_bytes(b"state")
+    (tmp_path / f"{prefix}{dead_pid}-file").write_text("a file, not a folder")
+
+    assert train.remove_orphaned_checkpoint_folders(str(tmp_path)) == [dead]
+    assert not dead.exists()
+    assert live.is_dir() and all(f.is_dir() for f in unrelated)
+    assert (tmp_path / f"{prefix}{dead_pid}-file").is_file()
+    assert train.remove_orphaned_checkpoint_folders(str(tmp_path)) == []

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["is_transient", "open_fs", "with_retries", "write_atomic"]
+__all__ = ["is_transient", "open_fs", "process_exists", "with_retries", "write_atomic"]
 
 
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -111,3 +111,16 @@ def with_retries(operation: Callable[[], T], what: str, deadline_s: float = RETR
             )
             time.sleep(random.uniform(0, delay))
             delay = min(delay * 2, 8.0)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (another user's counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

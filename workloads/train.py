@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -33,10 +34,12 @@ from torch import nn
 from workloads import data
 from workloads.attacks import autocast, memory_format_of, pgd, random_targets
 from workloads.config import PerformanceConfig, RecipeConfig, TrainConfig
-from workloads.fs import with_retries
+from workloads.fs import process_exists, with_retries
 from workloads.models import ResNet, build_model, use_channels_last
 
 STATE_FILE = "state.pt"
+# Rank 0's local checkpoint folders: PREFIX + the worker's process id + "-" + a random suffix (see RaySession).
+CHECKPOINT_SCRATCH_PREFIX = "sweep-checkpoint-"
 # Fault injection for the test suite's fault matrix (a real failure in a real worker, not a mock). JSON, one fault
 # or a list: {"seed": S, "epoch": E, "kind": "raise" | "nan" | "sigkill", "rank": R?, "once_file": PATH?}. In
 # cells with seed S, halfway through epoch E (1-based), on rank R (default: every rank): raise an error, make the
@@ -106,6 +109,8 @@ class RaySession(Session):
         self.world_size = ctx.get_world_size()
         # Fake GPUs (scheduling tests, DESIGN section 6) get GPU ids but no CUDA: train on the CPU there.
         self._device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        for folder in remove_orphaned_checkpoint_folders():
+            print(f"removed {folder}, a checkpoint folder left by a worker that died before uploading it")
 
     @property
     def device(self) -> torch.device:
@@ -158,7 +163,7 @@ class RaySession(Session):
         # (ASYNC), in report order, and the worker waits for pending uploads before it finishes. A worker lost
         # mid-upload loses that checkpoint only: the previous one is complete in storage (each object is one
         # PUT, or a multipart upload that becomes visible only when completed).
-        folder = tempfile.mkdtemp(prefix="sweep-checkpoint-")
+        folder = tempfile.mkdtemp(prefix=f"{CHECKPOINT_SCRATCH_PREFIX}{os.getpid()}-")
         torch.save(state, Path(folder) / STATE_FILE)
         self._train.report(
             metrics,
@@ -189,6 +194,25 @@ class RaySession(Session):
 
         with_retries(copy, f"upload checkpoint {name}")
         return self._train.Checkpoint(destination, filesystem=target)
+
+
+def remove_orphaned_checkpoint_folders(root: str | None = None) -> list[Path]:
+    """Delete the local checkpoint folders of workers that died before their upload finished; return them.
+
+    Ray Train deletes rank 0's local checkpoint folder after uploading it, but a worker killed in between (a
+    SIGKILL, the OOM killer, a fault test) leaves it in the node's temp directory: a whole training state each
+    time (~200 MB for ResNet-50), on a node whose workers may be lost and restarted many times in a long sweep.
+    Every new worker removes the folders of processes that no longer exist on its machine; a live worker's
+    folder (its upload may still be pending) is left alone.
+    """
+    removed: list[Path] = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{CHECKPOINT_SCRATCH_PREFIX}*"):
+        pid = folder.name.removeprefix(CHECKPOINT_SCRATCH_PREFIX).split("-", 1)[0]
+        if not folder.is_dir() or not pid.isdigit() or process_exists(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def _load_state(path: Path) -> dict[str, Any]:
