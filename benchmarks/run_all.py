@@ -208,11 +208,11 @@ def _orchestration_details(r: dict[str, Any]) -> str:
         markdown_table(["command", *(f"run {i}" for i in range(runs)), "median"], rows),
         f"Sweep timeline (median seconds from launch): {phases}.",
         f"Sweep CPU seconds by process (last run; names are Linux's 15-character `comm`): {top}.",
-        "The difference is paid once per sweep: a fresh Ray instance and its dashboard, Tune, and Ray Train's "
-        "actors (a controller, a worker group, and Train's state, synchronisation, placement-group, dataset and "
-        "autoscaling-coordinator actors: each a new process that imports Ray) start and stop once. In-loop "
-        f"`train_seconds` Ray / single: {r['in_loop_train_ratio']:.2f} (few-second epochs on a shared machine: "
-        "read as noise unless far from 1).",
+        "The difference is the once-per-sweep start-up (a fresh Ray instance and its dashboard, Tune) plus one "
+        "cell's own overhead: its Tune trial, and Ray Train's controller, worker group and per-run "
+        "synchronisation, dataset and placement-group actors, each a new process that imports Ray (the process "
+        f"list above). In-loop `train_seconds` Ray / single: {r['in_loop_train_ratio']:.2f} (few-second epochs "
+        "on a shared machine: read as noise unless far from 1).",
     ]
     if "cells" in r:
         parts.append(

@@ -100,6 +100,10 @@ class ResourceBudgetSearcher(Searcher):
         self._packer.finish(index, self._now(), calibrate=not error)
         self._running_changed()
 
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: an interrupted sweep resumes from storage (finished cells' results, running cells'
+        Train checkpoints), never from Tune's experiment state, which lives in a temporary folder."""
+
     def _running_changed(self) -> None:
         if self._on_running_change is not None:
             self._on_running_change([self._cells[i] for i in self._running.values()])

@@ -349,6 +349,10 @@ def test_submitted_sweep_succeeds(submitted: Submission) -> None:
     # One node, no autoscaler: the sweep switched Ray Train's preemption watcher off, and with it the error-level
     # line Ray logs for every cell about the watcher's restart arguments.
     assert "PreemptionWatcher" not in log, log[-6000:]
+    # Nothing else from Ray's internals that a user cannot act on: per-report lines from every Train worker, a
+    # deprecation warning Ray raises against itself in every controller, Tune's scratch-folder paths.
+    for noise in ("Reporting training result", "RayDeprecationWarning", "View detailed results", "sweep-tune-"):
+        assert noise not in log, (noise, log[-6000:])
 
 
 @pytest.mark.slow

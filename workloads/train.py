@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import random
@@ -102,7 +103,12 @@ class RaySession(Session):
     def __init__(self) -> None:
         import ray.train
         import ray.train.torch
+        from ray.train.v2._internal.execution import context as train_context
 
+        # Ray Train 2.60 logs every report at INFO ("Reporting training result N: TrainingReport(...)", hundreds of
+        # characters per epoch per cell, forwarded into the sweep's log) through a logger named after its source
+        # file, outside the "ray.train" logger that the runner's LoggingConfig(log_level="WARNING") quiets.
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
         self._train = ray.train
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
