@@ -193,15 +193,23 @@ def request_capacity(running: list[dict[str, Any]]) -> None:
 RAY_INTERNAL_WARNING_FILTER = "ignore:`ExecutionOptions.exclude_resources` is deprecated:DeprecationWarning"
 
 
-def _quiet_ray_internal_warnings() -> None:
-    """Give every trial (and the Train controller each trial starts, which inherits the trial's environment) a
-    PYTHONWARNINGS filter for `RAY_INTERNAL_WARNING_FILTER`, beside whatever filter the user set."""
+def _quiet_ray_console() -> None:
+    """Keep the sweep's log to the sweep's own lines, plus whatever Ray says that a user can act on.
+
+    - Every trial (and the Train controller each trial starts, which inherits the trial's environment) gets a
+      PYTHONWARNINGS filter for `RAY_INTERNAL_WARNING_FILTER`, beside whatever filter the user set.
+    - Tune's newer console output prints a header and the path of its experiment folder even when silent; that
+      folder is scratch here (deleted at the end: a sweep resumes from storage), so the classic output is used,
+      which at verbosity 0 prints nothing, and Tune's INFO line naming the folder is dropped.
+    """
     from ray.tune.execution import class_cache
 
     filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
     if RAY_INTERNAL_WARNING_FILTER not in filters:
         os.environ["PYTHONWARNINGS"] = ",".join([*filters, RAY_INTERNAL_WARNING_FILTER])
     class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) | {"PYTHONWARNINGS"}
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
 
 
 def _keep_credentials_out_of_trial_runtime_envs() -> None:
@@ -256,7 +264,7 @@ def _run_cells(
         context = ray.init(runtime_env={"env_vars": env})
         dashboard = f"dashboard: http://{context.dashboard_url}" if context.dashboard_url else "no dashboard"
     _keep_credentials_out_of_trial_runtime_envs()
-    _quiet_ray_internal_warnings()
+    _quiet_ray_console()
     autoscaled = any(os.environ.get(variable, "").strip() for variable in AUTOSCALER_MAX_ENV.values())
     skip_preemption_watcher_without_nodes_to_lose(sum(1 for node in ray.nodes() if node.get("Alive")), autoscaled)
     data_urls = _materialise_data(storage, todo)
@@ -291,10 +299,6 @@ def _run_cells(
     print(f"cluster: {budget['CPU']:g} CPUs, {budget['GPU']:g} GPUs; {dashboard}")
     progress = SweepProgress(spec.name, total, already_finished, {c.cell_id: c.config.recipe.epochs for c in todo})
     # Tune's own experiment state is scratch: resuming works from the cells' Train checkpoints in storage.
-    # Tune's newer console output prints a header and the path of that scratch folder (deleted at the end) even
-    # when silent; the classic one at verbosity 0 prints nothing, leaving the sweep's own progress lines.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)  # "Wrote ... experiment state to <scratch>"
     with tempfile.TemporaryDirectory(prefix="sweep-tune-") as scratch:
         tuner = tune.Tuner(
             tune.with_resources(run_cell, {"CPU": TRIAL_CPU}),
