@@ -147,7 +147,7 @@ def placement_problem(num_workers: int, bundle: dict[str, float], nodes: list[di
     )
 
 
-def _live_nodes() -> list[dict[str, float]]:
+def live_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")]
@@ -156,7 +156,7 @@ def _live_nodes() -> list[dict[str, float]]:
 def wait_until_placeable(
     cell: dict[str, Any],
     storage: SweepStorage,
-    nodes: Callable[[], list[dict[str, float]]] = _live_nodes,
+    nodes: Callable[[], list[dict[str, float]]] = live_nodes,
     poll_s: float = PLACEMENT_POLL_S,
 ) -> None:
     """Return once the cell's worker group fits the live nodes; meanwhile say so in the log and in storage

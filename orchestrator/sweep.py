@@ -228,7 +228,7 @@ def _keep_credentials_out_of_trial_runtime_envs() -> None:
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
-def skip_preemption_watcher_without_nodes_to_lose(live_nodes: int, autoscaled: bool) -> bool:
+def skip_preemption_watcher_without_nodes_to_lose(node_count: int, autoscaled: bool) -> bool:
     """Switch off Ray Train's preemption watcher on a single-node cluster that cannot grow; True if switched off.
 
     Ray Train 2.60 starts a PreemptionWatcher actor for every worker group (every cell) that polls for nodes being
@@ -239,7 +239,7 @@ def skip_preemption_watcher_without_nodes_to_lose(live_nodes: int, autoscaled: b
     user set wins. Train reads the variable in the process that calls `fit()`, the Tune trial, which gets it
     from this (the driver's) environment: Tune passes Train's variables on to every trial.
     """
-    if live_nodes != 1 or autoscaled or PREEMPTION_WATCHER_ENV in os.environ:
+    if node_count != 1 or autoscaled or PREEMPTION_WATCHER_ENV in os.environ:
         return False
     os.environ[PREEMPTION_WATCHER_ENV] = "0"
     return True
@@ -252,7 +252,7 @@ def _run_cells(
     from ray import tune
 
     from orchestrator.progress import SweepProgress
-    from orchestrator.runner import TRIAL_CPU, cell_payload, resource_demand, run_cell
+    from orchestrator.runner import TRIAL_CPU, cell_payload, live_nodes, resource_demand, run_cell
     from orchestrator.scheduler import ResourceBudgetSearcher
 
     # The dashboard's Train view lists runs only with state tracking on; it must be set before the Train
@@ -266,7 +266,7 @@ def _run_cells(
     _keep_credentials_out_of_trial_runtime_envs()
     _quiet_ray_console()
     autoscaled = any(os.environ.get(variable, "").strip() for variable in AUTOSCALER_MAX_ENV.values())
-    skip_preemption_watcher_without_nodes_to_lose(sum(1 for node in ray.nodes() if node.get("Alive")), autoscaled)
+    skip_preemption_watcher_without_nodes_to_lose(len(live_nodes()), autoscaled)
     data_urls = _materialise_data(storage, todo)
     budget = _resource_budget(ray.cluster_resources())
     payloads = [
