@@ -13,8 +13,9 @@ Every derived parameter is resolved here, in `_Resolver.resolve`, and nowhere el
 A cell's id is the first 12 hex digits of the SHA-256 of its resolved config as canonical JSON, without the
 purely operational fields (`checkpoint_every`, `keep_checkpoints`, `performance.compile`): the same cell gets the
 same id on every submission and machine, so a re-run finds its checkpoints and results. Equal ids collapse (first
-one kept). Sections added after ids were first handed out (`performance`) enter the id only when they differ from
-their defaults, so the cells of existing sweeps keep their ids (and with them their checkpoints and results).
+one kept). Fields and sections added after ids were first handed out (`LATE_FIELDS`) enter the id only when they
+differ from their defaults, so the cells of existing sweeps keep their ids (and with them their checkpoints and
+results).
 
 No torch, no ray.
 """
@@ -36,8 +37,9 @@ from workloads.config import TrainConfig, paper_step_size
 OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
 # Per section: operational fields inside it (torch.compile runs the same arithmetic as eager, up to rounding).
 OPERATIONAL_SUBFIELDS: dict[str, frozenset[str]] = {"performance": frozenset({"compile"})}
-# Sections that enter the id only when set away from their defaults (they came after the first ids).
-LATE_SECTIONS: tuple[str, ...] = ("performance",)
+# Fields (dotted paths) that enter the id only when set away from their defaults: they came after the first ids.
+# A new config field goes here, or every existing cell would get a new id and lose its checkpoints and results.
+LATE_FIELDS: tuple[str, ...] = ("performance",)
 ID_HEX_DIGITS = 12
 
 
@@ -80,12 +82,21 @@ def cell_id(config: TrainConfig) -> str:
     exclude: dict[str, Any] = {name: True for name in OPERATIONAL_FIELDS}
     exclude |= {name: set(fields) for name, fields in OPERATIONAL_SUBFIELDS.items()}
     payload = config.model_dump(mode="json", exclude=exclude)
-    for name in LATE_SECTIONS:
-        default = TrainConfig.model_fields[name].default.model_dump(mode="json", exclude=exclude.get(name))
-        if payload.get(name) == default:
-            del payload[name]
+    defaults = _default_config(config).model_dump(mode="json", exclude=exclude)
+    for path in LATE_FIELDS:
+        *parents, leaf = path.split(".")
+        mine, theirs = payload, defaults
+        for name in parents:
+            mine, theirs = mine[name], theirs[name]
+        if mine.get(leaf) == theirs.get(leaf):
+            mine.pop(leaf, None)
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:ID_HEX_DIGITS]
+
+
+def _default_config(config: TrainConfig) -> TrainConfig:
+    """A config with every field at its default (the data URL is required, so it is taken from `config`)."""
+    return TrainConfig(data=type(config.data)(url=config.data.url))
 
 
 def expand(spec: Spec) -> list[Cell]:
