@@ -7,18 +7,27 @@ the dashboard's metrics view and to any Prometheus that scrapes the cluster:
   sweep_cell_images_per_second{...}         training throughput of the cell's whole worker group
   sweep_cell_robust_accuracy{...}           adversarial accuracy: on training batches each epoch, then the
                                             final evaluation's strongest PGD
+
+Every epoch's training metrics also go to storage, as `cells/<cell_id>/history.json` (orchestrator.results has
+the format), for the report's training curves: a sweep at the paper's scale (110 epochs, Section 3) is judged by
+whether each cell converged, which the final evaluation alone does not show.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ray.tune import Callback
 from ray.util.metrics import Gauge
 
 from orchestrator.grid import describe_axes
+from orchestrator.redact import redact
+from orchestrator.results import epoch_row, merge_epochs
+from orchestrator.storage import HISTORY_FILE, SweepStorage
 
 STATES = ("pending", "running", "finished", "failed")
 # A paper-scale epoch takes ~30 min (52 h / 110 epochs); a cell silent for longer than that needs a look.
@@ -27,6 +36,108 @@ STALL_AFTER_S = 45 * 60.0
 # default 10 s interval), so a sweep would vanish from the dashboard during any quiet stretch: set every gauge
 # again this often.
 REPUBLISH_EVERY_S = 5.0
+# How long the end of the sweep waits for the last history writes, so that history.parquet sees every epoch; a
+# storage outage longer than this costs at most the epochs still unwritten, never the sweep's results.
+HISTORY_FLUSH_S = 60.0
+
+
+class HistoryWriter:
+    """Keeps every cell's per-epoch rows and writes them to `cells/<cell_id>/history.json`, off Tune's event loop.
+
+    Each write sends the cell's whole history (rows keyed by epoch, so an epoch trained again after a resume
+    replaces its earlier row), merged once with what storage already holds: a sweep resumed by a new driver keeps
+    the epochs the previous one wrote. The driver's lease makes it the only writer. Writes run in one background
+    thread because a storage outage is retried for minutes (workloads.fs.with_retries) and must not stall the
+    scheduling of cells; a write that still fails is a warning, and the cell's next epoch sends everything again.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._rows: dict[str, dict[int, dict[str, Any]]] = {}  # cell id -> epoch -> row
+        self._cells: dict[str, tuple[str, dict[str, Any]]] = {}  # cell id -> (sweep url, axes)
+        self._merged: set[str] = set()  # cells whose stored history has been read and merged in
+        self._queued: dict[str, None] = {}  # cells with rows not yet written, in arrival order
+        self._unsent: set[str] = set()  # cells whose last write failed: sent again with the next epoch or a flush
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, sweep_url: str, cell_id: str, axes: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        row = epoch_row(result)
+        if row is None:
+            return
+        with self._changed:
+            self._cells[cell_id] = (sweep_url, dict(axes))
+            self._rows.setdefault(cell_id, {})[row["epoch"]] = row
+            self._queued[cell_id] = None
+            self._unsent.discard(cell_id)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sweep-history", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def flush(self, timeout_s: float = HISTORY_FLUSH_S) -> bool:
+        """Let queued writes finish, send failed ones once more; True when every row reached storage."""
+        deadline = time.monotonic() + timeout_s
+
+        def idle() -> bool:
+            return not self._queued and not self._busy
+
+        with self._changed:
+            self._changed.wait_for(idle, timeout=timeout_s)
+            for cell_id in sorted(self._unsent):
+                self._queued[cell_id] = None
+            self._unsent.clear()
+            self._changed.notify_all()
+            self._changed.wait_for(idle, timeout=max(0.0, deadline - time.monotonic()))
+            return idle() and not self._unsent
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._queued))
+                cell_id = next(iter(self._queued))
+                del self._queued[cell_id]
+                self._busy = True
+            try:
+                sent = self._send(cell_id)
+            except Exception as err:  # whatever goes wrong, the thread lives on for the other cells
+                print(f"warning: cell {cell_id}: history not written ({type(err).__name__})", file=sys.stderr)
+                sent = False
+            with self._changed:
+                self._busy = False
+                if not sent and cell_id not in self._queued:
+                    self._unsent.add(cell_id)
+                self._changed.notify_all()
+
+    def _send(self, cell_id: str) -> bool:
+        sweep_url, axes = self._cells[cell_id]
+        storage = SweepStorage(sweep_url)
+        path = storage.cell_path(cell_id, HISTORY_FILE)
+        if cell_id not in self._merged:
+            try:
+                stored = storage.read_json(path) or {}
+            except ValueError:  # not JSON: nothing of it can be kept; this driver's rows replace it
+                stored = {}
+            except Exception as err:
+                # Writing now could replace epochs an earlier driver stored: wait for storage to answer.
+                _warn(cell_id, "stored history not readable", err)
+                return False
+            with self._changed:
+                mine = self._rows[cell_id].values()
+                self._rows[cell_id] = {r["epoch"]: r for r in merge_epochs(stored.get("epochs") or [], mine)}
+                self._merged.add(cell_id)
+        with self._changed:
+            epochs = [dict(row) for _, row in sorted(self._rows[cell_id].items())]
+        try:
+            storage.write_json(path, {"cell_id": cell_id, "axes": axes, "epochs": epochs})
+        except Exception as err:
+            _warn(cell_id, "history not written", err)
+            return False
+        return True
+
+
+def _warn(cell_id: str, what: str, err: Exception) -> None:
+    print(f"warning: cell {cell_id}: {what} ({type(err).__name__}: {redact(str(err))})", file=sys.stderr, flush=True)
 
 
 class SweepProgress(Callback):
@@ -37,8 +148,13 @@ class SweepProgress(Callback):
         already_finished: int,
         epochs: dict[str, int],
         stall_after_s: float = STALL_AFTER_S,
+        sweep_url: str | None = None,
     ) -> None:
         self.stall_after_s = stall_after_s
+        # Where history.json goes: this sweep's folder, else the one each trial's cell payload names.
+        self.sweep_url = sweep_url
+        self.history = HistoryWriter()
+        self._no_history_said = False
         self._last_heard: dict[str, float] = {}  # cell id -> monotonic time of its last start or report
         self.sweep = sweep
         self.epochs = epochs
@@ -84,14 +200,19 @@ class SweepProgress(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._move("pending", "running")
-        self._last_heard[trial.config["cell"]["cell_id"]] = time.monotonic()
-        cell = trial.config["cell"]
-        axes = describe_axes(cell["axes"])
-        self._say(f"cell {cell['cell_id']} started: {axes}")
+        cell_id, axes, _ = _trial_cell(trial)
+        self._last_heard[cell_id] = time.monotonic()
+        self._say(f"cell {cell_id} started: {describe_axes(axes)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        cell_id = trial.config["cell"]["cell_id"]
+        cell_id, axes, payload_url = _trial_cell(trial)
         self._last_heard[cell_id] = time.monotonic()
+        sweep_url = self.sweep_url or payload_url
+        if sweep_url:
+            self.history.add(sweep_url, cell_id, axes, result)
+        elif not self._no_history_said:
+            self._no_history_said = True
+            self._say("no sweep storage known to the progress callback: per-epoch history is not recorded")
         tags = {"sweep": self.sweep, "cell_id": cell_id}
         epoch = result.get("epoch")
         parts = [f"cell {cell_id} epoch {epoch}/{self.epochs.get(cell_id, '?')}"]
@@ -129,14 +250,32 @@ class SweepProgress(Callback):
                 self._last_heard[cell_id] = now
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._last_heard.pop(trial.config["cell"]["cell_id"], None)
+        cell_id = _trial_cell(trial)[0]
+        self._last_heard.pop(cell_id, None)
         self._move("running", "finished")
-        self._say(f"cell {trial.config['cell']['cell_id']} finished")
+        self._say(f"cell {cell_id} finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._last_heard.pop(trial.config["cell"]["cell_id"], None)
+        cell_id = _trial_cell(trial)[0]
+        self._last_heard.pop(cell_id, None)
         self._move("running", "failed")
-        self._say(f"cell {trial.config['cell']['cell_id']} FAILED (see error.json in its storage folder)")
+        self._say(f"cell {cell_id} FAILED (see error.json in its storage folder)")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """The sweep aggregates history.parquet next: let the last epochs reach storage first (bounded)."""
+        if not self.history.flush():
+            self._say(
+                f"some cells' last epochs are not in their history.json yet (storage slow for {HISTORY_FLUSH_S:.0f} s)"
+            )
+
+
+def _trial_cell(trial: Any) -> tuple[str, dict[str, Any], str | None]:
+    """(cell id, grid axes, sweep URL if it travels with the cell) of a trial, whose config's "cell" is the cell
+    as the trial received it: a plain payload mapping, or an object with `cell_id` and `axes`."""
+    cell = trial.config["cell"]
+    if isinstance(cell, Mapping):
+        return str(cell["cell_id"]), dict(cell["axes"]), cell.get("sweep_url")
+    return str(cell.cell_id), dict(cell.axes), None
 
 
 def _strongest_eval(result: dict) -> tuple[str, float] | None:

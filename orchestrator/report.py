@@ -9,6 +9,8 @@ What the report holds, as far as the grid supports it (a factor needs >= 2 value
   (Table 1: BN vs MBN_adv vs MBN_clean vs GN), BN* vs BN (Tables 2 and 5), PGD-N for training (Table 4), batch size
   (Table 6), depth (Figure 7); then every setting (Table 7) and every cell and branch;
 - figures: accuracy vs PGD iterations (Figures 2 and 3), accuracy vs depth (Figure 7), clean vs robust accuracy;
+- training curves: loss and training accuracy (adversarial and clean batches) per epoch, per setting, from
+  `history.parquet` (plus `cells/*/history.json` of cells it does not cover yet), to see whether cells converged;
 - what is missing or failed (cells of spec.yaml's grid without a result), and what the grid lacks.
 
 Replicates (seeds) become mean ± sample standard deviation and n. NOISE RULE: a difference between a row and its
@@ -36,7 +38,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from orchestrator.grid import expand
-from orchestrator.results import AXES, RESULTS_FILE, result_rows
+from orchestrator.results import (
+    AXES,
+    HISTORY_FILE,
+    HISTORY_METRICS,
+    RESULTS_FILE,
+    history_rows,
+    read_histories,
+    result_rows,
+)
 from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.storage import SweepStorage
 
@@ -50,6 +60,7 @@ PAPER_PGD = (10, 20, 100, 500, 2000)  # the PGD-N columns of the paper's Table 7
 
 # ----------------------------------------------------------------------------------------------------------------
 # The paper's numbers (accuracy in %), only those printed in the text of Xie & Yuille (ICLR 2020).
+# tests/test_report.py parses Table 7 and Table 1 out of the paper's text and holds every entry to its own row.
 
 
 @dataclass(frozen=True, order=True)
@@ -873,6 +884,94 @@ def tradeoff_figure(
     return _png(fig)
 
 
+CURVES_FIGURE = "training_curves.png"
+
+
+def history_settings(history: list[dict[str, Any]]) -> dict[SettingKey, dict[int, dict[str, list[float]]]]:
+    """Per setting (the report's grouping of cells that differ only in seed; branch 'main', as training is one
+    run whatever the evaluation branch): epoch -> metric -> one value per cell that trained that epoch."""
+    grouped: dict[SettingKey, dict[int, dict[str, list[float]]]] = {}
+    for row in history:
+        epochs = grouped.setdefault(_key(row, "main"), {})
+        for metric in HISTORY_METRICS:
+            value = row.get(metric)
+            if value is not None and math.isfinite(value):
+                epochs.setdefault(int(row["epoch"]), {}).setdefault(metric, []).append(float(value))
+    return grouped
+
+
+def training_curves_figure(history: list[dict[str, Any]], defaults: SettingKey | None) -> bytes | None:
+    """Loss (top) and training accuracy (bottom: adversarial batches solid, clean dotted) against the epoch, one
+    colour per setting: mean over its seeds, shaded ± one standard deviation."""
+    grouped = history_settings(history)
+    if not grouped:
+        return None
+    ordered = sorted(grouped.items(), key=lambda item: _table7_order(item[0]))
+    fig = _figure(8.5, 6.6 + _legend_height(len(ordered) + 2))
+    loss_ax, acc_ax = fig.subplots(2, 1, sharex=True)
+    handles = []
+    for (colour, marker), (key, epochs) in zip(_styles(len(ordered)), ordered, strict=True):
+        cells = len({r["cell_id"] for r in history if _key(r, "main") == key})
+        handles.append(_proxy(f"{full_label(key, defaults)} (n={cells})", color=colour, marker=marker))
+        for ax, metric, style in (
+            (loss_ax, "loss", "-"),
+            (acc_ax, "train_acc_adv", "-"),
+            (acc_ax, "train_acc_clean", ":"),
+        ):
+            points = [(e, st) for e in sorted(epochs) if (st := stat(epochs[e].get(metric, []))) is not None]
+            if not points:
+                continue
+            scale = 1.0 if metric == "loss" else 100.0
+            x = [e for e, _ in points]
+            mean = [scale * st.mean for _, st in points]
+            spread = [scale * (st.std or 0.0) for _, st in points]
+            ax.plot(x, mean, color=colour, linestyle=style, marker=marker, markersize=4, markevery=max(1, len(x) // 12))
+            if any(spread):
+                low = [m - d for m, d in zip(mean, spread, strict=True)]
+                high = [m + d for m, d in zip(mean, spread, strict=True)]
+                ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
+    handles.append(_proxy("accuracy: solid on adversarial, dotted on clean training images", linestyle="-"))
+    handles.append(_proxy("shaded: ± one std over seeds", linewidth=6, alpha=0.25))
+    loss_ax.set_ylabel("training loss")
+    acc_ax.set_ylabel("training accuracy (%)")
+    acc_ax.set_xlabel("epoch")
+    acc_ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (loss_ax, acc_ax):
+        ax.grid(True, alpha=0.3)
+    _title(loss_ax, "Training curves: loss and accuracy on the training batches, mean over seeds")
+    _legend(fig, handles)
+    return _png(fig)
+
+
+def training_curves_section(
+    data: SweepData, figures: dict[str, bytes], lacks: list[str], defaults: SettingKey | None
+) -> list[str]:
+    """The training-curve figure and what it covers; a note in `lacks` when storage has no per-epoch history."""
+    finished = {r["cell_id"] for r in data.rows if r.get("status") == "finished"}
+    with_history = {r["cell_id"] for r in data.history}
+    without = sorted(finished - with_history)
+    png = training_curves_figure(data.history, defaults)
+    if png is None:
+        lacks.append(
+            f"training curves: no per-epoch history in storage ({HISTORY_FILE}, cells/*/history.json); "
+            "sweeps run before it was recorded have none"
+        )
+        return []
+    figures[CURVES_FIGURE] = png
+    epochs = {(r["cell_id"], r["epoch"]) for r in data.history}
+    text = (
+        f"Loss and accuracy on the training batches per epoch, from {len(with_history)} cells "
+        f"({len(epochs)} cell-epochs, `{HISTORY_FILE}`): one colour per setting, the mean over its seeds with "
+        "± one standard deviation shaded. A curve still falling at its last epoch has not converged; cells still "
+        "running contribute the epochs they have trained so far."
+    )
+    if without:
+        lacks.append(
+            f"training curves: {len(without)} finished cell(s) have no per-epoch history: {', '.join(without)}"
+        )
+    return ["## Training curves", "", text, "", f"![Training curves]({CURVES_FIGURE})", ""]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading what storage holds
 
@@ -884,6 +983,7 @@ class SweepData:
     rows: list[dict[str, Any]]  # one per (cell, branch), as in results.parquet
     missing: list[dict[str, Any]]  # axes (and cell_id) of wanted cells with no row
     notes: list[str]
+    history: list[dict[str, Any]] = field(default_factory=list)  # one per (cell, epoch), as in history.parquet
 
     @property
     def name(self) -> str:
@@ -952,7 +1052,24 @@ def load_sweep(url: str) -> SweepData:
         notes.append("no results.parquet and no finished cell yet")
     present = {r["cell_id"] for r in rows}
     missing = [{"cell_id": cid, **axes} for cid, axes in wanted.items() if cid not in present]
-    return SweepData(storage, spec, rows, missing, notes)
+    history = load_history(storage, rows, (present | wanted.keys()) if has_cells else set(), newer.keys())
+    return SweepData(storage, spec, rows, missing, notes, history)
+
+
+def load_history(
+    storage: SweepStorage, rows: list[dict[str, Any]], cell_ids: Iterable[str], newer: Iterable[str]
+) -> list[dict[str, Any]]:
+    """Per-epoch rows of these cells: history.parquet for the cells it settled (finished when it was written),
+    each other cell's own history.json (running, failed or finished since). An older sweep has neither: []."""
+    fs = storage.fs
+    settled: list[dict[str, Any]] = []
+    if fs.exists(storage.path(HISTORY_FILE)):
+        with fs.open(storage.path(HISTORY_FILE), "rb") as f:
+            settled = pq.read_table(io.BytesIO(f.read())).to_pylist()
+        finished = {r["cell_id"] for r in rows if r.get("status") == "finished"} - set(newer)
+        settled = [r for r in settled if r["cell_id"] in finished]
+    have = {r["cell_id"] for r in settled}
+    return settled + history_rows(read_histories(storage, set(cell_ids) - have))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1069,6 +1186,7 @@ def render_report(data: SweepData, paper: str = "auto") -> Report:
             if context
             else figure_lines
         )
+    out += training_curves_section(data, figures, lacks, defaults)
     if len(metrics) == 1:
         lacks.append("robustness: no PGD-N accuracy is evaluated (workload.eval.pgd_steps is empty)")
     elif "acc_pgd_2000" not in metrics:

@@ -1,24 +1,41 @@
-"""results.parquet: one row per (cell, eval branch), rebuilt from the cells' records in storage.
+"""results.parquet: one row per (cell, eval branch), rebuilt from the cells' records in storage; history.parquet:
+one row per (cell, training epoch), rebuilt from the cells' history.json.
 
-Columns (DESIGN section 4): cell_id, the grid axes, branch, acc_clean, acc_pgd_<N> for each evaluated N, epochs,
-train_seconds, gpu_hours, status; plus `error` (the failure's one-line reason, empty when finished).
-A failed cell gets one `main` row with null accuracies, so a reader sees it instead of silently missing it.
+results.parquet columns (DESIGN section 4): cell_id, the grid axes, branch, acc_clean, acc_pgd_<N> for each
+evaluated N, epochs, train_seconds, gpu_hours, status; plus `error` (the failure's one-line reason, empty when
+finished). A failed cell gets one `main` row with null accuracies, so a reader sees it instead of silently missing it.
+
+history.parquet columns: cell_id, the grid axes, epoch, then HISTORY_METRICS (null where an epoch did not measure
+one: no clean images at clean ratio 0, no adversarial ones in standard training).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.redact import redact
+from orchestrator.storage import HISTORY_FILE as CELL_HISTORY_FILE
 from orchestrator.storage import SweepStorage
 
 AXES = ("clean_ratio", "norm", "pgd_steps", "depth", "batch_size", "strategy", "seed")
 RESULTS_FILE = "results.parquet"
+HISTORY_FILE = "history.parquet"
+# What the training loop reports every epoch (workloads/train.py) that says whether a cell converges.
+HISTORY_METRICS = ("loss", "train_acc_adv", "train_acc_clean", "lr", "images_per_sec", "epoch_seconds")
+_AXIS_TYPES = {
+    "clean_ratio": pa.float64(),
+    "pgd_steps": pa.int64(),
+    "depth": pa.int64(),
+    "batch_size": pa.int64(),
+    "seed": pa.int64(),
+}
 
 
 def result_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -47,17 +64,16 @@ def results_table(records: Iterable[Mapping[str, Any]]) -> pa.Table:
     pgd_columns = sorted({k for row in rows for k in row if k.startswith("acc_pgd_")}, key=_pgd_key)
     columns = ["cell_id", *AXES, "branch", "acc_clean", *pgd_columns, "epochs", "train_seconds", "gpu_hours"]
     columns += ["status", "error"]
-    types = {
-        "clean_ratio": pa.float64(),
-        "pgd_steps": pa.int64(),
-        "depth": pa.int64(),
-        "batch_size": pa.int64(),
-        "seed": pa.int64(),
-        "epochs": pa.int64(),
-        "train_seconds": pa.float64(),
-        "gpu_hours": pa.float64(),
-        "acc_clean": pa.float64(),
-    } | dict.fromkeys(pgd_columns, pa.float64())
+    types = (
+        _AXIS_TYPES
+        | {
+            "epochs": pa.int64(),
+            "train_seconds": pa.float64(),
+            "gpu_hours": pa.float64(),
+            "acc_clean": pa.float64(),
+        }
+        | dict.fromkeys(pgd_columns, pa.float64())
+    )
     rows.sort(key=lambda r: (r["cell_id"], r["branch"]))
     arrays = {}
     for column in columns:
@@ -70,14 +86,88 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def write_results(storage: SweepStorage, records: Iterable[Mapping[str, Any]]) -> pa.Table:
-    table = results_table(records)
+def _write_table(storage: SweepStorage, name: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    storage.write_bytes_atomic(storage.path(RESULTS_FILE), buffer.getvalue())
+    storage.write_bytes_atomic(storage.path(name), buffer.getvalue())
+
+
+def write_results(storage: SweepStorage, records: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """results.parquet from the records, then history.parquet from the same cells' history.json.
+
+    The history is a by-product: a cell whose history cannot be read is left out with a warning, and a failure to
+    write history.parquet is a warning too, never a reason to lose results.parquet.
+    """
+    records = list(records)
+    table = results_table(records)
+    _write_table(storage, RESULTS_FILE, table)
+    try:
+        _write_table(storage, HISTORY_FILE, history_table(read_histories(storage, [r["cell_id"] for r in records])))
+    except Exception as err:
+        print(f"warning: {HISTORY_FILE} not written ({type(err).__name__}: {redact(str(err))})", file=sys.stderr)
     return table
 
 
 def read_results(storage: SweepStorage) -> pa.Table:
     with storage.fs.open(storage.path(RESULTS_FILE), "rb") as f:
         return pq.read_table(io.BytesIO(f.read()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-epoch history: cells/<cell_id>/history.json is {"cell_id", "axes", "epochs": [row, ...]}, one row per epoch,
+# sorted by epoch; a row is {"epoch": int} plus HISTORY_METRICS (null when not measured).
+
+
+def epoch_row(result: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The history row of one reported result; None for a report that trained nothing (the evaluation-only
+    report of a run resumed at its last epoch has no loss)."""
+    if result.get("epoch") is None or result.get("loss") is None:
+        return None
+    row: dict[str, Any] = {"epoch": int(result["epoch"])}
+    for metric in HISTORY_METRICS:
+        value = result.get(metric)
+        row[metric] = None if value is None else float(value)
+    return row
+
+
+def merge_epochs(*histories: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per epoch, sorted; where several histories hold an epoch, the later argument's row wins: an epoch
+    trained again after a resume replaces the interrupted attempt's row instead of adding a second one."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for rows in histories:
+        for row in rows:
+            by_epoch[int(row["epoch"])] = dict(row)
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def read_histories(storage: SweepStorage, cell_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """The history.json of each of these cells that has one. An unreadable one is skipped with a warning."""
+    histories = []
+    for cell_id in sorted(set(cell_ids)):
+        try:
+            history = storage.read_json(storage.cell_path(cell_id, CELL_HISTORY_FILE))
+        except ValueError as err:  # not JSON: written by something else; the cell's results are unaffected
+            print(f"warning: cell {cell_id}: {CELL_HISTORY_FILE} unreadable ({err}); left out", file=sys.stderr)
+            continue
+        if history and history.get("epochs"):
+            histories.append(history)
+    return histories
+
+
+def history_rows(histories: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for history in histories:
+        base = {"cell_id": history["cell_id"]} | {axis: (history.get("axes") or {}).get(axis) for axis in AXES}
+        rows += [base | {"epoch": row["epoch"]} | {m: row.get(m) for m in HISTORY_METRICS} for row in history["epochs"]]
+    rows.sort(key=lambda r: (r["cell_id"], r["epoch"]))
+    return rows
+
+
+def history_table(histories: Iterable[Mapping[str, Any]]) -> pa.Table:
+    rows = history_rows(histories)
+    types = _AXIS_TYPES | {"epoch": pa.int64()} | dict.fromkeys(HISTORY_METRICS, pa.float64())
+    columns = ["cell_id", *AXES, "epoch", *HISTORY_METRICS]
+    arrays = {}
+    for column in columns:
+        arrays[column] = pa.array([_clean(r.get(column)) for r in rows], type=types.get(column, pa.string()))
+    return pa.table(arrays)

@@ -37,7 +37,7 @@ from typing import Any
 from orchestrator.grid import expand
 from orchestrator.results import AXES
 from orchestrator.spec import SpecError, parse_spec
-from orchestrator.storage import CONFIG_FILE, ERROR_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
+from orchestrator.storage import CONFIG_FILE, ERROR_FILE, HISTORY_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
 
 EXIT_OK, EXIT_INVALID = 0, 2
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -197,8 +197,9 @@ def _cell_status(
         status.state = "unschedulable"
         status.error = str(marker.get("problem") or "its workers fit on no live node")
         return status
-    # Anything the Train run wrote (checkpoints, snapshot, start marker): not the driver's config/error files.
-    driver_files = (CONFIG_FILE, ERROR_FILE)
+    # Anything the Train run wrote (checkpoints, snapshot, start marker): not the driver's files. history.json
+    # follows the run's reports and can land just after a failing attempt's error.json.
+    driver_files = (CONFIG_FILE, ERROR_FILE, HISTORY_FILE)
     activity = [t for name, t in files.items() if name not in driver_files and t is not None]
     started = any(name not in driver_files for name in files)
     if ERROR_FILE in files:

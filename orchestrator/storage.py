@@ -6,7 +6,8 @@
     <storage>/<name>/cells/<cell_id>/result.json    written last and atomically: its presence means "finished"
     <storage>/<name>/cells/<cell_id>/error.json     the last failure, removed when the cell finishes
     <storage>/<name>/cells/<cell_id>/unschedulable.json  present while the cell's workers fit on no live node
-    <storage>/<name>/results.parquet, report/
+    <storage>/<name>/cells/<cell_id>/history.json   per-epoch training metrics, rewritten by the driver every epoch
+    <storage>/<name>/results.parquet, history.parquet, report/
 
 A cell's state is derived from storage alone, so any driver (or `orchestrator.report`) can rebuild the picture.
 """
@@ -28,6 +29,7 @@ RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
 UNSCHEDULABLE_FILE = "unschedulable.json"  # present while the cell's workers fit on no live node
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"  # the cell's per-epoch training metrics (orchestrator.progress writes it)
 
 
 @dataclass(frozen=True)

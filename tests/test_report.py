@@ -336,16 +336,132 @@ def test_paper_numbers_beside_ours_for_the_paper_setting(tmp_path: Path) -> None
     assert "paper's numbers are not shown" not in markdown
 
 
-def test_paper_table_holds_only_numbers_from_the_text() -> None:
-    seed = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_4d9cab5cef856b09.txt"
-    if not seed.is_file():
-        pytest.skip(f"the paper's text is not at {seed}")
-    text = seed.read_text()
-    printed = set(re.findall(r"\d+\.\d", text))
-    derived = {79.3, 78.4}  # Table 1: 78.9 + 0.4 and 78.9 - 0.5 (MBN_clean)
-    for values in report.PAPER.values():
-        for value in values.values():
-            assert f"{value:.1f}" in printed or value in derived, value
+SEED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_4d9cab5cef856b09.txt"
+PAPER_COLUMNS = ("acc_clean", *(f"acc_pgd_{n}" for n in report.PAPER_PGD))
+NUMBER = re.compile(r"[+-]?\d+\.\d")
+
+
+@pytest.fixture(scope="module")
+def paper_text() -> str:
+    if not SEED_TEXT.is_file():
+        pytest.skip(f"the paper's text is not at {SEED_TEXT}")
+    return SEED_TEXT.read_text()
+
+
+def printed_setting(label: str) -> tuple[str, str, str, float]:
+    """(norm, branch, strategy, clean ratio) of a setting as the paper's text prints it, e.g.
+    'MBN <sub>adv</sub> , 100% adv + 100% clean, ALP*'."""
+    text = re.sub(r"MBN\s*<sub>(adv|clean)</sub>\s*,", r"MBN_\1,", label).strip()
+    match = re.fullmatch(r"(?:(MBN_adv|MBN_clean|GN), )?100% adv \+ (\d+)% clean(, ALP)?(\*?)", text)
+    assert match, f"not a setting of the paper: {label!r}"
+    prefix, ratio, alp, star = match.groups()
+    norm = {"MBN_adv": "mbn", "MBN_clean": "mbn", "GN": "gn"}.get(prefix, "bn") + star
+    branch = {"MBN_adv": "mbn_adv", "MBN_clean": "mbn_clean"}.get(prefix, "main")
+    return norm, branch, "alp" if alp else "mixture", int(ratio) / 100
+
+
+def paper_table7(text: str) -> dict[report.SettingKey, dict[str, float]]:
+    """Table 7 (Appendix C) as the text prints it, one entry per row. Each line holds network, batch size, PGD-N,
+    setting, then clean, PGD-10, 20, 100, 500, 2000; merged cells are printed on one row of their block only (or
+    garbled), so the blocks are told apart by their layout: four PGD-N blocks in Table 4's order (30, 20, 10, 5),
+    each opening with '100% adv + 100% clean, ALP', then the batch-size rows and the depth rows, both
+    '100% adv + 0% clean*' at PGD-30 (Table 6, Section 5)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("network\tbatch"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("Table 7:"))
+    rows = [line.rstrip("\t").split("\t") for line in lines[start:end]]
+    rows = [r for r in rows if len(r) == 10 and all(NUMBER.fullmatch(v) for v in r[4:])]
+    assert len(rows) == 45, f"Table 7 has 45 rows of numbers, parsed {len(rows)}"
+    opens = [i for i, r in enumerate(rows) if r[3] == "100% adv + 100% clean, ALP"]
+    assert len(opens) == 4, opens
+    size = opens[2] - opens[1]  # the PGD-20, 10 and 5 blocks have the same 8 settings
+    blocks = {30: rows[opens[0] : opens[1]], 20: rows[opens[1] : opens[2]], 10: rows[opens[2] : opens[3]]}
+    blocks[5] = rows[opens[3] : opens[3] + size]
+    table: dict[report.SettingKey, dict[str, float]] = {}
+
+    def put(key: report.SettingKey, values: list[str]) -> None:
+        assert key not in table, f"two rows of Table 7 parse to {key}"
+        table[key] = dict(zip(PAPER_COLUMNS, map(float, values), strict=True))
+
+    for steps, block in blocks.items():
+        for r in block:
+            norm, branch, strategy, ratio = printed_setting(r[3])
+            put(report.SettingKey(152, 4096, steps, strategy, ratio, norm, branch), r[4:])
+    tail = rows[opens[3] + size :]
+    assert [printed_setting(r[3]) for r in tail if r[3].startswith("100% adv")] == [("bn*", "main", "mixture", 0.0)]
+    for r in tail:
+        network = re.match(r"ResNet-(\d+)", r[0])
+        if network:
+            depth, batch = int(network[1]), 4096
+        else:
+            # The text prints 8196 where Table 6 and Appendix B.3 say 8192.
+            depth, batch = 152, {8196: 8192}.get(int(r[1].split()[0]), int(r[1].split()[0]))
+        put(report.SettingKey(depth, batch, 30, "mixture", 0.0, "bn*", "main"), r[4:])
+    return table
+
+
+def paper_table1_clean(text: str) -> dict[report.SettingKey, dict[str, float]]:
+    """Table 1's clean image accuracies: standard training's absolute number, the MBN_clean rows as differences
+    from it, at PGD-30 for training like the rest of the main paper."""
+    lines = text.splitlines()
+    start = lines.index("training strategy\tclean image accuracy (%)") + 1
+    printed: dict[str, float] = {}
+    for line in lines[start:]:
+        label, _, value = line.rpartition("\t")
+        if not NUMBER.fullmatch(value):
+            break
+        printed[re.sub(r"MBN\s*<sub>clean</sub>\s*,", "MBN_clean,", label)] = float(value)
+    standard = printed.pop("0% adv + 100% clean")
+    table = {report.SettingKey(152, 4096, 0, "standard", 1.0, "bn", "main"): {"acc_clean": standard}}
+    for label, delta in printed.items():
+        norm, branch, strategy, ratio = printed_setting(label)
+        key = report.SettingKey(152, 4096, 30, strategy, ratio, norm, branch)
+        table[key] = {"acc_clean": round(standard + delta, 1)}
+    assert len(table) == 3, printed
+    return table
+
+
+def paper_mismatches(paper: dict[report.SettingKey, dict[str, float]], text: str) -> list[str]:
+    """Every entry of `paper` that is not its own row of Table 7 or Table 1, number for number and column for
+    column; and every row of those tables that `paper` lacks."""
+    table7, table1 = paper_table7(text), paper_table1_clean(text)
+    problems = []
+    for key, values in sorted(paper.items()):
+        want = table7.get(key) or table1.get(key)
+        if want is None:
+            problems.append(f"{key}: no row of Table 7 or Table 1 has this setting")
+        elif values != want:
+            problems.append(f"{key}: {values}, but its row in the paper says {want}")
+    problems += [f"{key}: Table 7's row is missing" for key in sorted(table7.keys() - paper.keys())]
+    problems += [f"{key}: Table 1's row is missing" for key in sorted(table1.keys() - paper.keys())]
+    return problems
+
+
+def test_paper_numbers_are_their_own_table_rows(paper_text: str) -> None:
+    assert paper_mismatches(report.PAPER, paper_text) == []
+    assert len(paper_table7(paper_text)) + len(paper_table1_clean(paper_text)) == len(report.PAPER) == 45 + 3
+
+
+def test_a_paper_number_moved_to_another_row_or_column_is_caught(paper_text: str) -> None:
+    def key(steps: int, norm: str = "bn", ratio: float = 0.0) -> report.SettingKey:
+        return report.SettingKey(152, 4096, steps, "mixture", ratio, norm, "main")
+
+    paper = {k: dict(v) for k, v in report.PAPER.items()}
+    # PGD-2000 of 100% adv + 0% clean at PGD-30 and PGD-20 training swapped: both numbers are in the text.
+    a, b = key(30), key(20)
+    paper[a]["acc_pgd_2000"], paper[b]["acc_pgd_2000"] = paper[b]["acc_pgd_2000"], paper[a]["acc_pgd_2000"]
+    # Two columns of one row swapped.
+    c = key(10, "bn*")
+    paper[c]["acc_pgd_10"], paper[c]["acc_pgd_20"] = paper[c]["acc_pgd_20"], paper[c]["acc_pgd_10"]
+    printed = set(NUMBER.findall(paper_text))
+    assert all(f"{v:.1f}" in printed for k in (a, b, c) for v in paper[k].values())  # a bag of numbers misses it
+    problems = paper_mismatches(paper, paper_text)
+    assert [p.split(":")[0] for p in problems] == [str(k) for k in sorted([a, b, c])]
+    # A whole row under another setting's key: the row it left is missing and the key it took is wrong.
+    paper = {k: dict(v) for k, v in report.PAPER.items()}
+    paper[key(5, ratio=1.0)] = paper.pop(key(5))
+    problems = paper_mismatches(paper, paper_text)
+    assert len(problems) == 2 and any("Table 7's row is missing" in p for p in problems)
 
 
 # ------------------------------------------------------------------------------------------------------------

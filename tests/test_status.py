@@ -250,3 +250,12 @@ def test_a_cell_waiting_for_an_unplaceable_worker_group_shows_as_unschedulable(s
     assert "1 unschedulable" in text.splitlines()[0]
     row = next(line for line in text.splitlines() if line.startswith(pending.cell_id))
     assert row.split()[1] == "unschedulable" and "needs 1 worker(s)" in row
+
+
+def test_history_written_after_a_failure_does_not_make_the_cell_look_running(sweep: dict[str, Any]) -> None:
+    # The driver writes history.json from the run's reports, so the last one can land just after error.json.
+    storage, failed = sweep["storage"], sweep["cells"]["failed"]
+    Tree(storage).write(failed, "history.json", {"cell_id": failed.cell_id, "epochs": []}, T0 + 31)
+    cells = by_id(storage.url, now=T0 + 104)
+    assert cells[failed.cell_id].state == "failed"
+    assert cells[sweep["cells"]["retrying"].cell_id].state == "running"  # a Train write after the error still counts
