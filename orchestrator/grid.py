@@ -39,7 +39,7 @@ OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
 OPERATIONAL_SUBFIELDS: dict[str, frozenset[str]] = {"performance": frozenset({"compile"})}
 # Fields (dotted paths) that enter the id only when set away from their defaults: they came after the first ids.
 # A new config field goes here, or every existing cell would get a new id and lose its checkpoints and results.
-LATE_FIELDS: tuple[str, ...] = ("performance",)
+LATE_FIELDS: tuple[str, ...] = ("performance", "data.augment")
 ID_HEX_DIGITS = 12
 
 

@@ -15,7 +15,6 @@ from workloads.data import (
     ShardedStream,
     batches_per_epoch,
     digits_to_parquet,
-    folder_to_parquet,
     iter_batches,
     load_split,
     read_info,
@@ -242,38 +241,6 @@ def test_digits_dataset(digits_url: str, tmp_path: Path) -> None:
 def test_digits_stream_trains_shape(digits_url: str) -> None:
     x, y = next(iter(iter_batches(digits_url, "train", batch_size=32, rank=1, world_size=2, shuffle_buffer=256)))
     assert x.shape == (32, 1, 32, 32) and y.shape == (32,)
-
-
-def test_folder_converter(tmp_path: Path) -> None:
-    from PIL import Image
-
-    src = tmp_path / "src"
-    red, green = (255, 0, 0), (0, 255, 0)
-    for split, count in (("train", 5), ("val", 2)):
-        for cls, colour in (("cat", red), ("dog", green)):
-            folder = src / split / cls
-            folder.mkdir(parents=True)
-            for i in range(count):
-                # Wide images: red borders around a green centre (or all green for dogs), so the centre crop
-                # after resizing the shorter side must land on the green part.
-                img = np.zeros((8, 24, 3), dtype=np.uint8)
-                img[:] = colour
-                img[:, 8:16] = green
-                Image.fromarray(img).save(folder / f"{i}.png")
-            (folder / "notes.txt").write_text("not an image")
-    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(src / "train" / "dog" / "gray.jpg")
-
-    info = folder_to_parquet(src, str(tmp_path / "ds"), image_size=8, shard_size=3, workers=2)
-    assert info.classes == ("cat", "dog") and info.image_shape == (3, 8, 8)
-    assert info.split("train").num_images == 11 and info.split("val").num_images == 4
-    assert [s.num_images for s in info.split("train").shards] == [3, 3, 3, 2]
-    x, y = load_split(str(tmp_path / "ds"), "train")
-    assert sorted(y.tolist()) == [0] * 5 + [1] * 6
-    gray = x.sum(dim=(1, 2, 3)) == 0  # the black grayscale JPEG, converted to RGB
-    assert int(gray.sum()) == 1 and int(y[gray]) == 1
-    coloured = x[~gray]
-    assert torch.all(coloured[:, 1] == 1.0) and torch.all(coloured[:, 0] == 0.0)  # centre crop: all green
-    assert sorted(load_split(str(tmp_path / "ds"), "val")[1].tolist()) == [0, 0, 1, 1]
 
 
 def test_synthetic(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workloads.augment import AugmentConfig
+
 # ResNet depths as data: depth -> (block type, blocks per stage). 18..200 are the standard He et al. layouts
 # (200 from He et al. 2016b). The paper's deep variants (Section 5, Figure 7) give no split; we keep ResNet-152's
 # first, second and last stage and grow only the third stage, as ResNet-101/152/200 do:
@@ -145,6 +147,9 @@ class DataConfig(_Strict):
     eval_split: str = "test"
     # Shuffle buffer in images for the streaming reader; 0 reads shards in order.
     shuffle_buffer: int = Field(2048, ge=0)
+    # Training-image transform (workloads/augment.py): "auto" is the paper's pipeline on encoded (ImageNet) data
+    # and none on decoded (digits, synthetic) data; "paper", "crop_flip" (small stem) and "none" choose explicitly.
+    augment: AugmentConfig = AugmentConfig()
 
     @field_validator("url")
     @classmethod

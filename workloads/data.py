@@ -4,18 +4,27 @@ Layout under a dataset root URL (local path, ``file://`` or ``s3://bucket/prefix
 
     meta.json                 {"format_version", "num_classes", "image_shape": [C, H, W], "classes": [...],
                                "splits": {"train": {"num_images", "shards": [{"path", "num_images"}, ...]}}}
-    train/part-00000.parquet  columns ``image`` (binary: C*H*W uint8 bytes, row-major), ``label`` (int16/32)
+    train/part-00000.parquet  columns ``image`` (binary), ``label`` (int16/32)
     test/part-00000.parquet
 
+Two encodings of the ``image`` column. Decoded (format 1, the small CPU datasets: digits, synthetic): C*H*W uint8
+bytes, row-major, read without any codec and bit-for-bit reproducible. Encoded (format 2, ``"encoding":
+"encoded"``, ImageNet from ``python -m workloads.data folder``, see workloads/imagenet.py): the image file's bytes,
+decoded and augmented by the reader every epoch as the paper's pipeline does (workloads/augment.py); its
+``image_shape`` is the side the reader yields by default, and meta.json also lists the images the converter
+skipped.
+
 ``meta.json`` is written last (and removed first when a dataset is overwritten), so a reader never pairs it
-with half-written shards. Images are stored decoded: the paper trains ResNet-152 with PGD-30 (Section 3), ~30
-forward/backward passes per image, so decoding JPEGs is never the bottleneck, and raw bytes keep readers free
-of image codecs and bit-for-bit reproducible.
+with half-written shards.
 
 Why shards: the paper trains on 128 GPUs (Section 3); each worker streams only its own share from object
 storage (:func:`iter_batches`) instead of every worker downloading the whole set. The small real dataset for
 CPU runs, scikit-learn's bundled digits, goes through the same format and code path
 (:func:`digits_to_parquet`).
+
+Decoding encoded images runs in processes beside the training process (the paper's pipeline decodes in about 50
+processes per 8-GPU machine), as many as the worker's CPUs less one; the choice against Ray Data, with the
+measurements, is in docs/benchmarks.md (input_pipeline).
 
 Create a dataset with ``python -m workloads.data digits URL`` (or ``folder SRC URL``, ``synthetic URL ...``).
 """
@@ -26,13 +35,15 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
+import os
 import queue
 import re
 import sys
 import threading
-import zlib
-from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +54,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from workloads import augment as aug
+from workloads.augment import AugmentConfig
 from workloads.fs import open_fs, with_retries, write_atomic
 
 __all__ = [
@@ -51,6 +64,7 @@ __all__ = [
     "ShardedStream",
     "SplitInfo",
     "batches_per_epoch",
+    "decode_processes",
     "digits_to_parquet",
     "folder_to_parquet",
     "iter_batches",
@@ -62,11 +76,11 @@ __all__ = [
 ]
 
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # decoded images; encoded ones are format 2 (workloads/imagenet.py writes them)
+ENCODED = "encoded"
 # Small row groups let a rank whose share starts or ends inside a shard read only the rows it needs, and bound
 # the memory of one read (64 ImageNet images at 224px are ~10 MB).
 DEFAULT_ROW_GROUP_SIZE = 64
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 # Splits become directory names; keep them to one safe path component.
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -104,6 +118,12 @@ class DatasetInfo:
     image_shape: tuple[int, int, int]
     classes: tuple[str, ...]
     splits: dict[str, SplitInfo]
+    encoding: str = "raw"  # or "encoded": image files' bytes, decoded by the reader
+    skipped: tuple[str, ...] = ()  # source files the converter could not decode
+
+    @property
+    def encoded(self) -> bool:
+        return self.encoding == ENCODED
 
     def split(self, name: str) -> SplitInfo:
         try:
@@ -146,6 +166,8 @@ def read_info(url: str) -> DatasetInfo:
         raise FileNotFoundError(_missing_dataset_message(url)) from None
     try:
         meta = json.loads(raw)
+        if int(meta["format_version"]) not in (1, 2):
+            raise ValueError(f"format_version {meta['format_version']} is newer than this reader (1 or 2)")
         c, h, w = (int(d) for d in meta["image_shape"])
         splits = {
             str(name): SplitInfo(
@@ -160,7 +182,11 @@ def read_info(url: str) -> DatasetInfo:
             image_shape=(c, h, w),
             classes=tuple(str(x) for x in meta["classes"]),
             splits=splits,
+            encoding=str(meta.get("encoding", "raw")),
+            skipped=tuple(str(x["path"]) for x in meta.get("skipped", ())),
         )
+        if info.encoding not in ("raw", ENCODED):
+            raise ValueError(f"unknown encoding {info.encoding!r}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{url}/{META_FILE} is malformed ({e!r}); re-create the dataset") from e
     for name, s in info.splits.items():
@@ -367,68 +393,37 @@ def digits_to_parquet(url: str, image_size: int = 32, shard_size: int = 256) -> 
     return write_dataset(url, _digits_splits(image_size), [str(d) for d in range(10)], shard_size)
 
 
-def _load_image(path: Path, size: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
-    # Shorter side to `size`, then a centre crop: keeps the aspect ratio and the largest central square.
-    w, h = rgb.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    rgb = rgb.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    rgb = rgb.crop((left, top, left + size, top + size))
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
-
-
 def folder_to_parquet(
     src_dir: str | Path,
     url: str,
     image_size: int = 224,
-    shard_size: int = 512,
+    shard_size: int = 1024,
     *,
+    max_side: int = 512,
+    quality: int = 90,
     seed: int = 0,
-    workers: int = 8,
+    workers: int | None = None,
+    val_labels: str | Path | None = None,
+    progress: Any = None,
 ) -> DatasetInfo:
-    """Convert an ImageNet-style tree ``src_dir/<split>/<class_name>/<image>`` into a dataset (RGB, C=3).
+    """Convert an ImageNet-style tree into an encoded dataset (workloads/imagenet.py: layout, re-encoding,
+    resuming, skipped images). ``image_size`` is the side the reader yields unless a cell's ``data.augment.size``
+    says otherwise."""
+    from workloads.imagenet import convert
 
-    Class ids are the sorted class-folder names over all splits. Each split's images are written in a seeded
-    random order: shards cut from a class-sorted listing would each hold a single class, and a streaming
-    reader with a bounded shuffle buffer could never mix them.
-    """
-    src = Path(src_dir)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src} is not a directory; expected {src}/<split>/<class_name>/<image files>")
-    if image_size < 1:
-        raise ValueError("image_size must be >= 1")
-    split_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_names = sorted({c.name for s in split_dirs for c in s.iterdir() if c.is_dir() and not c.name.startswith(".")})
-    if not class_names:
-        raise ValueError(f"{src} has no class folders; expected {src}/<split>/<class_name>/<image files>")
-    class_id = {name: i for i, name in enumerate(class_names)}
-
-    writer = _DatasetWriter(url, (3, image_size, image_size), class_names, shard_size)
-    load = partial(_load_image, size=image_size)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL releases the GIL while decoding
-        for split_dir in split_dirs:
-            files = [
-                (f, class_id[c.name])
-                for c in sorted(split_dir.iterdir())
-                if c.is_dir() and c.name in class_id
-                for f in sorted(c.iterdir())
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-            ]
-            if not files:
-                raise ValueError(f"split folder {split_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-            # Seeded by the split's name, so adding a split folder leaves the other splits' order unchanged.
-            order = np.random.default_rng([seed, zlib.crc32(split_dir.name.encode())]).permutation(len(files))
-            files = [files[j] for j in order]
-            for start in range(0, len(files), shard_size):
-                chunk = files[start : start + shard_size]
-                images = np.stack(list(pool.map(load, [f for f, _ in chunk])))
-                writer.add(split_dir.name, images, np.array([c for _, c in chunk], dtype=np.int64))
-    return writer.close()
+    convert(
+        src_dir,
+        url,
+        image_size=image_size,
+        max_side=max_side,
+        quality=quality,
+        shard_size=shard_size,
+        seed=seed,
+        workers=workers,
+        val_labels=val_labels,
+        progress=progress,
+    )
+    return read_info(url)
 
 
 def _synthetic_arrays(
@@ -546,10 +541,20 @@ class _Shard:
         self._handle = self._file = None
 
 
+def _encoded_rows(table: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray]:
+    column = table.column("image")
+    if column.null_count:
+        raise ValueError(f"{where}: null images")
+    payloads = np.empty(table.num_rows, dtype=object)
+    payloads[:] = column.to_pylist()
+    return payloads, table.column("label").to_numpy().astype(np.int64)
+
+
 def _read_rows(
-    fs: Any, root: str, shard: ShardInfo, shape: tuple[int, int, int], lo: int, hi: int
+    fs: Any, root: str, shard: ShardInfo, shape: tuple[int, int, int], lo: int, hi: int, encoded: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Rows [lo, hi) of one shard, one row group at a time; row groups outside the range are never fetched.
+    Decoded images come as (N, C, H, W) uint8, encoded ones as an object array of their bytes.
 
     A storage outage mid-epoch does not end the epoch: opening the shard and each row-group read are retried
     (`fs.with_retries`), on a freshly opened file.
@@ -569,7 +574,8 @@ def _read_rows(
             if end > lo and start < hi:
                 table = with_retries(partial(source.row_group, g), f"read {where}")
                 a, b = max(lo, start) - start, min(hi, end) - start
-                yield _decode(table.slice(a, b - a), shape, where)
+                part = table.slice(a, b - a)
+                yield _encoded_rows(part, where) if encoded else _decode(part, shape, where)
             start = end
             if start >= hi:
                 break
@@ -694,6 +700,7 @@ def iter_batches(
     seed: int = 0,
     shuffle_buffer: int = 0,
     prefetch: int = 2,
+    augment: AugmentConfig | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Stream this rank's share of a split as (float32 (B, C, H, W) in [0, 1], int64 (B,)) batches.
 
@@ -703,6 +710,10 @@ def iter_batches(
     are mixed in a buffer seeded by (seed, epoch, rank); 0 keeps the (permuted) file order. Every rank stops
     after exactly :func:`batches_per_epoch` full batches and drops the rest: DDP collectives deadlock when
     ranks run different numbers of steps. Arguments are checked here, before the first batch is requested.
+
+    ``augment`` (a cell's ``data.augment``; None is its default) transforms each image with draws seeded by
+    (seed, epoch, the image's index in the split): encoded datasets are decoded and augmented in processes
+    beside this one (:func:`decode_processes`), decoded ones read as stored unless a transform is asked for.
     """
     info = _as_info(source)
     split_info = info.split(split)
@@ -716,7 +727,14 @@ def iter_batches(
             f"split {split!r} of {info.url} has {split_info.num_images} images, fewer than "
             f"world_size x batch_size = {world_size} x {batch_size}: no rank would get a full batch"
         )
-    return _batches(info, split_info, rank, world_size, batch_size, epoch, seed, shuffle_buffer, prefetch, num_batches)
+    cfg = augment or AugmentConfig()
+    name = cfg.resolved(info.encoded)
+    if not info.encoded and name == "none":
+        return _batches(
+            info, split_info, rank, world_size, batch_size, epoch, seed, shuffle_buffer, prefetch, num_batches
+        )
+    view = _View(info, cfg, name, train=True, seed=seed, epoch=epoch)
+    return _augmented_batches(view, split_info, rank, world_size, batch_size, shuffle_buffer, prefetch, num_batches)
 
 
 def _batches(
@@ -767,6 +785,227 @@ def _batches(
         chunks.close()
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Decoding and augmentation
+
+
+@dataclass(frozen=True)
+class _View:
+    """How stored images become model inputs for one epoch of one split (train) or for evaluation."""
+
+    info: DatasetInfo
+    cfg: AugmentConfig
+    name: str  # resolved transform: "paper", "crop_flip" or "none"
+    train: bool
+    seed: int = 0
+    epoch: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.cfg.size or self.info.image_shape[1]
+
+    def check(self) -> None:
+        _, h, w = self.info.image_shape
+        if not self.info.encoded and self.name != "paper" and self.size != h:
+            raise ValueError(
+                f"data.augment.size {self.size} differs from the stored {h}x{w} images of {self.info.url}; only "
+                "the 'paper' transform resamples decoded images (or leave size unset)"
+            )
+        if self.info.encoded and self.name == "crop_flip":
+            raise ValueError(
+                f"data.augment.name 'crop_flip' needs decoded images of a fixed size; {self.info.url} stores "
+                "encoded images: use 'paper' (or 'auto') or 'none'"
+            )
+
+    def task_fn(self) -> Callable[..., np.ndarray]:
+        """fn(*task_args(stored, indices)) -> (N, C, size, size) uint8. For encoded images a function of
+        workloads.augment alone with small arguments: it is pickled to decoding processes, which import no torch."""
+        common: dict[str, Any] = {
+            "name": self.name,
+            "cfg": self.cfg,
+            "size": self.size,
+            "seed": self.seed,
+            "epoch": self.epoch,
+        }
+        if self.info.encoded:
+            return partial(aug.decode_batch, train=self.train, channels=self.info.image_shape[0], **common)
+        if self.train and self.name != "none":
+            return partial(aug.augment_decoded, **common)
+        return _stored
+
+    def task_args(self, stored: np.ndarray, indices: np.ndarray) -> tuple[Any, ...]:
+        return (list(stored), indices.tolist()) if self.info.encoded else (stored, indices)
+
+
+def _stored(images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    return images
+
+
+def decode_processes() -> int:
+    """Decoding processes beside a training process: its CPUs (the Ray worker's CPU resources, else the CPUs this
+    process may run on) less the one its own loop keeps busy. 0 decodes in a thread of the training process."""
+    cpus: float | None = None
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+    return max(0, int(cpus) - 1)
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(processes: int) -> ProcessPoolExecutor:
+    """One pool per process and size, kept across epochs (starting processes every epoch would cost seconds)."""
+    pool = _POOLS.get(processes)
+    if pool is None or getattr(pool, "_broken", False):
+        # forkserver: decoding processes import only workloads.augment (no torch, no CUDA context, no Ray threads).
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["workloads.augment", "PIL.Image", "PIL.JpegImagePlugin", "numpy"])
+        pool = _POOLS[processes] = ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
+    return pool
+
+
+def _ordered_map(
+    fn: Callable[..., Any], tasks: Iterator[tuple[tuple[Any, ...], Any]], processes: int, window: int
+) -> Generator[tuple[Any, Any], None, None]:
+    """(fn(*args), extra) for every task (args, extra), in task order, at most ``window`` tasks in flight."""
+    if processes == 0:
+        # One thread: PIL releases the GIL while decoding and resampling, so this still overlaps the step.
+        yield from _prefetched(((fn(*args), extra) for args, extra in tasks), window)
+        return
+    pool = _pool(processes)
+    futures: deque[tuple[Future[Any], Any]] = deque()
+    try:
+        for args, extra in tasks:
+            futures.append((pool.submit(fn, *args), extra))
+            if len(futures) >= window:
+                future, first = futures.popleft()
+                yield future.result(), first
+        while futures:
+            future, first = futures.popleft()
+            yield future.result(), first
+    finally:
+        for future, _ in futures:
+            future.cancel()
+
+
+def _shuffled_rows(
+    chunks: Iterator[tuple[np.ndarray, ...]], capacity: int, rng: np.random.Generator
+) -> Generator[tuple[np.ndarray, ...], None, None]:
+    """:func:`_shuffled` over rows of several columns (stored image, label, index in the split)."""
+    buffers: list[np.ndarray] = []
+    size = 0
+    for columns in chunks:
+        if not buffers:
+            buffers = [np.empty((capacity, *c.shape[1:]), dtype=c.dtype) for c in columns]
+        n = len(columns[0])
+        pos = 0
+        if size < capacity:
+            pos = min(capacity - size, n)
+            for buf, col in zip(buffers, columns, strict=True):
+                buf[size : size + pos] = col[:pos]
+            size += pos
+        while pos < n:
+            k = min(capacity, n - pos)
+            slots = rng.choice(capacity, size=k, replace=False)
+            yield tuple(buf[slots] for buf in buffers)
+            for buf, col in zip(buffers, columns, strict=True):
+                buf[slots] = col[pos : pos + k]
+            pos += k
+    if buffers:
+        order = rng.permutation(size)
+        yield tuple(buf[order] for buf in buffers)
+
+
+def _row_batches(
+    rows: Iterator[tuple[np.ndarray, ...]], batch_size: int, num_batches: int
+) -> Generator[tuple[np.ndarray, ...], None, None]:
+    pending: list[tuple[np.ndarray, ...]] = []
+    count = emitted = 0
+    for columns in rows:
+        pos = 0
+        n = len(columns[0])
+        while pos < n:
+            k = min(batch_size - count, n - pos)
+            pending.append(tuple(c[pos : pos + k] for c in columns))
+            count += k
+            pos += k
+            if count == batch_size:
+                yield tuple(np.concatenate(parts) for parts in zip(*pending, strict=True))
+                pending, count = [], 0
+                emitted += 1
+                if emitted == num_batches:
+                    return
+
+
+def _augmented_batches(
+    view: _View,
+    split: SplitInfo,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    shuffle_buffer: int,
+    prefetch: int,
+    num_batches: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The reader for transformed images: the same rows in the same order as :func:`_batches` would yield them
+    (shard order, rank ranges, a shuffle buffer from the same seed), each carrying its index in the split, which
+    seeds its transform; whole batches go to the decoding processes, and come back in order."""
+    view.check()
+    info = view.info
+    fs, root = open_fs(info.url)
+    shape = info.image_shape
+    starts: dict[str, int] = {}
+    offset = 0
+    for shard in split.shards:
+        starts[shard.path] = offset
+        offset += shard.num_images
+    pieces = _rank_pieces(split, rank, world_size, view.epoch, view.seed)
+
+    def rows() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for shard, lo, hi in pieces:
+            pos = starts[shard.path] + lo
+            for stored, labels in _read_rows(fs, root, shard, shape, lo, hi, encoded=info.encoded):
+                yield stored, labels, np.arange(pos, pos + len(labels), dtype=np.int64)
+                pos += len(labels)
+
+    chunks = _prefetched(rows(), prefetch)
+    share = sum(hi - lo for _, lo, hi in pieces)
+    shuffled = (
+        _shuffled_rows(
+            chunks, min(shuffle_buffer, share), np.random.default_rng([_SHUFFLE, view.seed, view.epoch, rank])
+        )
+        if shuffle_buffer > 0
+        else chunks
+    )
+    processes = decode_processes() if info.encoded else 0
+    batches = _row_batches(shuffled, batch_size, num_batches)
+    labelled = _ordered_map(
+        view.task_fn(),
+        ((view.task_args(stored, indices), labels) for stored, labels, indices in batches),
+        processes,
+        max(2, 2 * processes, prefetch),
+    )
+    emitted = 0
+    try:
+        for images, labels in labelled:
+            yield _to_tensors(images, labels)
+            emitted += 1
+        if emitted < num_batches:
+            raise RuntimeError(f"{info.url}: rank {rank} ran out of images after {emitted} of {num_batches} batches")
+    finally:
+        labelled.close()
+        batches.close()
+        shuffled.close()
+        chunks.close()
+
+
 class ShardedStream:
     """:func:`iter_batches` as a re-iterable object with ``len()`` and ``set_epoch()``, like a DataLoader."""
 
@@ -781,6 +1020,7 @@ class ShardedStream:
         seed: int = 0,
         shuffle_buffer: int = 0,
         prefetch: int = 2,
+        augment: AugmentConfig | None = None,
     ) -> None:
         self.info = _as_info(source)
         self.split = split
@@ -790,6 +1030,7 @@ class ShardedStream:
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.prefetch = prefetch
+        self.augment = augment
         self.epoch = 0
         self.info.split(split)  # fail at construction on an unknown split
 
@@ -810,14 +1051,18 @@ class ShardedStream:
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
             prefetch=self.prefetch,
+            augment=self.augment,
         )
 
 
-def load_split(source: str | DatasetInfo, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    source: str | DatasetInfo, split: str, limit: int | None = None, augment: AugmentConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` images of a split in file order (all if None): the fixed evaluation subset.
 
     Converters store splits in a seeded random order, so the first k images are a uniform sample. Holds the
-    result in memory as float32: pass a limit for large splits.
+    result in memory as float32: pass a limit for large splits. Encoded images get the evaluation view (shorter
+    side to size / eval_crop, centre crop; ``augment`` sets size and eval_crop), decoded ones are as stored.
     """
     info = _as_info(source)
     split_info = info.split(split)
@@ -825,17 +1070,51 @@ def load_split(source: str | DatasetInfo, split: str, limit: int | None = None) 
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     n = split_info.num_images if limit is None else min(limit, split_info.num_images)
     fs, root = open_fs(info.url)
-    images = np.empty((n, *info.image_shape), dtype=np.uint8)
+    if not info.encoded:
+        images = np.empty((n, *info.image_shape), dtype=np.uint8)
+        labels = np.empty(n, dtype=np.int64)
+        pos = 0
+        for shard in split_info.shards:
+            if pos >= n:
+                break
+            for x, y in _read_rows(fs, root, shard, info.image_shape, 0, min(shard.num_images, n - pos)):
+                images[pos : pos + len(x)] = x
+                labels[pos : pos + len(y)] = y
+                pos += len(x)
+        return _to_tensors(images, labels)
+    view = _View(info, augment or AugmentConfig(), "none", train=False)
+    images = np.empty((n, info.image_shape[0], view.size, view.size), dtype=np.uint8)
     labels = np.empty(n, dtype=np.int64)
+    tasks = (
+        (view.task_args(x, np.arange(len(x))), y)
+        for shard in split_info.shards
+        for x, y in _read_rows(fs, root, shard, info.image_shape, 0, shard.num_images, encoded=info.encoded)
+    )
+    processes = decode_processes()
     pos = 0
-    for shard in split_info.shards:
-        if pos >= n:
-            break
-        for x, y in _read_rows(fs, root, shard, info.image_shape, 0, min(shard.num_images, n - pos)):
-            images[pos : pos + len(x)] = x
-            labels[pos : pos + len(y)] = y
-            pos += len(x)
+    results = _ordered_map(view.task_fn(), _until(tasks, n), processes, max(2, 2 * processes))
+    try:
+        for x, y in results:
+            k = min(len(y), n - pos)
+            images[pos : pos + k] = x[:k]
+            labels[pos : pos + k] = y[:k]
+            pos += k
+    finally:
+        results.close()
     return _to_tensors(images, labels)
+
+
+def _until(tasks: Iterator[tuple[tuple[Any, ...], np.ndarray]], n: int) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Tasks until they cover ``n`` rows (the last one cut to fit)."""
+    if n == 0:
+        return
+    seen = 0
+    for args, labels in tasks:
+        take = min(len(labels), n - seen)
+        yield tuple(a[:take] for a in args), labels[:take]
+        seen += take
+        if seen >= n:
+            return
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -845,7 +1124,9 @@ def load_split(source: str | DatasetInfo, split: str, limit: int | None = None) 
 def describe(info: DatasetInfo) -> str:
     c, h, w = info.image_shape
     splits = ", ".join(f"{name} {s.num_images} images in {len(s.shards)} shards" for name, s in info.splits.items())
-    return f"{info.url}: {splits}; images {c}x{h}x{w}, {info.num_classes} classes"
+    stored = f"encoded images read as {c}x{h}x{w}" if info.encoded else f"images {c}x{h}x{w}"
+    skipped = f"; {len(info.skipped)} unreadable source images skipped (listed in {META_FILE})" if info.skipped else ""
+    return f"{info.url}: {splits}; {stored}, {info.num_classes} classes{skipped}"
 
 
 def _positive(text: str) -> int:
@@ -865,13 +1146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     digits.add_argument("url")
     digits.add_argument("--image-size", type=_positive, default=32)
     digits.add_argument("--shard-size", type=_positive, default=256)
-    folder = sub.add_parser("folder", help="an ImageNet-style tree SRC/<split>/<class>/<image>")
+    folder = sub.add_parser(
+        "folder",
+        help="an ImageNet-style tree SRC/<split>/<class>/<image> as encoded images (re-run to finish a stopped job)",
+    )
     folder.add_argument("src")
     folder.add_argument("url")
-    folder.add_argument("--image-size", type=_positive, default=224)
-    folder.add_argument("--shard-size", type=_positive, default=512)
+    folder.add_argument("--image-size", type=_positive, default=224, help="side the reader yields (default 224)")
+    folder.add_argument("--max-side", type=_positive, default=512, help="longer side above which images are re-encoded")
+    folder.add_argument("--quality", type=_positive, default=90, help="JPEG quality of re-encoded images")
+    folder.add_argument("--shard-size", type=_positive, default=1024)
+    folder.add_argument("--val-labels", default=None, help="labels of a split folder without class folders")
     folder.add_argument("--seed", type=int, default=0)
-    folder.add_argument("--workers", type=_positive, default=8)
+    folder.add_argument("--workers", type=_positive, default=None, help="converting processes (default: every core)")
     synthetic = sub.add_parser("synthetic", help="random class-dependent images, for benchmarks and tests")
     synthetic.add_argument("url")
     synthetic.add_argument("--num-images", type=_positive, required=True)
@@ -887,7 +1174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = digits_to_parquet(args.url, args.image_size, args.shard_size)
         elif args.command == "folder":
             info = folder_to_parquet(
-                args.src, args.url, args.image_size, args.shard_size, seed=args.seed, workers=args.workers
+                args.src,
+                args.url,
+                args.image_size,
+                args.shard_size,
+                max_side=args.max_side,
+                quality=args.quality,
+                seed=args.seed,
+                workers=args.workers,
+                val_labels=args.val_labels,
+                progress=sys.stderr,
             )
         else:
             info = synthetic_to_parquet(

@@ -1,0 +1,332 @@
+"""Input transforms of one image: the paper's ImageNet augmentation, its evaluation crop, and a CIFAR-style option.
+
+The paper trains every model with the public pipeline of Xie et al. (2019b), FAIR's ImageNet-Adversarial-Training
+(tensorpack; its ``fbresnet_augmentor``), and evaluates on the same resize-and-centre-crop. Train:
+
+1. random crop covering 8-100 % of the image area with aspect ratio 3/4-4/3 (10 tries, then the central square:
+   tensorpack's ``GoogleNetResize`` falls back to a shorter-side resize plus centre crop), bicubic to ``size``;
+2. brightness x U(0.6, 1.4), contrast U(0.6, 1.4) towards the mean grey, saturation 1 + U(-0.4, 0.4) and
+   AlexNet-PCA lighting with std 0.1, in a random order (tensorpack's ``RandomOrderAug``);
+3. horizontal flip with probability 1/2; uint8 pixels (the model scales them, so the attack's eps stays on the
+   0-255 scale).
+
+Eval: shorter side to ``size / eval_crop`` (256 for 224), bicubic, centre crop ``size``.
+
+Every random draw of one image comes from a generator seeded by (seed, epoch, sample index), so an image looks
+the same whichever process decodes it, in whatever order, and a run resumed at an epoch boundary sees exactly
+the images an uninterrupted one would have seen.
+
+Two liberties, both measured in tests/test_imagenet_data.py: the colour operations run on uint8 images through
+lookup tables (brightness, contrast and lighting are per-channel affine maps and compose into one table; the
+saturation blend between them rounds and clips to 0-255 where tensorpack stays in float until the end), and a
+JPEG whose crop is at least twice ``size`` on both sides is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+scaling, PIL's ``draft``) before the bicubic resize.
+
+This module imports neither torch nor ray (workloads.config imports it; decoding processes import only this).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+AugmentName = Literal["auto", "paper", "crop_flip", "none"]
+
+# AlexNet's PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), as fb.resnet.torch and tensorpack use it; the
+# eigenvalues are on the 0-1 scale, tensorpack multiplies them by 255 for uint8 pixels.
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+# ITU-R 601-2 luma, what both OpenCV's and PIL's grey conversions use.
+GREY = (0.299, 0.587, 0.114)
+CROP_TRIES = 10
+# Leads every per-image seed sequence (numpy's SeedSequence treats trailing zeros as absent).
+_AUGMENT_STREAM = 5
+
+
+class AugmentConfig(BaseModel):
+    """How training images are augmented (``data.augment`` of a cell); evaluation always takes the centre crop.
+
+    name: "paper" is the pipeline above; "crop_flip" pads ``padding`` zero pixels, takes a random ``size`` crop
+    and flips (the usual CIFAR recipe, for the small stem on small decoded images); "none" feeds training the
+    evaluation view; "auto" is "paper" for datasets stored as encoded images (ImageNet converted with
+    ``python -m workloads.data folder``) and "none" for datasets stored decoded (digits, synthetic), so small-stem
+    CPU runs train on exactly the pixels they always did unless a cell asks for augmentation.
+    size: side of the square the model sees; None takes it from the dataset's ``image_shape``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: AugmentName = "auto"
+    size: int | None = Field(None, ge=8, le=4096)
+    area: tuple[float, float] = (0.08, 1.0)
+    aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    brightness: float = Field(0.4, ge=0, lt=1)
+    contrast: float = Field(0.4, ge=0, lt=1)
+    saturation: float = Field(0.4, ge=0, le=1)
+    lighting: float = Field(0.1, ge=0, le=1)
+    flip: bool = True
+    padding: int = Field(4, ge=0, le=256)
+    # 224 / 256: the evaluation crop's share of the resized shorter side.
+    eval_crop: float = Field(0.875, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        lo, hi = self.area
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"area {list(self.area)} must satisfy 0 < low <= high <= 1 (the paper: [0.08, 1.0])")
+        lo, hi = self.aspect
+        if not 0 < lo <= hi:
+            raise ValueError(f"aspect {list(self.aspect)} must satisfy 0 < low <= high (the paper: [0.75, 1.333])")
+        return self
+
+    def resolved(self, encoded: bool) -> Literal["paper", "crop_flip", "none"]:
+        """The transform "auto" stands for on a dataset stored encoded (True) or decoded (False)."""
+        if self.name == "auto":
+            return "paper" if encoded else "none"
+        return self.name
+
+
+def image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator behind every random draw of sample ``index`` in ``epoch`` of a run seeded ``seed``."""
+    import numpy as np
+
+    return np.random.default_rng([_AUGMENT_STREAM, seed, epoch, index])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Geometry
+
+
+def random_crop_box(width: int, height: int, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """tensorpack's ``GoogleNetResize`` crop: (left, top, right, bottom) in source pixels."""
+    area = width * height
+    log_lo, log_hi = math.log(cfg.aspect[0]), math.log(cfg.aspect[1])
+    for _ in range(CROP_TRIES):
+        target = rng.uniform(cfg.area[0], cfg.area[1]) * area
+        # Log-uniform aspect, symmetric in w/h (tensorpack draws uniformly and swaps sides with probability 1/2;
+        # for [3/4, 4/3] both give the same range and nearly the same law).
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(math.sqrt(target * aspect) + 0.5)
+        h = int(math.sqrt(target / aspect) + 0.5)
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    return centre_square(width, height)
+
+
+def centre_square(width: int, height: int, fraction: float = 1.0) -> tuple[int, int, int, int]:
+    """The central square of side ``fraction`` x the shorter side: a shorter-side resize and centre crop in one."""
+    side = max(1, round(min(width, height) * fraction))
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Colour
+
+
+def _affine_table(scale: np.ndarray, shift: np.ndarray) -> list[int]:
+    import numpy as np
+
+    levels = np.arange(256, dtype=np.float64)
+    table = np.clip(np.rint(scale[:, None] * levels[None, :] + shift[:, None]), 0, 255)
+    return [int(v) for v in table.astype(np.uint8).reshape(-1)]
+
+
+def colour_jitter(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
+    """Brightness, contrast, saturation and lighting in a random order (tensorpack's ``RandomOrderAug``).
+
+    Runs of per-channel affine operations compose into one lookup table (x -> a x + b per channel), applied
+    before each saturation blend and at the end; greyscale images skip the colour-only operations.
+    """
+    import numpy as np
+    from PIL import Image as PILImage
+    from PIL import ImageStat
+
+    colour = img.mode == "RGB"
+    channels = 3 if colour else 1
+    scale = np.ones(channels)
+    shift = np.zeros(channels)
+    grey = np.asarray(GREY) if colour else np.ones(1)
+    means: np.ndarray | None = None  # channel means of `img`, computed once per blend-free stretch
+
+    def flush(image: Image.Image) -> Image.Image:
+        nonlocal scale, shift, means
+        if np.allclose(scale, 1) and np.allclose(shift, 0):
+            return image
+        image = image.point(_affine_table(scale, shift))
+        scale, shift, means = np.ones(channels), np.zeros(channels), None
+        return image
+
+    # Draw every value first, in a fixed order, so the draws do not depend on the image.
+    order = rng.permutation(4)
+    b = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    c = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
+    s = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+    alpha = rng.standard_normal(3) * cfg.lighting
+    for op in order:
+        if op == 0 and cfg.brightness:
+            scale, shift = scale * b, shift * b
+        elif op == 1 and cfg.contrast:
+            if means is None:
+                means = np.asarray(ImageStat.Stat(img).mean[:channels])
+            mean_grey = float(grey @ (scale * means + shift))
+            scale, shift = scale * c, shift * c + mean_grey * (1 - c)
+        elif op == 2 and cfg.saturation and colour:
+            img = flush(img)
+            img = PILImage.blend(img.convert("L").convert("RGB"), img, float(s))
+        elif op == 3 and cfg.lighting and colour:
+            shift = shift + np.asarray(PCA_EIGVEC) @ (alpha * np.asarray(PCA_EIGVAL) * 255.0)
+    return flush(img)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Whole images
+
+
+def open_image(payload: bytes) -> Image.Image:
+    """A lazily decoded image (PIL reads only the header until pixels are needed)."""
+    from PIL import Image as PILImage
+
+    return PILImage.open(io.BytesIO(payload))
+
+
+def _rgb_or_grey(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGB", "L"):
+        return img
+    # CMYK JPEGs, palettes, alpha, 16-bit greyscale: the model sees RGB like the rest.
+    return img.convert("RGB")
+
+
+def _reduced_decode(img: Image.Image, box: tuple[int, int, int, int], size: int) -> tuple[int, int, int, int]:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop stays >= 2 x size on both sides there; returns
+    the crop box in the reduced image's pixels. Other formats, and crops too small to shrink, decode in full."""
+    if img.format != "JPEG":
+        return box
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    factor = 1
+    while factor < 8 and min(crop_w, crop_h) >= 4 * size * factor:
+        factor *= 2
+    if factor == 1:
+        return box
+    width, height = img.size
+    img.draft(img.mode if img.mode in ("RGB", "L") else None, (-(-width // factor), -(-height // factor)))
+    sx, sy = img.size[0] / width, img.size[1] / height
+    return (
+        round(box[0] * sx),
+        round(box[1] * sy),
+        max(round(box[2] * sx), round(box[0] * sx) + 1),
+        max(round(box[3] * sy), round(box[1] * sy) + 1),
+    )
+
+
+def _resized(img: Image.Image, box: tuple[int, int, int, int], size: int, reduce: bool = True) -> Image.Image:
+    from PIL import Image as PILImage
+
+    if reduce:
+        box = _reduced_decode(img, box, size)
+    img = _rgb_or_grey(img)
+    # Crop and bicubic resize in one pass (the crop is the resize's source box).
+    return img.resize((size, size), PILImage.Resampling.BICUBIC, box=box)
+
+
+def train_view(img: Image.Image, name: str, cfg: AugmentConfig, size: int, rng: np.random.Generator) -> Image.Image:
+    """One augmented training view of ``img`` (``name``: a resolved transform, "paper" or "none")."""
+    from PIL import Image as PILImage
+
+    if name == "none":
+        return eval_view(img, cfg, size)
+    out = _resized(img, random_crop_box(*img.size, cfg, rng), size)
+    out = colour_jitter(out, cfg, rng)
+    if cfg.flip and rng.random() < 0.5:
+        out = out.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
+    return out
+
+
+def eval_view(img: Image.Image, cfg: AugmentConfig, size: int) -> Image.Image:
+    """Shorter side to size / eval_crop, bicubic, centre crop ``size`` (the crop box mapped back to the source)."""
+    return _resized(img, centre_square(*img.size, cfg.eval_crop), size)
+
+
+def pad_crop_flip(images: np.ndarray, cfg: AugmentConfig, rngs: list[np.random.Generator]) -> np.ndarray:
+    """The "crop_flip" transform of decoded (N, C, H, W) uint8 images: zero padding, random crop, flip."""
+    import numpy as np
+
+    n, c, h, w = images.shape
+    p = cfg.padding
+    padded = np.zeros((n, c, h + 2 * p, w + 2 * p), dtype=np.uint8)
+    padded[:, :, p : p + h, p : p + w] = images
+    out = np.empty_like(images)
+    for i, rng in enumerate(rngs):
+        top, left = (int(v) for v in rng.integers(0, 2 * p + 1, size=2))
+        view = padded[i, :, top : top + h, left : left + w]
+        out[i] = view[:, :, ::-1] if cfg.flip and rng.random() < 0.5 else view
+    return out
+
+
+def to_chw(img: Image.Image, channels: int) -> np.ndarray:
+    """(C, H, W) uint8; greyscale images are repeated to 3 channels when the dataset is colour."""
+    import numpy as np
+
+    pixels = np.asarray(img)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[2] != channels:
+        pixels = np.repeat(pixels[:, :, :1], channels, axis=2)
+    return pixels.transpose(2, 0, 1)
+
+
+def decode_batch(
+    payloads: list[bytes],
+    indices: list[int],
+    *,
+    train: bool,
+    name: str,
+    cfg: AugmentConfig,
+    size: int,
+    channels: int,
+    seed: int,
+    epoch: int,
+) -> np.ndarray:
+    """Decode (and for training augment) encoded images into one (N, C, size, size) uint8 array.
+
+    Runs in decoding processes; what it returns depends only on its arguments.
+    """
+    import numpy as np
+
+    out = np.empty((len(payloads), channels, size, size), dtype=np.uint8)
+    for i, (payload, index) in enumerate(zip(payloads, indices, strict=True)):
+        img = open_image(payload)
+        view = train_view(img, name, cfg, size, image_rng(seed, epoch, index)) if train else eval_view(img, cfg, size)
+        out[i] = to_chw(view, channels)
+    return out
+
+
+def augment_decoded(
+    images: np.ndarray, indices: Any, *, name: str, cfg: AugmentConfig, size: int, seed: int, epoch: int
+) -> np.ndarray:
+    """A requested transform ("paper" or "crop_flip") on images stored decoded, (N, C, H, W) uint8."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    rngs = [image_rng(seed, epoch, int(i)) for i in indices]
+    if name == "crop_flip":
+        return pad_crop_flip(images, cfg, rngs)
+    c = images.shape[1]
+    out = np.empty((len(images), c, size, size), dtype=np.uint8)
+    for k, (image, rng) in enumerate(zip(images, rngs, strict=True)):
+        pil = PILImage.fromarray(image[0] if c == 1 else image.transpose(1, 2, 0))
+        out[k] = to_chw(train_view(pil, name, cfg, size, rng), c)
+    return out
