@@ -7,7 +7,9 @@
 the whole group must stay within resources.cluster_gpus), points the RayJob's entrypoint at the spec, checks the
 result against the rules below and writes one multi-document YAML file for `kubectl apply -f`. Exit status 2 with
 a one-line message for an unknown overlay, an invalid spec or a spec the overlay cannot run. `check` builds every
-overlay and deploy/raycluster, scans deploy/ for secrets, and prints every broken rule (exit status 1 if any).
+overlay, deploy/raycluster and deploy/monitoring, validates the RayJob and RayCluster objects against the KubeRay
+schemas in deploy/schemas/kuberay (a missing schema is a problem, not a skipped check), checks the Grafana dashboard,
+scans deploy/ for secrets, and prints every broken rule (exit status 1 if any).
 
 Rendering is a small, exact subset of kustomize in Python (`build`): `resources` (files, and directories with a
 kustomization.yaml), `patches` holding RFC 6902 JSON patches with a `target`, and `images`. Anything else in a
@@ -21,9 +23,16 @@ The rules, each a function that returns one line per problem (and each broken on
   (tags are `<ray version>-<gpu|cpu>[-<revision>]`, e.g. 2.60.0-gpu-1a2b3c4).
 - `check_entrypoint`: a RayJob runs `python -m orchestrator.sweep sweeps/<file> [--storage ...]`, one plain
   command (the submitter's shell would run `;` or `&&` itself), on a spec that exists and validates.
-- `check_pod_env`: the head, every worker group and the job submitter read the S3 Secret and the ConfigMap.
+- `check_submission`: a RayJob is submitted in HTTPMode (the operator submits and polls the job; no submitter pod
+  follows a log stream), has no submitter settings, is retried (`backoffLimit` >= 1) and stops its own Ray job on
+  an invalid spec (`SWEEP_STOP_JOB_ON_INVALID_SPEC=1` on the head), which KubeRay does not retry.
+- `check_pod_env`: the head, every worker group and any job submitter read the S3 Secret and the ConfigMap.
 - `check_resources`: the head has `num-cpus: "0"` and no GPU; workers of the GPU image request GPUs, workers of
-  the CPU image none; autoscaling bounds are consistent.
+  the CPU image none; autoscaling bounds are consistent and real (`minReplicas` < `maxReplicas`).
+- `check_head`: the head stays off the GPUs: `num-gpus: "0"`, `NVIDIA_VISIBLE_DEVICES=void`, a CPU-pool node
+  selector and no GPU toleration, CPU and memory requests; it declares the metrics ports Prometheus scrapes.
+- `check_monitoring`: the head PodMonitor scrapes `metrics`, `as-metrics` and `dash-metrics`, the workers'
+  `metrics`.
 - `check_autoscaler_budget`: the head, where the driver runs, sets the driver's budget on an autoscaling cluster,
   SWEEP_AUTOSCALER_MAX_GPUS and SWEEP_AUTOSCALER_MAX_CPUS (orchestrator.sweep), to the most the cluster can hold:
   the head's own plus, for every worker group, maxReplicas x its pods' GPUs (CPUs), as KubeRay starts them.
@@ -32,6 +41,8 @@ The rules, each a function that returns one line per problem (and each broken on
 - `check_token_auth`: Ray token authentication stays on (`authOptions.mode: token`, never RAY_AUTH_MODE=disabled).
 - `check_committed_files`: no credential in any file under deploy/ (AWS key ids, private keys, tokens, passwords
   in URLs, and Secret or credential-named values other than placeholders such as REPLACE_WITH_...).
+- `check_grafana_dashboard`: deploy/monitoring/grafana-dashboard.json parses and every query names a metric the
+  product exports (the sweep's gauges, orchestrator.progress) or Ray's own dashboards chart.
 - `check_dockerfile`: the Dockerfile builds on rayproject/ray of the pinned Ray version and installs the pinned
   torch (CUDA build for GPU, CPU wheel for CPU), then the project, as a non-root user.
 """
@@ -44,9 +55,11 @@ import binascii
 import copy
 import json
 import math
+import os
 import re
 import shlex
 import sys
+import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -67,8 +80,9 @@ DEPLOY_DIR = PROJECT_ROOT / "deploy"
 OVERLAYS_DIR = DEPLOY_DIR / "overlays"
 RAYCLUSTER_DIR = DEPLOY_DIR / "raycluster"
 MONITORING_DIR = DEPLOY_DIR / "monitoring"
-# The KubeRay v1 JSON schemas (strict, offline) live beside the project (DESIGN.md section 7).
-SCHEMA_DIR = PROJECT_ROOT.parent / "shared" / "schemas" / "kuberay"
+# The KubeRay v1.7.0 JSON schemas (strict, offline) travel with the project; their README names the source.
+SCHEMA_DIR = DEPLOY_DIR / "schemas" / "kuberay"
+GRAFANA_DASHBOARD = MONITORING_DIR / "grafana-dashboard.json"
 
 IMAGE_NAME = "adversarial-sweep"  # the last path component of the project image, any registry
 FLAVOURS = ("gpu", "cpu")
@@ -77,6 +91,16 @@ S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 SWEEP_CONFIG = "sweep-config"
 STORAGE_VAR = "SWEEP_STORAGE"
 APP_DIR = "/home/ray/app"  # the project inside the image (deploy/Dockerfile's WORKDIR)
+# HTTPMode has no client to upload a working directory from: the image's copy is used in place.
+WORKING_DIR = f"local://{APP_DIR}"
+SUBMISSION_MODE = "HTTPMode"
+STOP_ON_INVALID_ENV = "SWEEP_STOP_JOB_ON_INVALID_SPEC"
+# The head's Ray job API, where the driver runs (KubeRay starts the dashboard on the head, port 8265).
+HEAD_DASHBOARD_URL = "http://127.0.0.1:8265"
+# What the head must carry to stay off the GPUs of the node it lands on.
+HEAD_HIDDEN_GPUS = ("NVIDIA_VISIBLE_DEVICES", "void")
+# Metrics ports of the head: the node's (Ray and the sweep), the autoscaler's and the dashboard's.
+HEAD_METRICS_PORTS = {"metrics": 8080, "as-metrics": 44217, "dash-metrics": 44227}
 SPEC_DIR = "sweeps"  # specs must live here: the image holds it, and the RayJob uploads it as the working directory
 GPU = "nvidia.com/gpu"
 ENTRYPOINT_COMMAND = ("python", "-m", "orchestrator.sweep")
@@ -390,7 +414,8 @@ def overlay_dir(name: str) -> Path:
 
 @dataclass(frozen=True)
 class WorkerGroupSize:
-    """The worker group a spec needs: `min_replicas` pods hold its largest cell, `max_replicas` its whole cluster."""
+    """The worker group a spec needs: it starts at `replicas` pods, can grow to `max_replicas` (the spec's whole
+    cluster, which holds its largest cell) and the autoscaler may release idle pods down to `min_replicas` (0)."""
 
     replicas: int
     min_replicas: int
@@ -402,10 +427,11 @@ class WorkerGroupSize:
 def size_worker_group(spec: Spec, cells: Sequence[Cell], pod_cpus: float, pod_gpus: int) -> WorkerGroupSize:
     """Size a worker group of pods with `pod_cpus` CPUs and `pod_gpus` GPUs (the overlay's) for `spec`.
 
-    GPU specs: a pod holds one node's GPUs (resources.gpus_per_node, at most cluster_gpus); the group has at least
-    the pods of the largest cell and at most cluster_gpus GPUs. CPU specs: as many pods as the largest cell needs,
-    or resources.cluster_cpus worth of pods. `replicas` is the maximum: the sweep budgets the resources present
-    when its driver starts, and the autoscaler releases idle pods at the end. Raises DeployError if impossible.
+    GPU specs: a pod holds one node's GPUs (resources.gpus_per_node, at most cluster_gpus); the group grows to at
+    most cluster_gpus GPUs, which must hold the largest cell. CPU specs: as many pods as the largest cell needs, or
+    resources.cluster_cpus worth of pods. The group starts at its maximum, so the first cells need not wait for
+    nodes, and `min_replicas` is 0: the autoscaler releases nodes that stay idle (the sweep's tail, a wait for a
+    large cell) and adds them back on demand. Raises DeployError if impossible.
     """
     r = spec.resources
     if r.use_gpu:
@@ -430,7 +456,7 @@ def size_worker_group(spec: Spec, cells: Sequence[Cell], pod_cpus: float, pod_gp
                 f"the largest cell needs {min_pods} pods of {gpus_per_pod} GPUs but resources.cluster_gpus "
                 f"({r.cluster_gpus}) holds only {max_pods}; make cluster_gpus a multiple of gpus_per_node"
             )
-        return WorkerGroupSize(max_pods, min_pods, max_pods, gpus_per_pod, slots)
+        return WorkerGroupSize(max_pods, 0, max_pods, gpus_per_pod, slots)
     slots = math.floor((pod_cpus - RAY_CPU_HEADROOM) / r.cpus_per_worker + 1e-9)
     if slots < 1:
         raise DeployError(
@@ -444,7 +470,7 @@ def size_worker_group(spec: Spec, cells: Sequence[Cell], pod_cpus: float, pod_gp
             f"the largest cell needs {min_pods} worker pods of {pod_cpus:g} CPUs but resources.cluster_cpus "
             f"({r.cluster_cpus}) holds only {max_pods}"
         )
-    return WorkerGroupSize(max_pods, min_pods, max_pods, pod_gpus, slots)
+    return WorkerGroupSize(max_pods, 0, max_pods, pod_gpus, slots)
 
 
 def deadline_seconds(makespan_hours: float) -> int:
@@ -681,9 +707,10 @@ def check_entrypoint(docs: Sequence[Doc], root: Path = PROJECT_ROOT) -> list[str
         except SpecError as err:
             problems.append(f"{where}: spec {path}: {str(err).splitlines()[0]}")
         runtime_env = yaml.safe_load(str(spec.get("runtimeEnvYAML") or "")) or {}
-        if not isinstance(runtime_env, dict) or runtime_env.get("working_dir") != APP_DIR:
+        if not isinstance(runtime_env, dict) or runtime_env.get("working_dir") != WORKING_DIR:
             problems.append(
-                f"{where}: runtimeEnvYAML must set working_dir: {APP_DIR}, where the relative spec path resolves"
+                f"{where}: runtimeEnvYAML must set working_dir: {WORKING_DIR} (the image's project, used in place), "
+                "where the relative spec path resolves"
             )
     return problems
 
@@ -705,14 +732,10 @@ def _reads(container: Doc, kind: str, name: str) -> bool:
 
 
 def check_pod_env(docs: Sequence[Doc]) -> list[str]:
-    """Head, every worker group and the submitter read the S3 Secret and the sweep ConfigMap."""
+    """Head, every worker group and any submitter read the S3 Secret and the sweep ConfigMap. The head's copy of
+    the ConfigMap is also what expands ${SWEEP_STORAGE} in an HTTPMode entrypoint."""
     problems: list[str] = []
     for doc in docs:
-        if doc.get("kind") == "RayJob" and not (doc.get("spec") or {}).get("submitterPodTemplate"):
-            problems.append(
-                f"{doc_id(doc)}: no submitterPodTemplate; KubeRay's default submitter reads neither "
-                f"{SWEEP_CONFIG} nor {S3_SECRET}, so ${{{STORAGE_VAR}}} in the entrypoint would be empty"
-            )
         for pod in ray_pods(doc):
             container = ray_container(pod.template)
             if not _reads(container, "Secret", S3_SECRET):
@@ -760,6 +783,11 @@ def check_resources(docs: Sequence[Doc]) -> list[str]:
                 bounds: list[Any] = [group.get(key) for key in ("minReplicas", "replicas", "maxReplicas")]
                 if all(isinstance(b, int) for b in bounds) and not bounds[0] <= bounds[1] <= bounds[2]:
                     problems.append(f"{pod.where}: needs minReplicas <= replicas <= maxReplicas, got {bounds}")
+                elif all(isinstance(b, int) for b in bounds) and bounds[0] >= bounds[2]:
+                    problems.append(
+                        f"{pod.where}: minReplicas {bounds[0]} >= maxReplicas {bounds[2]}: nothing is ever released; "
+                        "an autoscaled group needs minReplicas below maxReplicas"
+                    )
                 flavour = image_flavour(str(container.get("image", "")))
                 if flavour == "gpu" and _gpu_count(limit) < 1:
                     problems.append(f"{pod.where}: runs the GPU image but sets no {GPU} limit of at least 1")
@@ -770,6 +798,262 @@ def check_resources(docs: Sequence[Doc]) -> list[str]:
                 ):
                     problems.append(f"{pod.where}: runs the CPU image but requests GPUs")
     return problems
+
+
+def _env(container: Doc) -> dict[str, Doc]:
+    return {str(e.get("name")): e for e in container.get("env") or [] if isinstance(e, dict)}
+
+
+def check_submission(docs: Sequence[Doc]) -> list[str]:
+    """A RayJob survives months: HTTPMode (KubeRay submits the entrypoint and polls the job's status itself, and
+    submits it again when a restarted head has lost it), so no submitter pod depends on a long-lived log stream;
+    retries on (an interrupted sweep resumes from storage); an invalid spec stops its own Ray job, which KubeRay
+    does not retry (`stop_this_ray_job`)."""
+    problems: list[str] = []
+    for doc in docs:
+        if doc.get("kind") != "RayJob":
+            continue
+        where, spec = doc_id(doc), doc.get("spec") or {}
+        mode = spec.get("submissionMode", "K8sJobMode")
+        if mode != SUBMISSION_MODE:
+            problems.append(
+                f"{where}: submissionMode is {mode}; use {SUBMISSION_MODE}: in K8sJobMode a submitter pod follows the "
+                "job's log, and when that stream drops KubeRay fails the RayJob and deletes the cluster"
+            )
+        for field in ("submitterPodTemplate", "submitterConfig"):
+            if field in spec:
+                problems.append(f"{where}: {field} belongs to K8sJobMode; {SUBMISSION_MODE} has no submitter pod")
+        backoff = spec.get("backoffLimit", 0)
+        if not isinstance(backoff, int) or backoff < 1:
+            problems.append(
+                f"{where}: backoffLimit is {backoff!r}; an interrupted sweep must be retried (at least 1): it "
+                "resumes from storage"
+            )
+        pods = ray_pods(doc)
+        head = ray_container(pods[0].template) if pods else {}
+        if str(_env(head).get(STOP_ON_INVALID_ENV, {}).get("value")) != "1":
+            problems.append(
+                f"{where} head: sets no {STOP_ON_INVALID_ENV}=1; a driver that refuses an invalid spec would fail "
+                "its Ray job, and KubeRay would retry it on a new cluster backoffLimit times"
+            )
+    return problems
+
+
+def _gpu_selector(selector: Doc) -> bool:
+    return any(re.search(r"gpu|accelerator", f"{k}={v}", re.IGNORECASE) for k, v in selector.items())
+
+
+def check_head(docs: Sequence[Doc]) -> list[str]:
+    """The head stays off the GPUs and on a CPU node: num-gpus "0" (KubeRay passes none without a GPU limit, and
+    Ray would count what the container sees), NVIDIA_VISIBLE_DEVICES=void (the CUDA image sets "all"), a node
+    selector that is not a GPU one and no toleration of a GPU taint, CPU and memory requests the docs size the
+    node by; and the metrics ports the head PodMonitor scrapes."""
+    problems: list[str] = []
+    for doc in docs:
+        pods = [pod for pod in ray_pods(doc) if pod.role == "head"]
+        for pod in pods:
+            params = (pod.group or {}).get("rayStartParams") or {}
+            spec = pod.template.get("spec") or {}
+            container = ray_container(pod.template)
+            if str(params.get("num-gpus")) != "0":
+                problems.append(f'{pod.where}: rayStartParams num-gpus must be "0" (Ray would count visible GPUs)')
+            name, value = HEAD_HIDDEN_GPUS
+            if str(_env(container).get(name, {}).get("value")) != value:
+                problems.append(f"{pod.where}: env {name} must be {value} (the CUDA image shows every GPU)")
+            selector = spec.get("nodeSelector") or {}
+            if not selector or _gpu_selector(selector):
+                problems.append(f"{pod.where}: needs a nodeSelector for a CPU node pool, got {selector or 'none'}")
+            for toleration in spec.get("tolerations") or []:
+                key = str((toleration or {}).get("key") or "")
+                # A GPU taint's key, or a toleration of every taint (no key, operator Exists).
+                if GPU in key or (not key and (toleration or {}).get("operator") == "Exists"):
+                    problems.append(f"{pod.where}: tolerates {toleration}; the head must not land on a GPU node")
+            requests = (container.get("resources") or {}).get("requests") or {}
+            if "cpu" not in requests or "memory" not in requests:
+                problems.append(f"{pod.where}: needs cpu and memory requests (its node is sized by them)")
+            ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or [] if isinstance(p, dict)}
+            for port, number in HEAD_METRICS_PORTS.items():
+                if ports.get(port) != number:
+                    problems.append(f"{pod.where}: needs container port {port} = {number} for Prometheus")
+    return problems
+
+
+def check_monitoring(docs: Sequence[Doc]) -> list[str]:
+    """The head PodMonitor scrapes the node's, the autoscaler's and the dashboard's metrics; the workers' PodMonitor
+    the node's (KubeRay's and Ray's own samples do the same)."""
+    problems: list[str] = []
+    wanted = {"head": set(HEAD_METRICS_PORTS), "worker": {"metrics"}}
+    for doc in docs:
+        if doc.get("kind") != "PodMonitor":
+            continue
+        spec = doc.get("spec") or {}
+        role = ((spec.get("selector") or {}).get("matchLabels") or {}).get("ray.io/node-type")
+        ports = {e.get("port") for e in spec.get("podMetricsEndpoints") or [] if isinstance(e, dict)}
+        missing = sorted(wanted.get(str(role), set()) - ports)
+        if missing:
+            problems.append(f"{doc_id(doc)}: scrapes no {', '.join(missing)} of the {role} pods")
+    return problems
+
+
+def requested_resources(docs: Sequence[Doc]) -> dict[str, float]:
+    """What every pod of these objects asks the scheduler for, at the most pods they run at once: CPUs and bytes
+    of memory. Counts the Ray head, the autoscaler beside it, maxReplicas pods of each worker group, any submitter,
+    and Deployments (x replicas) and Jobs (one pod at a time)."""
+    total = {"cpu": 0.0, "memory": 0.0}
+
+    def add(resources: Doc | None, count: int = 1) -> None:
+        requests = (resources or {}).get("requests") or {}
+        total["cpu"] += count * (parse_cpu(requests["cpu"]) if "cpu" in requests else 0.0)
+        total["memory"] += count * (parse_memory(requests["memory"]) if "memory" in requests else 0.0)
+
+    for doc in docs:
+        cluster = cluster_spec(doc)
+        if cluster is not None:
+            for pod in ray_pods(doc):
+                count = int((pod.group or {}).get("maxReplicas") or 0) if pod.role == "worker" else 1
+                for container in (pod.template.get("spec") or {}).get("containers") or []:
+                    add(container.get("resources"), count)
+            if cluster.get("enableInTreeAutoscaling"):
+                add((cluster.get("autoscalerOptions") or {}).get("resources"))
+        elif doc.get("kind") in ("Deployment", "Job"):
+            spec = doc.get("spec") or {}
+            count = int(spec.get("replicas", 1)) if doc.get("kind") == "Deployment" else 1
+            for container in ((spec.get("template") or {}).get("spec") or {}).get("containers") or []:
+                add(container.get("resources"), count)
+    return total
+
+
+def parse_memory(quantity: Any) -> float:
+    """A Kubernetes memory quantity ('512Mi', '3Gi', '1G', 1024) in bytes."""
+    match = re.fullmatch(r"([0-9.]+)([KMGTE]i?|k)?", str(quantity).strip())
+    if not match:
+        raise DeployError(f"{quantity!r} is not a memory quantity")
+    units = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "E": 1e18}
+    units |= {f"{u}i": 1024 ** (i + 1) for i, u in enumerate("KMGTPE")}
+    return float(match.group(1)) * units[match.group(2) or ""]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Grafana dashboard
+
+
+_PROMQL_WORDS = frozenset(
+    {
+        *("sum", "avg", "min", "max", "count", "count_values", "topk", "bottomk", "quantile", "stddev", "stdvar"),
+        *("by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool"),
+        *("rate", "irate", "increase", "delta", "deriv", "abs", "ceil", "floor", "round", "clamp_min", "clamp_max"),
+        *("vector", "scalar", "time", "absent", "sort", "sort_desc", "histogram_quantile"),
+        *("max_over_time", "min_over_time", "avg_over_time", "last_over_time"),
+        *("label_values", "label_replace", "label_join"),
+    }
+)
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: identifiers outside label matchers, groupings, strings,
+    durations and function names. Grafana variables ($sweep) count as none."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    text = re.sub(r"\{[^{}]*\}", " ", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\$\{?\w+\}?", " ", text)
+    names = set(re.findall(r"(?<![\w.])([A-Za-z_:][A-Za-z0-9_:]*)", text))
+    return {name for name in names if name not in _PROMQL_WORDS and not re.fullmatch(r"[0-9eE]+", name)}
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """Metric names a sweep cluster exports, by source: the sweep's gauges (declared in orchestrator.progress,
+    exported with Ray's `ray_` prefix) and those Ray's own Grafana dashboards chart."""
+    source = (PROJECT_ROOT / "orchestrator" / "progress.py").read_text(encoding="utf-8")
+    sweep = {f"ray_{name}" for name in re.findall(r'Gauge\(\s*"([a-z_]+)"', source)}
+    from ray.dashboard.modules.metrics.dashboards import default_dashboard_panels
+
+    config = default_dashboard_panels.default_dashboard_config
+    ray_own: set[str] = set()
+    for panel in [*config.panels, *(panel for row in config.rows for panel in row.panels)]:
+        for target in panel.targets:
+            # Ray's expressions are format strings with a {global_filters} field.
+            ray_own |= promql_metrics(target.expr.format(global_filters='ray_io_cluster=~".*"'))
+    return {"sweep": sweep, "ray": ray_own}
+
+
+def dashboard_queries(dashboard: Doc) -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target and every query variable of a Grafana dashboard."""
+    queries: list[tuple[str, str]] = []
+    for panel in dashboard.get("panels") or []:
+        for target in panel.get("targets") or []:
+            queries.append((f"panel {panel.get('title')!r}", str(target.get("expr", ""))))
+    for variable in (dashboard.get("templating") or {}).get("list") or []:
+        if variable.get("type") == "query":
+            query = variable.get("query")
+            text = query.get("query", "") if isinstance(query, dict) else str(query or "")
+            inner = re.fullmatch(r"\s*label_values\((.*),\s*\w+\)\s*", text)
+            queries.append((f"variable {variable.get('name')!r}", inner.group(1) if inner else text))
+    return queries
+
+
+def check_grafana_dashboard(path: Path = GRAFANA_DASHBOARD, exported: dict[str, set[str]] | None = None) -> list[str]:
+    """The dashboard parses as JSON, has panels, every panel has a query, and every query names only metrics the
+    product exports (`exported_metrics`); it charts each of the sweep's gauges."""
+    where = path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
+    try:
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"{where}: not a readable JSON file ({type(exc).__name__})"]
+    if not isinstance(dashboard, dict) or not dashboard.get("panels"):
+        return [f"{where}: no panels"]
+    exported = exported if exported is not None else exported_metrics()
+    known = set().union(*exported.values())
+    problems: list[str] = []
+    used: set[str] = set()
+    for panel in dashboard["panels"]:
+        if panel.get("type") != "row" and not panel.get("targets"):
+            problems.append(f"{where}: panel {panel.get('title')!r} has no query")
+    for label, expr in dashboard_queries(dashboard):
+        names = promql_metrics(expr)
+        if not names:
+            problems.append(f"{where}: {label} names no metric: {expr!r}")
+        used |= names
+        for name in sorted(names - known):
+            problems.append(f"{where}: {label} queries {name}, which nothing in a sweep cluster exports")
+    for name in sorted(exported.get("sweep", set()) - used):
+        problems.append(f"{where}: charts no {name}")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In the driver: an invalid spec is not retried
+
+
+def stop_this_ray_job(wait_s: float = 60.0) -> bool:
+    """Where the deployment asks for it (SWEEP_STOP_JOB_ON_INVALID_SPEC=1 on a RayJob's head), stop the Ray job
+    this driver runs in, so that it ends STOPPED rather than FAILED; returns False where it did not.
+
+    KubeRay reads only the Ray job's status, never the driver's exit status: a FAILED job (any non-zero exit) is
+    retried on a new cluster up to backoffLimit times, a STOPPED one is complete and never retried. A spec that is
+    invalid stays invalid, so `orchestrator.sweep` calls this before it exits with status 2. The job supervisor
+    then ends this process; were it still alive after `wait_s`, the driver exits as usual.
+    """
+    if os.environ.get(STOP_ON_INVALID_ENV) != "1":
+        return False
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", ""))
+        submission_id = str(config["metadata"]["job_submission_id"])
+    except (ValueError, KeyError, TypeError):
+        return False  # not inside a Ray job
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        JobSubmissionClient(HEAD_DASHBOARD_URL).stop_job(submission_id)
+    except Exception as exc:  # the exit status still reports the error; KubeRay may retry, which is safe
+        print(
+            f"warning: could not stop Ray job {submission_id} ({type(exc).__name__}); it may be retried",
+            file=sys.stderr,
+        )
+        return False
+    print(f"stopping Ray job {submission_id}: an invalid spec is not retried", file=sys.stderr, flush=True)
+    time.sleep(wait_s)
+    return True
 
 
 def check_autoscaler_budget(docs: Sequence[Doc]) -> list[str]:
@@ -990,23 +1274,41 @@ def check_manifests(docs: Sequence[Doc], root: Path = PROJECT_ROOT, ray_version:
         problems.extend(secret_values_in(doc))
     problems += check_versions(docs, ray_version)
     problems += check_entrypoint(docs, root)
+    problems += check_submission(docs)
     problems += check_pod_env(docs)
     problems += check_resources(docs)
+    problems += check_head(docs)
+    problems += check_monitoring(docs)
     problems += check_autoscaler_budget(docs)
     problems += check_names(docs)
     problems += check_token_auth(docs)
     return problems
 
 
-def load_schemas(schema_dir: Path = SCHEMA_DIR) -> dict[str, Doc]:
-    """The KubeRay v1 JSON schemas by kind (FileNotFoundError if the folder is missing)."""
-    return {kind: json.loads((schema_dir / f"{kind.lower()}-ray.io-v1.json").read_text()) for kind in RAY_KINDS}
+def load_schemas(schema_dir: Path | None = None) -> dict[str, Doc]:
+    """The KubeRay v1 JSON schemas by kind (from SCHEMA_DIR unless given); DeployError if one is missing or
+    unreadable: validation is never silently skipped."""
+    schemas: dict[str, Doc] = {}
+    for kind in RAY_KINDS:
+        file = (schema_dir or SCHEMA_DIR) / f"{kind.lower()}-ray.io-v1.json"
+        try:
+            schemas[kind] = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DeployError(
+                f"KubeRay schema {file} is missing or unreadable ({type(exc).__name__}); it ships with the project "
+                "(deploy/schemas/kuberay/README.md)"
+            ) from None
+    return schemas
 
 
 def schema_problems(docs: Sequence[Doc], schemas: dict[str, Doc]) -> list[str]:
     """RayJob/RayCluster against KubeRay's strict v1 schemas; the pod templates of Deployments and Jobs against
-    the Kubernetes PodTemplateSpec schema embedded in the RayCluster CRD. Needs the `jsonschema` package."""
-    import jsonschema
+    the Kubernetes PodTemplateSpec schema embedded in the RayCluster CRD. Needs the `jsonschema` package (a dev
+    dependency): DeployError without it."""
+    try:
+        import jsonschema
+    except ImportError:
+        raise DeployError("schema validation needs the jsonschema package: pip install -e '.[dev]'") from None
 
     pod_template = schemas["RayCluster"]["properties"]["spec"]["properties"]["headGroupSpec"]["properties"]["template"]
     validators = {kind: jsonschema.Draft7Validator(schema) for kind, schema in schemas.items()}
@@ -1163,9 +1465,9 @@ def _check_all() -> int:
     problems = check_committed_files()
     try:
         schemas: dict[str, Doc] | None = load_schemas()
-    except FileNotFoundError:
+    except DeployError as err:
         schemas = None
-        print(f"note: KubeRay schemas not found in {SCHEMA_DIR}; schema validation skipped", file=sys.stderr)
+        problems.append(str(err))
     for name, directory in deploy_targets().items():
         try:
             docs = build(directory)
@@ -1176,9 +1478,10 @@ def _check_all() -> int:
         if schemas is not None:
             try:
                 problems += [f"{name}: {problem}" for problem in schema_problems(docs, schemas)]
-            except ImportError:
-                print("note: jsonschema is not installed; schema validation skipped", file=sys.stderr)
+            except DeployError as err:
+                problems.append(str(err))
                 schemas = None
+    problems += check_grafana_dashboard()
     dockerfile = DEPLOY_DIR / "Dockerfile"
     problems += [f"deploy/Dockerfile: {problem}" for problem in check_dockerfile(dockerfile.read_text())]
     for problem in problems:

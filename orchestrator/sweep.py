@@ -14,16 +14,23 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
 
-from orchestrator.grid import Cell, describe_axes, expand
-from orchestrator.lease import DriverLease, LeaseHeldError
-from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json
-from orchestrator.redact import redact
-from orchestrator.report import build_report
-from orchestrator.results import write_results
-from orchestrator.spec import Spec, SpecError, load_spec
-from orchestrator.storage import CONFIG_FILE, SweepStorage
+# `ray job submit` runs the driver on the Ray head's Python, which may lack the project's packages (a head
+# started outside .venv): one line naming the interpreter and the fix, not a traceback from the first import.
+if __name__ == "__main__":
+    from orchestrator.interpreter import check_interpreter
+
+    check_interpreter()
+from typing import Any  # noqa: E402
+
+from orchestrator.grid import Cell, describe_axes, expand  # noqa: E402
+from orchestrator.lease import DriverLease, LeaseHeldError  # noqa: E402
+from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json  # noqa: E402
+from orchestrator.redact import redact  # noqa: E402
+from orchestrator.report import build_report  # noqa: E402
+from orchestrator.results import write_results  # noqa: E402
+from orchestrator.spec import Spec, SpecError, load_spec  # noqa: E402
+from orchestrator.storage import CONFIG_FILE, SweepStorage  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -64,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = plan_spec(spec, cells)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
+        if not args.plan:
+            # KubeRay retries a RayJob whose driver failed; an invalid spec would fail again on every new cluster.
+            from orchestrator.deploy import stop_this_ray_job
+
+            stop_this_ray_job()
         return EXIT_INVALID
     if args.plan:
         print(json.dumps(plan_to_json(plan), indent=2) if args.json else format_plan(plan))

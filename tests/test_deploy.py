@@ -1,8 +1,9 @@
 """The Kubernetes deployment (deploy/, orchestrator/deploy.py), checked offline: no API server, no cluster, no Docker.
 
 Manifests are built with orchestrator.deploy's kustomize subset (and compared with `kubectl kustomize` where kubectl
-is installed), validated against the strict KubeRay v1 JSON schemas in ../shared/schemas/kuberay, and checked
-against the project's rules; every rule is also shown to catch a deliberately broken manifest.
+is installed), validated against the strict KubeRay v1.7.0 JSON schemas the project ships (deploy/schemas/kuberay; a
+missing schema fails, it never skips), and checked against the project's rules; every rule is also shown to catch a
+deliberately broken manifest.
 
 Kubernetes' own OpenAPI schemas are not available offline here, so ConfigMap, Secret, Service, Deployment, Job and
 PodMonitor get structure checks (`structure_problems`), and the pod templates of the Deployment and the Job are
@@ -36,10 +37,14 @@ from orchestrator.deploy import (
     check_committed_files,
     check_dockerfile,
     check_entrypoint,
+    check_grafana_dashboard,
+    check_head,
     check_manifests,
+    check_monitoring,
     check_names,
     check_pod_env,
     check_resources,
+    check_submission,
     check_token_auth,
     check_versions,
     deploy_targets,
@@ -66,11 +71,7 @@ def built() -> dict[str, list[Doc]]:
 
 @pytest.fixture(scope="module")
 def schemas() -> dict[str, Doc]:
-    pytest.importorskip("jsonschema", reason="schema validation needs the jsonschema package (dev dependency)")
-    try:
-        return deploy.load_schemas()
-    except FileNotFoundError:
-        pytest.skip(f"KubeRay JSON schemas not found in {deploy.SCHEMA_DIR} (the project's ../shared)")
+    return deploy.load_schemas()
 
 
 def fresh(built: dict[str, list[Doc]], target: str) -> list[Doc]:
@@ -101,9 +102,9 @@ def head_env(docs: list[Doc]) -> dict[str, Doc]:
     return {entry["name"]: entry for entry in head(docs).get("env") or []}
 
 
-def submitter(docs: list[Doc]) -> Doc:
-    container: Doc = ray_doc(docs)["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
-    return container
+def head_group(docs: list[Doc]) -> Doc:
+    group: Doc = cluster(docs)["headGroupSpec"]
+    return group
 
 
 def canonical(docs: list[Any]) -> list[Any]:
@@ -279,7 +280,7 @@ RULE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], Callable[[list[Doc
     # image tag and rayVersion = the pinned Ray
     "old ray image tag": ("overlays/gpu-cluster", lambda d: _set_tag(worker(d), "2.59.0-gpu"), check_versions, "tag"),
     "tag without flavour": ("raycluster", lambda d: _set_tag(head(d), PINS["ray"]), check_versions, "tag"),
-    "latest tag": ("overlays/local", lambda d: _set_tag(submitter(d), "latest"), check_versions, "tag"),
+    "latest tag": ("overlays/local", lambda d: _set_tag(head(d), "latest"), check_versions, "tag"),
     "bucket job tag": (
         "overlays/local",
         lambda d: _set_tag(next(x for x in d if x["kind"] == "Job")["spec"]["template"]["spec"]["containers"][0], "1"),
@@ -360,11 +361,11 @@ RULE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], Callable[[list[Doc
         check_pod_env,
         f"head: does not read the Secret {S3_SECRET}",
     ),
-    "submitter without secret": (
+    "head without config": (
         "overlays/local",
-        lambda d: submitter(d)["envFrom"].pop(1),
+        lambda d: head(d)["envFrom"].pop(0),
         check_pod_env,
-        f"submitter: does not read the Secret {S3_SECRET}",
+        f"head: does not read the ConfigMap {deploy.SWEEP_CONFIG}",
     ),
     "one of two keys": (
         "overlays/gpu-cluster",
@@ -386,11 +387,42 @@ RULE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], Callable[[list[Doc
         check_pod_env,
         "does not read the ConfigMap",
     ),
-    "default submitter": (
+    # submitted and polled by the operator (HTTPMode), retried when interrupted, not when invalid
+    "K8sJobMode": (
         "overlays/gpu-cluster",
-        lambda d: ray_doc(d)["spec"].pop("submitterPodTemplate"),
-        check_pod_env,
-        "no submitterPodTemplate",
+        lambda d: ray_doc(d)["spec"].update(submissionMode="K8sJobMode"),
+        check_submission,
+        "submissionMode is K8sJobMode",
+    ),
+    "mode left to KubeRay's default": (
+        "overlays/local",
+        lambda d: ray_doc(d)["spec"].pop("submissionMode"),
+        check_submission,
+        "submissionMode is K8sJobMode",
+    ),
+    "submitter settings": (
+        "overlays/gpu-cluster",
+        lambda d: ray_doc(d)["spec"].update(submitterConfig={"backoffLimit": 2}),
+        check_submission,
+        "submitterConfig belongs to K8sJobMode",
+    ),
+    "interrupted sweep not retried": (
+        "overlays/gpu-cluster",
+        lambda d: ray_doc(d)["spec"].update(backoffLimit=0),
+        check_submission,
+        "backoffLimit is 0",
+    ),
+    "invalid spec retried": (
+        "overlays/local",
+        lambda d: head(d).update(env=[e for e in head(d)["env"] if e["name"] != deploy.STOP_ON_INVALID_ENV]),
+        check_submission,
+        f"sets no {deploy.STOP_ON_INVALID_ENV}=1",
+    ),
+    "working dir uploaded": (
+        "overlays/gpu-cluster",
+        lambda d: ray_doc(d)["spec"].update(runtimeEnvYAML="working_dir: /home/ray/app\n"),
+        check_entrypoint,
+        "working_dir: local:///home/ray/app",
     ),
     # GPU workers request GPUs, the head none and num-cpus "0"
     "head takes work": (
@@ -440,6 +472,75 @@ RULE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], Callable[[list[Doc
         lambda d: cluster(d)["workerGroupSpecs"][0].update(replicas=17),
         check_resources,
         "minReplicas <= replicas <= maxReplicas",
+    ),
+    "never scales down": (
+        "overlays/gpu-cluster",
+        lambda d: cluster(d)["workerGroupSpecs"][0].update(minReplicas=16),
+        check_resources,
+        "minReplicas 16 >= maxReplicas 16",
+    ),
+    # the head stays on a CPU node and off the GPUs, and serves its metrics
+    "head counts GPUs": (
+        "overlays/gpu-cluster",
+        lambda d: head_group(d)["rayStartParams"].pop("num-gpus"),
+        check_head,
+        'num-gpus must be "0"',
+    ),
+    "head sees every GPU": (
+        "raycluster",
+        lambda d: head(d).update(env=[e for e in head(d)["env"] if e["name"] != "NVIDIA_VISIBLE_DEVICES"]),
+        check_head,
+        "NVIDIA_VISIBLE_DEVICES must be void",
+    ),
+    "head on any node": (
+        "overlays/gpu-cluster",
+        lambda d: head_group(d)["template"]["spec"].pop("nodeSelector"),
+        check_head,
+        "needs a nodeSelector for a CPU node pool",
+    ),
+    "head on the GPU pool": (
+        "raycluster",
+        lambda d: head_group(d)["template"]["spec"].update(nodeSelector={"nvidia.com/gpu.present": "true"}),
+        check_head,
+        "needs a nodeSelector for a CPU node pool",
+    ),
+    "head tolerates the GPU taint": (
+        "overlays/gpu-cluster",
+        lambda d: head_group(d)["template"]["spec"].update(
+            tolerations=[{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+        ),
+        check_head,
+        "must not land on a GPU node",
+    ),
+    "head tolerates everything": (
+        "overlays/local",
+        lambda d: head_group(d)["template"]["spec"].update(tolerations=[{"operator": "Exists"}]),
+        check_head,
+        "must not land on a GPU node",
+    ),
+    "head unsized": (
+        "overlays/gpu-cluster",
+        lambda d: head(d)["resources"].pop("requests"),
+        check_head,
+        "needs cpu and memory requests",
+    ),
+    "head without the autoscaler's metrics port": (
+        "raycluster",
+        lambda d: head(d).update(ports=[p for p in head(d)["ports"] if p["name"] != "as-metrics"]),
+        check_head,
+        "as-metrics = 44217",
+    ),
+    "head PodMonitor without dashboard metrics": (
+        "monitoring",
+        lambda d: d[0]["spec"]["podMetricsEndpoints"].pop(2),
+        check_monitoring,
+        "scrapes no dash-metrics of the head pods",
+    ),
+    "worker PodMonitor without metrics": (
+        "monitoring",
+        lambda d: d[1]["spec"]["podMetricsEndpoints"][0].update(port="other"),
+        check_monitoring,
+        "scrapes no metrics of the worker pods",
     ),
     # the driver's budget (on the head) is what the worker groups can grow to
     "GPU budget below the worker group": (
@@ -580,8 +681,7 @@ def test_driver_budget_is_the_worker_groups_maximum(built: dict[str, list[Doc]],
     assert env["SWEEP_AUTOSCALER_MAX_CPUS"]["value"] == str(cpus)
     assert autoscaler_budget(ray_doc(docs)) == {"GPU": gpus, "CPU": cpus}
     # Only the head (where the driver runs) sets them.
-    for container in (worker(docs), *([submitter(docs)] if target != "raycluster" else [])):
-        assert not {e["name"] for e in container.get("env") or []} & set(deploy.AUTOSCALER_MAX_ENV.values())
+    assert not {e["name"] for e in worker(docs).get("env") or []} & set(deploy.AUTOSCALER_MAX_ENV.values())
 
 
 def test_driver_on_the_rendered_head_budgets_the_whole_cluster(monkeypatch: Any) -> None:
@@ -600,7 +700,7 @@ def test_render_sets_the_budget_of_the_sized_worker_group(monkeypatch: Any) -> N
     monkeypatch.setattr(deploy, "size_worker_group", lambda *args: sized)
     docs = render(ROOT / "sweeps/tiny.yaml", "local")
     assert cluster(docs)["workerGroupSpecs"][0]["maxReplicas"] == 3
-    assert {k: v["value"] for k, v in head_env(docs).items()} == {
+    assert {k: v["value"] for k, v in head_env(docs).items() if k in deploy.AUTOSCALER_MAX_ENV.values()} == {
         "SWEEP_AUTOSCALER_MAX_GPUS": "0",
         "SWEEP_AUTOSCALER_MAX_CPUS": "6",
     }
@@ -767,8 +867,8 @@ def test_render_ablation_on_the_gpu_cluster_holds_the_largest_cell(schemas: dict
     group = _group(docs)
     gpus_per_pod = worker(docs)["resources"]["limits"][GPU]
     assert worker(docs)["resources"]["requests"][GPU] == gpus_per_pod == spec.resources.gpus_per_node
-    assert group["minReplicas"] * gpus_per_pod >= largest
-    assert group["replicas"] * gpus_per_pod >= largest
+    assert group["maxReplicas"] * gpus_per_pod >= largest
+    assert group["replicas"] == group["maxReplicas"] > group["minReplicas"] == 0  # starts full, autoscales down
     assert group["maxReplicas"] * gpus_per_pod <= spec.resources.cluster_gpus
     job = ray_doc(docs)
     assert job["spec"]["entrypoint"].split()[:4] == ["python", "-m", "orchestrator.sweep", "sweeps/ablation.yaml"]
@@ -817,9 +917,9 @@ def _ablation_with(**resources: Any) -> Any:
 def test_worker_group_sizing() -> None:
     spec = _ablation_with(cluster_gpus=256)
     size = size_worker_group(spec, expand(spec), pod_cpus=64, pod_gpus=8)
-    assert (size.min_replicas, size.replicas, size.max_replicas, size.gpus_per_pod) == (16, 32, 32, 8)
+    assert (size.min_replicas, size.replicas, size.max_replicas, size.gpus_per_pod) == (0, 32, 32, 8)
     spec = _ablation_with(gpus_per_node=4)
-    assert size_worker_group(spec, expand(spec), 64, 8).min_replicas == 32
+    assert size_worker_group(spec, expand(spec), 64, 8).max_replicas == 32
     with pytest.raises(DeployError, match="raise the overlay's worker cpu"):
         spec = _ablation_with(cpus_per_worker=12)
         size_worker_group(spec, expand(spec), 64, 8)
@@ -830,7 +930,10 @@ def test_worker_group_sizing() -> None:
         "resources: {use_gpu: false, cpus_per_worker: 1, max_workers_per_cell: 4, cluster_cpus: 12}\n"
     )
     size = size_worker_group(cpu, expand(cpu), pod_cpus=3, pod_gpus=0)  # 2 workers per pod, 1 CPU for Ray
-    assert (size.min_replicas, size.max_replicas, size.gpus_per_pod) == (2, 4, 0)
+    assert (size.min_replicas, size.max_replicas, size.gpus_per_pod) == (0, 4, 0)
+    with pytest.raises(DeployError, match="holds only 1"):
+        small = cpu.model_copy(update={"resources": cpu.resources.model_copy(update={"cluster_cpus": 3})})
+        size_worker_group(small, expand(small), pod_cpus=3, pod_gpus=0)
 
 
 def test_render_refuses_a_cluster_that_cannot_hold_the_largest_cell(tmp_path: Path, monkeypatch: Any) -> None:
@@ -902,3 +1005,223 @@ def test_rayjob_names_fit_kuberay() -> None:
     assert deploy.rayjob_name("tiny_v2") == "sweep-tiny-v2"
     long = deploy.rayjob_name("a" * 40 + "-" + "b" * 22)
     assert len(long) <= deploy.MAX_RAYJOB_NAME and deploy.DNS_1035.fullmatch(long)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The schemas travel with the project; a missing one is an error
+
+
+def test_schemas_ship_with_the_project() -> None:
+    assert deploy.SCHEMA_DIR == ROOT / "deploy" / "schemas" / "kuberay"
+    readme = (deploy.SCHEMA_DIR / "README.md").read_text()
+    assert "v1.7.0" in readme and "59d663aeec13760646da3db9c1cf8cfe883e30b7" in readme
+    assert set(deploy.load_schemas()) == {"RayJob", "RayCluster"}
+
+
+def test_a_missing_schema_is_an_error(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    (tmp_path / "rayjob-ray.io-v1.json").write_text((deploy.SCHEMA_DIR / "rayjob-ray.io-v1.json").read_text())
+    with pytest.raises(DeployError, match="raycluster-ray.io-v1.json is missing"):
+        deploy.load_schemas(tmp_path)
+    monkeypatch.setattr(deploy, "SCHEMA_DIR", tmp_path)
+    assert deploy.main(["check"]) == 1
+    assert "raycluster-ray.io-v1.json is missing" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The local overlay fits a 4-CPU minikube or kind node
+
+# What a fresh minikube (kubeadm defaults) and the KubeRay operator request before anything of ours: kube-apiserver
+# 250m, kube-controller-manager 200m, etcd 100m + 100Mi, kube-scheduler 100m, coredns 100m + 70Mi; the
+# kuberay-operator Helm chart 100m + 512Mi.
+LOCAL_NODE = {"cpu": 4.0, "memory": 12 * 2**30}  # minikube start --cpus 4 --memory 12g (docs/kubernetes.md)
+ALREADY_REQUESTED = {"cpu": 0.25 + 0.2 + 0.1 + 0.1 + 0.1 + 0.1, "memory": (100 + 70 + 512) * 2**20}
+
+
+def test_local_overlay_fits_a_four_cpu_node(built: dict[str, list[Doc]]) -> None:
+    ours = deploy.requested_resources(built["overlays/local"])
+    # head 500m, autoscaler 200m, one worker pod 1, MinIO 100m, the bucket Job 100m
+    assert ours["cpu"] == pytest.approx(1.9)
+    for resource in ("cpu", "memory"):
+        assert ours[resource] + ALREADY_REQUESTED[resource] <= LOCAL_NODE[resource], (resource, ours)
+    # Ray still gets the 2 CPUs of the worker's limit: two smoke cells of 0.9 CPU run at once.
+    assert deploy.autoscaler_budget(ray_doc(built["overlays/local"]))["CPU"] == 2
+
+
+def test_local_overlay_check_catches_pods_that_do_not_fit(built: dict[str, list[Doc]]) -> None:
+    docs = fresh(built, "overlays/local")
+    # The sizes before: head 1, worker 2, MinIO 250m, autoscaler 500m (and a submitter pod of 500m).
+    head(docs)["resources"]["requests"]["cpu"] = "1"
+    worker(docs)["resources"]["requests"]["cpu"] = "2"
+    cluster(docs)["autoscalerOptions"]["resources"]["requests"]["cpu"] = "500m"
+    ours = deploy.requested_resources(docs)
+    assert ours["cpu"] + ALREADY_REQUESTED["cpu"] > LOCAL_NODE["cpu"]
+
+
+def test_requested_resources_counts_every_pod() -> None:
+    docs = build(deploy.OVERLAYS_DIR / "gpu-cluster")
+    ours = deploy.requested_resources(docs)
+    assert ours["cpu"] == pytest.approx(8 + 0.5 + 16 * 64)  # head, autoscaler, 16 GPU pods
+    assert deploy.parse_memory("512Mi") == 512 * 2**20 and deploy.parse_memory("1G") == 1e9
+    with pytest.raises(DeployError):
+        deploy.parse_memory("lots")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Grafana dashboard charts what the product exports
+
+
+def test_grafana_dashboard_parses_and_charts_exported_metrics() -> None:
+    dashboard = json.loads(deploy.GRAFANA_DASHBOARD.read_text())
+    assert check_grafana_dashboard() == []
+    titles = [panel["title"] for panel in dashboard["panels"] if panel["type"] != "row"]
+    assert {"Cells by state", "Epoch per cell", "Images/s per cell", "Robust accuracy per cell"} <= set(titles)
+    exported = deploy.exported_metrics()
+    assert exported["sweep"] == {
+        "ray_sweep_cells",
+        "ray_sweep_cell_epoch",
+        "ray_sweep_cell_images_per_second",
+        "ray_sweep_cell_robust_accuracy",
+    }
+    used = {name for _, expr in deploy.dashboard_queries(dashboard) for name in deploy.promql_metrics(expr)}
+    assert used & exported["ray"], "Ray's own metrics are charted next to the sweep's"
+
+
+def test_promql_metric_names() -> None:
+    assert deploy.promql_metrics('sum by (state) (ray_sweep_cells{sweep=~"$sweep"})') == {"ray_sweep_cells"}
+    assert deploy.promql_metrics(
+        'sum(ray_resources{Name="GPU",State="USED"}) / on() (sum(ray_node_gpus_available[5m]) or vector(0))'
+    ) == {"ray_resources", "ray_node_gpus_available"}
+    assert deploy.promql_metrics("max_over_time(up[1h]) * 100") == {"up"}
+
+
+def _broken_dashboard(tmp_path: Path, change: Callable[[Doc], Any]) -> Path:
+    dashboard = json.loads(deploy.GRAFANA_DASHBOARD.read_text())
+    change(dashboard)
+    path = tmp_path / "dashboard.json"
+    path.write_text(json.dumps(dashboard))
+    return path
+
+
+def _panel(dashboard: Doc, title: str) -> Doc:
+    found: Doc = next(p for p in dashboard["panels"] if p["title"] == title)
+    return found
+
+
+DASHBOARD_BREAKS: dict[str, tuple[Callable[[Doc], Any], str]] = {
+    "unknown sweep metric": (
+        lambda d: _panel(d, "Epoch per cell")["targets"][0].update(expr="max by (cell_id) (ray_sweep_cell_epochs)"),
+        "queries ray_sweep_cell_epochs, which nothing in a sweep cluster exports",
+    ),
+    "metric without the ray_ prefix": (
+        lambda d: _panel(d, "Cells by state")["targets"][0].update(expr="sum by (state) (sweep_cells)"),
+        "queries sweep_cells",
+    ),
+    "unknown Ray metric": (
+        lambda d: _panel(d, "GPU utilization by node")["targets"][0].update(expr="avg(ray_gpu_util)"),
+        "queries ray_gpu_util",
+    ),
+    "variable on a made-up metric": (
+        lambda d: d["templating"]["list"][2]["query"].update(query="label_values(sweep_info, sweep)"),
+        "variable 'sweep' queries sweep_info",
+    ),
+    "gauge not charted": (
+        lambda d: d.update(panels=[p for p in d["panels"] if p["title"] != "Robust accuracy per cell"]),
+        "charts no ray_sweep_cell_robust_accuracy",
+    ),
+    "panel without a query": (
+        lambda d: _panel(d, "Sweep throughput").update(targets=[]),
+        "panel 'Sweep throughput' has no query",
+    ),
+    "no panels": (lambda d: d.update(panels=[]), "no panels"),
+}
+
+
+@pytest.mark.parametrize("case", list(DASHBOARD_BREAKS))
+def test_grafana_dashboard_check_catches(tmp_path: Path, case: str) -> None:
+    change, expected = DASHBOARD_BREAKS[case]
+    problems = check_grafana_dashboard(_broken_dashboard(tmp_path, change))
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_grafana_dashboard_that_is_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "dashboard.json"
+    path.write_text("{panels: [")
+    assert "not a readable JSON file" in check_grafana_dashboard(path)[0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# An invalid spec is not retried: the driver stops its own Ray job
+
+
+class _FakeJobClient:
+    calls: list[tuple[str, str]] = []
+    fail = False
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def stop_job(self, job_id: str) -> bool:
+        if self.fail:
+            raise ConnectionError("refused")
+        self.calls.append((self.address, job_id))
+        return True
+
+
+@pytest.fixture
+def job_client(monkeypatch: Any) -> type[_FakeJobClient]:
+    import ray.job_submission
+
+    _FakeJobClient.calls, _FakeJobClient.fail = [], False
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeJobClient)
+    monkeypatch.setattr(deploy.time, "sleep", lambda seconds: None)
+    return _FakeJobClient
+
+
+JOB_CONFIG = json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "sweep-ablation-x7k2p"}})
+
+
+def test_driver_stops_its_ray_job_when_the_rayjob_asks(job_client: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv(deploy.STOP_ON_INVALID_ENV, "1")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", JOB_CONFIG)
+    assert deploy.stop_this_ray_job() is True
+    assert job_client.calls == [(deploy.HEAD_DASHBOARD_URL, "sweep-ablation-x7k2p")]
+
+
+@pytest.mark.parametrize("situation", ["not asked", "not a Ray job", "job API unreachable"])
+def test_driver_leaves_its_ray_job_alone(job_client: Any, monkeypatch: Any, situation: str) -> None:
+    monkeypatch.setenv(deploy.STOP_ON_INVALID_ENV, "1")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", JOB_CONFIG)
+    if situation == "not asked":
+        monkeypatch.delenv(deploy.STOP_ON_INVALID_ENV)
+    elif situation == "not a Ray job":
+        monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    else:
+        job_client.fail = True
+    assert deploy.stop_this_ray_job() is False
+    assert job_client.calls == []
+
+
+def test_invalid_spec_stops_the_ray_job_and_exits_2(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    from orchestrator import sweep
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(deploy, "stop_this_ray_job", lambda: stopped.append(True) or True)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nworkload: {data: {url: x}}\ngrid: {norm: [batchnorm]}\n")
+    assert sweep.main([str(bad)]) == 2
+    assert stopped == [True]
+    assert sweep.main([str(bad), "--plan"]) == 2  # planning on a laptop stops no job
+    assert stopped == [True]
+    assert "batchnorm" in capsys.readouterr().err
+
+
+def test_the_rayjob_runs_its_entrypoint_with_the_variables_the_driver_reads() -> None:
+    """The head's environment is the driver's: it expands ${SWEEP_STORAGE} (HTTPMode runs the entrypoint with
+    /bin/sh on the head) and carries the opt-in that `stop_this_ray_job` reads."""
+    for overlay in ("gpu-cluster", "local"):
+        docs = build(deploy.OVERLAYS_DIR / overlay)
+        job = ray_doc(docs)
+        assert job["spec"]["submissionMode"] == "HTTPMode" and "submitterPodTemplate" not in job["spec"]
+        assert head_env(docs)[deploy.STOP_ON_INVALID_ENV]["value"] == "1"
+        assert {"configMapRef": {"name": deploy.SWEEP_CONFIG}} in head(docs)["envFrom"]
+        assert deploy.STORAGE_VAR in next(d for d in docs if d["kind"] == "ConfigMap")["data"]
