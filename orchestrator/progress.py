@@ -61,6 +61,14 @@ class HistoryWriter:
         self._busy = False
         self._thread: threading.Thread | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; a copy starts empty (the lock and the thread
+        # cannot travel, and storage holds the rows already written).
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
     def add(self, sweep_url: str, cell_id: str, axes: Mapping[str, Any], result: Mapping[str, Any]) -> None:
         row = epoch_row(result)
         if row is None:

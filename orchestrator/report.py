@@ -960,7 +960,7 @@ def training_curves_section(
     figures[CURVES_FIGURE] = png
     epochs = {(r["cell_id"], r["epoch"]) for r in data.history}
     text = (
-        f"Loss and accuracy on the training batches per epoch, from {len(with_history)} cells "
+        f"Loss and accuracy on the training batches per epoch, from {len(with_history)} cell(s) "
         f"({len(epochs)} cell-epochs, `{HISTORY_FILE}`): one colour per setting, the mean over its seeds with "
         "± one standard deviation shaded. A curve still falling at its last epoch has not converged; cells still "
         "running contribute the epochs they have trained so far."

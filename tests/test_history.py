@@ -144,6 +144,18 @@ def test_cells_given_as_grid_cells_go_to_the_sweep_folder_the_callback_was_given
     assert stored(storage, cell)["axes"] == cell.axes and losses(storage, cell) == [(1, 2.0)]
 
 
+def test_the_callback_survives_tunes_pickling_of_the_experiment_state(sweep: dict[str, Any]) -> None:
+    from ray import cloudpickle
+
+    storage, cell = sweep["storage"], sweep["cells"][0]
+    progress = progress_for(sweep["cells"])
+    report_epochs(progress, cell, storage, epoch_result(1, 2.0))
+    copy = cloudpickle.loads(cloudpickle.dumps(progress))  # what tune.Tuner does with its callbacks
+    report_epochs(copy, cell, storage, epoch_result(2, 1.5))
+    assert progress.history.flush(timeout_s=30) and copy.history.flush(timeout_s=30)
+    assert losses(storage, cell) == [(1, 2.0), (2, 1.5)]
+
+
 def test_merge_epochs_is_keyed_by_epoch_and_the_later_history_wins() -> None:
     old = [{"epoch": 2, "loss": 9.0}, {"epoch": 1, "loss": 8.0}]
     new = [{"epoch": 2, "loss": 1.0}, {"epoch": 3, "loss": 0.5}]
@@ -272,7 +284,7 @@ def test_report_draws_training_curves_per_setting_with_seed_spread(sweep: dict[s
     report.build_report(storage.url)
     markdown = read_text(storage, "report", "report.md")
     section = markdown.split("## Training curves", 1)[1].split("\n## ", 1)[0]
-    assert "from 6 cells (18 cell-epochs" in section
+    assert "from 6 cell(s) (18 cell-epochs" in section
     assert "](training_curves.png)" in section
     width, height = png_size(Path(storage.path("report", "training_curves.png")).read_bytes())
     assert 600 <= width <= 2000 and 400 <= height <= 2000
