@@ -69,7 +69,7 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), threads: int = DEFAULT_THREADS, out:
     import torch
 
     from workloads import data
-    from workloads.train import LocalSession
+    from workloads.sessions import LocalSession
     from workloads.train import run as train_cell
 
     torch.set_num_threads(threads)

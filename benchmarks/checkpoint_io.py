@@ -9,7 +9,7 @@ for the benchmark and restored afterwards. Both paths go through the same server
 every object in memory or a spooled temp file) is part of both times, so the ratios understate a gap that a real
 S3 endpoint would show in either direction.
 
-States, as `workloads.train._state` builds them (model `state_dict`, SGD state with momentum buffers after one
+States, as `workloads.train.training_state` builds them (model `state_dict`, SGD state with momentum buffers after one
 step, attack and torch RNG states, epoch, train seconds):
 
 - **large**: ResNet-50 (ImageNet stem, width 1, 1000 classes): ~205 MB, the size of a real cell's checkpoint.
@@ -19,12 +19,11 @@ step, attack and torch RNG states, epoch, train seconds):
 Cases, interleaved (`_common.interleave`, the order rotating between rounds), one new destination per save:
 
 - **ours, save** = what `RaySession.report` + `RaySession._upload` do per checkpoint: `tempfile.mkdtemp`,
-  `torch.save` into it, then, inside `workloads.fs.with_retries`, `target.create_dir(destination)` and
-  `pyarrow.fs.copy_files` from `ray.train.Checkpoint.from_directory(folder)` to the pyarrow `S3FileSystem` that
-  `SweepStorage.ray_storage()` returns, then the local folder's removal (`delete_local_checkpoint_after_upload`).
-  `_upload` reads its destination and filesystem from the Ray Train context (`get_context().get_storage()`), so
-  it cannot run here: its two calls are replicated exactly in `_upload_like_ray_session`. The local write and
-  the upload are also timed separately.
+  `torch.save` into it, then `workloads.sessions.upload_checkpoint` (the function `_upload` calls with the
+  destination it reads from the Ray Train context: `target.create_dir(destination)` and `pyarrow.fs.copy_files`
+  inside `workloads.fs.with_retries`) to the pyarrow `S3FileSystem` that `SweepStorage.ray_storage()` returns,
+  then the local folder's removal (`delete_local_checkpoint_after_upload`). The local write and the upload are
+  also timed separately.
 - **s3fs, save** = `torch.save` to an in-memory buffer + `s3fs` `pipe_file` of its bytes (the `open_fs`
   filesystem; one PUT below 100 MB, else a 50 MB-part multipart upload, 10 parts at a time).
 - **ours, restore** = `RaySession._load` (product code, a static method that needs no Train context) on
@@ -78,9 +77,10 @@ from benchmarks._common import (
 )
 from orchestrator.storage import SweepStorage
 from workloads.config import ModelConfig, RecipeConfig
-from workloads.fs import open_fs, with_retries
+from workloads.fs import open_fs
 from workloads.models import build_model
-from workloads.train import STATE_FILE, RaySession, _state
+from workloads.sessions import STATE_FILE, RaySession, upload_checkpoint
+from workloads.train import training_state as checkpoint_state
 
 NAME = "checkpoint_io"
 GOAL = 0.8
@@ -178,8 +178,8 @@ def _restore_environment(saved: dict[str, str]) -> None:
 
 
 def training_state(model: ModelConfig, num_classes: int, in_channels: int) -> dict[str, Any]:
-    """What `workloads.train.run` checkpoints: `_state` of a model whose SGD optimizer has taken one step (so the
-    momentum buffers exist, as in every checkpoint after the first step)."""
+    """What `workloads.train.run` checkpoints: `workloads.train.training_state` of a model whose SGD optimizer has
+    taken one step (so the momentum buffers exist, as in every checkpoint after the first step)."""
     torch.manual_seed(0)
     bare = build_model(model, num_classes, in_channels)
     recipe = RecipeConfig()
@@ -190,24 +190,7 @@ def training_state(model: ModelConfig, num_classes: int, in_channels: int) -> di
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return _state(bare, optimizer, torch.Generator().manual_seed(0), epoch=1, train_seconds=1.0)
-
-
-def _upload_like_ray_session(checkpoint: Any, destination: str, target: Any, name: str) -> None:
-    """`RaySession._upload` without the Train context it reads `destination` and `target` from: the same two
-    calls inside the same `with_retries`."""
-    import pyarrow.fs
-
-    def copy() -> None:
-        target.create_dir(destination)
-        pyarrow.fs.copy_files(
-            checkpoint.path,
-            destination,
-            source_filesystem=checkpoint.filesystem,
-            destination_filesystem=target,
-        )
-
-    with_retries(copy, f"upload checkpoint {name}")
+    return checkpoint_state(bare, optimizer, torch.Generator().manual_seed(0), epoch=1, train_seconds=1.0)
 
 
 OnResult = Callable[[str, dict[str, Any]], None]
@@ -216,6 +199,7 @@ OnResult = Callable[[str, dict[str, Any]], None]
 def _cases(state: dict[str, Any], bucket: str, label: str) -> tuple[dict[str, Callable[[], Any]], OnResult, int]:
     """The four cases for one state, the `on_result` hook that deletes what a save wrote (outside the timing),
     and the size of the state file in bytes."""
+    import pyarrow.fs
     import ray.train
 
     storage_path, target = SweepStorage.for_sweep(bucket, f"bench-{label}").ray_storage()
@@ -231,7 +215,7 @@ def _cases(state: dict[str, Any], bucket: str, label: str) -> tuple[dict[str, Ca
         torch.save(state, Path(folder) / STATE_FILE)
         wall1, cpu1 = time.perf_counter(), time.process_time()
         destination = f"{run_path}/{name}"
-        _upload_like_ray_session(ray.train.Checkpoint.from_directory(folder), destination, target, name)
+        upload_checkpoint(folder, pyarrow.fs.LocalFileSystem(), destination, target, name)
         wall2, cpu2 = time.perf_counter(), time.process_time()
         shutil.rmtree(folder)
         return {
@@ -254,7 +238,7 @@ def _cases(state: dict[str, Any], bucket: str, label: str) -> tuple[dict[str, Ca
     folder = tempfile.mkdtemp(prefix="sweep-checkpoint-")
     torch.save(state, Path(folder) / STATE_FILE)
     size = (Path(folder) / STATE_FILE).stat().st_size
-    _upload_like_ray_session(ray.train.Checkpoint.from_directory(folder), kept, target, "restore")
+    upload_checkpoint(folder, pyarrow.fs.LocalFileSystem(), kept, target, "restore")
     shutil.rmtree(folder)
     kept_file = f"{kept}/{STATE_FILE}"
 
@@ -434,13 +418,13 @@ def details_markdown(result: dict[str, Any]) -> str:
         [
             "S3 stand-in: moto's `ThreadedMotoServer` on 127.0.0.1 in a child process (in this one its Python request "
             "handling would compete for the GIL with s3fs's event loop but not with pyarrow's C++ client). States as "
-            "`workloads.train._state` builds them (model, SGD with momentum buffers, RNG states): "
+            "`workloads.train.training_state` builds them (model, SGD with momentum buffers, RNG states): "
             f"large = {_what('large', large['bytes'])} (ResNet-50, 1000 classes: a real cell's checkpoint), "
             f"small = {_what('small', small['bytes'])} (the smoke sweep's model). **ours, save**: `tempfile.mkdtemp` "
             "+ `torch.save` into it (what `RaySession.report` does before `ray.train.report`), then "
-            "`RaySession._upload`'s two calls inside `with_retries`: `create_dir(destination)` and "
-            "`pyarrow.fs.copy_files` to the `S3FileSystem` of `SweepStorage.ray_storage()` (replicated: `_upload` "
-            "reads its destination from the Ray Train context), then the local folder's removal. **s3fs, save**: "
+            "`workloads.sessions.upload_checkpoint`, the function `RaySession._upload` calls (`create_dir` and "
+            "`pyarrow.fs.copy_files` inside `with_retries`), to the `S3FileSystem` of `SweepStorage.ray_storage()`, "
+            "then the local folder's removal. **s3fs, save**: "
             "`torch.save` to memory + `s3fs.pipe_file`. **ours, restore**: `RaySession._load` on a "
             "`ray.train.Checkpoint(path, filesystem=S3FileSystem)` (`as_directory()` download + `torch.load`). "
             "**s3fs, restore**: `cat_file` + `torch.load` of the same object. "

@@ -4,7 +4,7 @@
 
 Dataset: `workloads.data.synthetic_to_parquet` on the S3 stand-in (moto in a child process, as in
 `benchmarks.checkpoint_io`): `--images` train images of 3 x S x S (default 3x64x64, 12 KB each) in shards of 128
-images (row groups of 64, zstd), written once. The reader is the product's: `workloads.train._micro_batches`, i.e.
+images (row groups of 64, zstd), written once. The reader is the product's: `workloads.train.micro_batches`, i.e.
 `iter_batches` with the cell's batch size, seed and shuffle buffer, a fresh iterator per epoch (the shard order
 and the shuffle change with the epoch), its prefetch thread reading and decoding row groups ahead while the
 consumer (the training thread) assembles batches. The shuffle buffer is 256 images, 20 % of the 1,280-image
@@ -67,7 +67,8 @@ from workloads.config import (
 )
 from workloads.fs import open_fs
 from workloads.models import ResNet, build_model
-from workloads.train import Session, _micro_batches, adversarial_loss, learning_rate
+from workloads.sessions import Session
+from workloads.train import adversarial_loss, learning_rate, micro_batches
 
 NAME = "data_reader"
 NUM_CLASSES = 10
@@ -130,7 +131,7 @@ def run(
         shards = info.split("train").shards
         stored_bytes = sum(fs.size(f"{root}/{shard.path}") for shard in shards)
         cfg = config(url, batch, shuffle_buffer)
-        session = Session()  # rank 0 of 1: all `_micro_batches` reads of it
+        session = Session()  # rank 0 of 1: all `micro_batches` reads of it
         steps = data.batches_per_epoch(info, cfg.data.train_split, session.world_size, batch)
         memory_images, memory_labels = data.load_split(info, cfg.data.train_split)
         in_memory = list(zip(memory_images.split(batch), memory_labels.split(batch), strict=True))[:steps]
@@ -144,7 +145,7 @@ def run(
 
         def reader() -> int:
             seen = 0
-            for x, _ in _micro_batches(cfg, info, session, next(epochs)):
+            for x, _ in micro_batches(cfg, info, session, next(epochs)):
                 seen += len(x)
             return seen
 
@@ -154,7 +155,7 @@ def run(
             return steps * batch
 
         def fed() -> int:
-            batches: Iterator[Any] = _micro_batches(cfg, info, session, next(epochs))
+            batches: Iterator[Any] = micro_batches(cfg, info, session, next(epochs))
             first = waited = idle = 0.0
             for i in range(steps):
                 wall0, cpu0 = time.perf_counter(), time.thread_time()
@@ -280,7 +281,7 @@ def details_markdown(result: dict[str, Any]) -> str:
             f"Dataset: `synthetic_to_parquet` on the S3 stand-in (moto on 127.0.0.1, a child process): {s['images']} "
             f"train images of {shape} in {s['shards']} shards of {s['shard_size']} (row groups of "
             f"{s['row_group_size']}, zstd; {s['stored_megabytes']:.1f} MB stored). Reader: "
-            "`workloads.train._micro_batches` (`iter_batches` with its prefetch thread, as `run()` calls it), a "
+            "`workloads.train.micro_batches` (`iter_batches` with its prefetch thread, as `run()` calls it), a "
             f"fresh iterator per epoch, batch {s['batch']}, shuffle buffer {s['shuffle_buffer']} (20 % of the share, "
             "as the default 2,048 is of one worker's 10 k images of ImageNet at 128 workers). Step: the smoke "
             "sweep's model and attack (ResNet-18, width 1/8, small stem, BN; PGD-1, eps 16; mixture, clean ratio "

@@ -119,21 +119,24 @@ def _measure_group(
     import torch
     import torch._dynamo
 
+    from workloads import execution as exe
     from workloads import train
+    from workloads.bn_fold import FoldedForAttack
     from workloads.models import build_model, use_channels_last
 
     device = torch.device(DEVICE)
-    saved = train._fp32_precision()
+    saved = exe.fp32_precision()
     rows: list[dict[str, Any]] = []
     try:
         base = config(depth, pgd[0], batch, mode)
-        execution = train.resolve_execution(base.performance, device)
-        train.configure_backends(execution)
+        execution = exe.resolve_execution(base.performance, device)
+        exe.configure_backends(execution)
         torch.manual_seed(0)
         bare = build_model(base.model, NUM_CLASSES, in_channels=3).to(device)
         if execution.channels_last:
             use_channels_last(bare)
-        compiled = train.compile_model(bare) if execution.compile else None
+        compiled = exe.compile_model(bare) if execution.compile else None
+        folded = FoldedForAttack(bare)
         model = compiled if compiled is not None else bare
         optimizer = torch.optim.SGD(
             bare.parameters(), lr=base.recipe.lr, momentum=base.recipe.momentum, weight_decay=base.recipe.weight_decay
@@ -150,13 +153,12 @@ def _measure_group(
                 loss, _ = train.adversarial_loss(
                     cfg,
                     model,
-                    bare,
+                    compiled if compiled is not None else folded.current(),  # what train.Models.attacked() gives
                     images,
                     labels,
                     NUM_CLASSES,
                     generator,
                     amp_dtype=execution.amp_dtype,
-                    attack_forward=compiled,
                 )
                 loss.backward()
                 optimizer.step()
@@ -168,7 +170,7 @@ def _measure_group(
             {**_row_key(depth, n, batch, mode), "error": f"out of memory: {err}"[:200]} for n in pgd if n not in done
         ]
     finally:
-        train._set_fp32_precision(saved)
+        exe.set_fp32_precision(saved)
         torch._dynamo.reset()
         gc.collect()
         torch.cuda.empty_cache()

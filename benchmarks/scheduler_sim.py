@@ -113,7 +113,8 @@ def deadline_sized(cells: Sequence[Cell], spec: Spec, deadline_hours: float) -> 
         while workers < cell.num_workers and estimate.device_hours / (workers * cell.gpus_per_worker) > deadline_hours:
             workers *= 2
         workers = min(workers, cell.num_workers)
-        sized.append(dataclasses.replace(cell, num_workers=workers, gpus=workers * cell.gpus_per_worker))
+        config = cell.config.model_copy(update={"num_workers": workers})
+        sized.append(dataclasses.replace(cell, config=config))
     return sized
 
 

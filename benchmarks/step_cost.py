@@ -32,6 +32,7 @@ from benchmarks._common import (
     print_checks,
     set_torch_threads,
 )
+from workloads.bn_fold import FoldedForAttack
 from workloads.config import AttackConfig, DataConfig, ModelConfig, RecipeConfig, TrainConfig, TrainingConfig
 from workloads.data import synthetic_batch
 from workloads.models import build_model
@@ -79,12 +80,14 @@ def run(batch: int = 32, repeats: int = 7, steps_per_sample: int = 2, threads: i
             model.parameters(), lr=cfg.recipe.lr, momentum=cfg.recipe.momentum, weight_decay=cfg.recipe.weight_decay
         )
         generator = torch.Generator().manual_seed(0)
+        folded = FoldedForAttack(model)  # what the training loop attacks (train.Models.attacked())
 
         def step() -> None:
             model.train()
             for _ in range(steps_per_sample):
                 optimizer.zero_grad(set_to_none=True)
-                loss, _ = adversarial_loss(cfg, model, model, images, labels, NUM_CLASSES, generator)
+                attacked = folded.current() if cfg.training.strategy != "standard" else model
+                loss, _ = adversarial_loss(cfg, model, attacked, images, labels, NUM_CLASSES, generator)
                 loss.backward()
                 float(loss.detach())  # run() reads the loss every step
                 optimizer.step()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -45,23 +45,47 @@ ID_HEX_DIGITS = 12
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the study: its grid coordinates, its resolved config and what it needs to run."""
+    """One training run of the study, the one object a Tune trial receives: its grid coordinates, the resolved
+    config the workload reads (workers, GPU use and checkpoint policy included), and the resources and failure
+    policy only the orchestrator uses."""
 
     cell_id: str
     axes: dict[str, Any]  # the 7 grid axes after normalisation; norm keeps its '*'
     config: TrainConfig
-    num_workers: int
-    gpus: int  # num_workers x gpus_per_worker when use_gpu, else 0
+    gpus_per_worker: int  # per worker when use_gpu (resources.gpus_per_worker), else unused
     cpus_per_worker: float
-    max_failures: int
+    max_failures: int  # Ray Train worker-group restarts
+    placement_timeout_s: float  # how long an unplaceable worker group may wait for the cluster to grow
 
     @property
-    def gpus_per_worker(self) -> int:
-        return self.gpus // self.num_workers
+    def num_workers(self) -> int:
+        return self.config.num_workers
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.config.use_gpu
+
+    @property
+    def gpus(self) -> int:
+        """GPUs of the whole cell: num_workers x gpus_per_worker when use_gpu, else 0."""
+        return self.num_workers * self.gpus_per_worker if self.use_gpu else 0
 
     @property
     def grad_accum_steps(self) -> int:
         return self.config.grad_accum_steps
+
+    def worker_bundle(self) -> dict[str, float]:
+        """The resources of one Train worker (one placement-group bundle)."""
+        bundle = {"CPU": float(self.cpus_per_worker)}
+        if self.use_gpu:
+            bundle["GPU"] = float(self.gpus_per_worker)
+        return bundle
+
+    def with_data_url(self, url: str) -> Cell:
+        """The same cell reading its data from `url` (a bundled dataset materialised in storage): the id and
+        what it trains do not change, only where the bytes come from."""
+        data = self.config.data.model_copy(update={"url": url})
+        return replace(self, config=self.config.model_copy(update={"data": data}))
 
     def describe(self) -> str:
         return describe_axes(self.axes)
@@ -176,13 +200,12 @@ class _Resolver:
             config = TrainConfig.model_validate(data)
         except ValidationError as exc:
             raise SpecError(format_validation_error(exc, TrainConfig, prefix=f"cell {describe_axes(axes)}: ")) from None
-        gpus = config.num_workers * spec.resources.gpus_per_worker if spec.resources.use_gpu else 0
         return Cell(
             cell_id=cell_id(config),
             axes=axes,
             config=config,
-            num_workers=config.num_workers,
-            gpus=gpus,
+            gpus_per_worker=spec.resources.gpus_per_worker,
             cpus_per_worker=spec.resources.cpus_per_worker,
             max_failures=spec.max_failures,
+            placement_timeout_s=spec.resources.placement_timeout_s,
         )

@@ -24,7 +24,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.util.metrics import Gauge
 
-from orchestrator.grid import describe_axes
+from orchestrator.grid import Cell
 from orchestrator.redact import redact
 from orchestrator.results import epoch_row, merge_epochs
 from orchestrator.storage import HISTORY_FILE, SweepStorage
@@ -152,17 +152,15 @@ class SweepProgress(Callback):
     def __init__(
         self,
         sweep: str,
+        sweep_url: str,
         total: int,
         already_finished: int,
         epochs: dict[str, int],
         stall_after_s: float = STALL_AFTER_S,
-        sweep_url: str | None = None,
     ) -> None:
         self.stall_after_s = stall_after_s
-        # Where history.json goes: this sweep's folder, else the one each trial's cell payload names.
-        self.sweep_url = sweep_url
+        self.sweep_url = sweep_url  # where each cell's history.json goes
         self.history = HistoryWriter()
-        self._no_history_said = False
         self._last_heard: dict[str, float] = {}  # cell id -> monotonic time of its last start or report
         self.sweep = sweep
         self.epochs = epochs
@@ -208,19 +206,15 @@ class SweepProgress(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._move("pending", "running")
-        cell_id, axes, _ = _trial_cell(trial)
-        self._last_heard[cell_id] = time.monotonic()
-        self._say(f"cell {cell_id} started: {describe_axes(axes)}")
+        cell: Cell = trial.config["cell"]
+        self._last_heard[cell.cell_id] = time.monotonic()
+        self._say(f"cell {cell.cell_id} started: {cell.describe()}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        cell_id, axes, payload_url = _trial_cell(trial)
+        cell: Cell = trial.config["cell"]
+        cell_id = cell.cell_id
         self._last_heard[cell_id] = time.monotonic()
-        sweep_url = self.sweep_url or payload_url
-        if sweep_url:
-            self.history.add(sweep_url, cell_id, axes, result)
-        elif not self._no_history_said:
-            self._no_history_said = True
-            self._say("no sweep storage known to the progress callback: per-epoch history is not recorded")
+        self.history.add(self.sweep_url, cell_id, cell.axes, result)
         tags = {"sweep": self.sweep, "cell_id": cell_id}
         epoch = result.get("epoch")
         parts = [f"cell {cell_id} epoch {epoch}/{self.epochs.get(cell_id, '?')}"]
@@ -258,13 +252,13 @@ class SweepProgress(Callback):
                 self._last_heard[cell_id] = now
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cell_id = _trial_cell(trial)[0]
+        cell_id = trial.config["cell"].cell_id
         self._last_heard.pop(cell_id, None)
         self._move("running", "finished")
         self._say(f"cell {cell_id} finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cell_id = _trial_cell(trial)[0]
+        cell_id = trial.config["cell"].cell_id
         self._last_heard.pop(cell_id, None)
         self._move("running", "failed")
         self._say(f"cell {cell_id} FAILED (see error.json in its storage folder)")
@@ -275,15 +269,6 @@ class SweepProgress(Callback):
             self._say(
                 f"some cells' last epochs are not in their history.json yet (storage slow for {HISTORY_FLUSH_S:.0f} s)"
             )
-
-
-def _trial_cell(trial: Any) -> tuple[str, dict[str, Any], str | None]:
-    """(cell id, grid axes, sweep URL if it travels with the cell) of a trial, whose config's "cell" is the cell
-    as the trial received it: a plain payload mapping, or an object with `cell_id` and `axes`."""
-    cell = trial.config["cell"]
-    if isinstance(cell, Mapping):
-        return str(cell["cell_id"]), dict(cell["axes"]), cell.get("sweep_url")
-    return str(cell.cell_id), dict(cell.axes), None
 
 
 def _strongest_eval(result: dict) -> tuple[str, float] | None:

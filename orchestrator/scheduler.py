@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ray.tune.search import Searcher
 
@@ -28,12 +28,22 @@ Demand = Mapping[str, float]
 SECONDS_PER_HOUR = 3600.0
 
 
-def wall_hours(cells: Sequence[Mapping[str, Any]], demands: Sequence[Demand], priority: Sequence[float]) -> list[float]:
+class Admissible(Protocol):
+    """What the searcher reads of a cell (`orchestrator.grid.Cell`); the rest travels to the trial untouched."""
+
+    @property
+    def cell_id(self) -> str: ...
+
+    @property
+    def num_workers(self) -> int: ...
+
+
+def wall_hours(cells: Sequence[Admissible], demands: Sequence[Demand], priority: Sequence[float]) -> list[float]:
     """Estimated wall hours per cell from its estimated device-hours (`priority`, what `plan` calls device_hours):
     spread over its GPUs, or over its workers for a CPU cell (as `plan.make_plan` does)."""
     out = []
     for cell, demand, hours in zip(cells, demands, priority, strict=True):
-        slots = demand.get("GPU", 0.0) or float(cell.get("num_workers", 1) or 1)
+        slots = demand.get("GPU", 0.0) or float(cell.num_workers or 1)
         out.append(hours / slots)
     return out
 
@@ -49,12 +59,12 @@ class ResourceBudgetSearcher(Searcher):
 
     def __init__(
         self,
-        cells: Sequence[Mapping[str, Any]],
+        cells: Sequence[Admissible],
         demands: Sequence[Demand],
         budget: Demand,
         priority: Sequence[float] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        on_running_change: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_running_change: Callable[[list[Any]], None] | None = None,
     ) -> None:
         super().__init__(metric=None, mode=None)
         if len(cells) != len(demands):
@@ -63,11 +73,11 @@ class ResourceBudgetSearcher(Searcher):
             for resource, amount in demand.items():
                 if amount > budget.get(resource, 0.0) + 1e-9:
                     raise ValueError(
-                        f"cell {cell.get('cell_id')} needs {amount:g} {resource} but the cluster has "
+                        f"cell {cell.cell_id} needs {amount:g} {resource} but the cluster has "
                         f"{budget.get(resource, 0.0):g}"
                     )
         hours = wall_hours(cells, demands, priority if priority is not None else [0.0] * len(cells))
-        self._cells = [dict(cell) for cell in cells]
+        self._cells = list(cells)
         self._packer = Packer(demands, hours, budget)
         self._clock = clock
         self._on_running_change = on_running_change

@@ -31,7 +31,7 @@ import re
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 from urllib.parse import parse_qsl, urlsplit
 
 import yaml
@@ -47,16 +47,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from workloads.config import (
-    RESNET_STAGES,
-    AttackConfig,
-    DataConfig,
-    EvalConfig,
-    ModelConfig,
-    PerformanceConfig,
-    RecipeConfig,
-    TrainingConfig,
-)
+from workloads.config import MAX_SEED, NORMS, RESNET_STAGES, RUNNING_STATS_NORMS, Strategy, WorkloadConfig
 
 MAX_SPEC_BYTES = 1 << 20
 # Expanded size of the parsed document (YAML aliases can make a small file huge): far above any real spec.
@@ -65,12 +56,11 @@ MAX_NESTING = 32
 MAX_AXIS_VALUES = 10_000
 
 AXES: tuple[str, ...] = ("clean_ratio", "norm", "pgd_steps", "depth", "batch_size", "strategy", "seed")
-# 'bn*'/'mbn*' are BN* (Section 4.3, Table 2): running statistics used in training for the last epochs.
-NORMS: tuple[str, ...] = ("bn", "mbn", "gn", "bn*", "mbn*")
-STRATEGIES: tuple[str, ...] = ("mixture", "alp", "standard")
+# The grid's norm values: the workload's norms, plus BN* of those with running statistics ('bn*', 'mbn*':
+# running statistics used in training for the last epochs, Section 4.3, Table 2).
+GRID_NORMS: tuple[str, ...] = NORMS + tuple(f"{norm}*" for norm in RUNNING_STATS_NORMS)
 STORAGE_SCHEMES: tuple[str, ...] = ("file", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory")
 NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
-MAX_SEED = 2**31 - 1
 
 CREDENTIALS_HINT = (
     "credentials must come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
@@ -238,11 +228,18 @@ def _known_depth(depth: int) -> int:
 
 
 CleanRatio = Annotated[float, AfterValidator(_range_check(0.0, 1.0)), AfterValidator(float)]
-NormName = Literal["bn", "mbn", "gn", "bn*", "mbn*"]
+
+
+def _grid_norm(value: str) -> str:
+    if value not in GRID_NORMS:
+        raise ValueError(f"{show_value(value)} is not one of {', '.join(GRID_NORMS)}")
+    return value
+
+
+GridNorm = Annotated[str, AfterValidator(_grid_norm)]
 PgdSteps = Annotated[int, AfterValidator(_range_check(0, 10_000))]
 Depth = Annotated[int, AfterValidator(_known_depth)]
 BatchSize = Annotated[int, AfterValidator(_range_check(1, 1 << 24))]
-StrategyName = Literal["mixture", "alp", "standard"]
 Seed = Annotated[int, AfterValidator(_range_check(0, MAX_SEED))]
 
 
@@ -250,11 +247,11 @@ class GridEntry(_Strict):
     """One product of axis values; an axis left out takes the workload default (DESIGN.md section 4)."""
 
     clean_ratio: list[CleanRatio] | None = None
-    norm: list[NormName] | None = None
+    norm: list[GridNorm] | None = None
     pgd_steps: list[PgdSteps] | None = None
     depth: list[Depth] | None = None
     batch_size: list[BatchSize] | None = None
-    strategy: list[StrategyName] | None = None
+    strategy: list[Strategy] | None = None
     seed: list[Seed] | None = None
 
     @field_validator(*AXES, mode="before")
@@ -283,18 +280,10 @@ class GridEntry(_Strict):
         return math.prod(len(values) for values in self.axes().values())
 
 
-class Workload(_Strict):
-    """Defaults for every cell: `workloads.config.TrainConfig` minus the per-cell derived fields (num_workers,
-    use_gpu, checkpointing), which come from `resources` and the top-level keys."""
-
-    data: DataConfig
-    model: ModelConfig = ModelConfig()
-    attack: AttackConfig = AttackConfig()
-    training: TrainingConfig = TrainingConfig()
-    recipe: RecipeConfig = RecipeConfig()
-    eval: EvalConfig = EvalConfig()
-    performance: PerformanceConfig = PerformanceConfig()
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+# The spec's `workload` section is the workload's own config class: its fields, defaults and bounds are defined
+# once, in workloads.config. The per-cell fields the orchestrator decides (workers, GPU use, checkpointing) are
+# TrainConfig's additions and come from `resources` and the top-level keys.
+Workload = WorkloadConfig
 
 
 class Resources(_Strict):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -21,7 +20,6 @@ if __name__ == "__main__":
     from orchestrator.interpreter import check_interpreter
 
     check_interpreter()
-from typing import Any  # noqa: E402
 
 from orchestrator.grid import Cell, describe_axes, expand  # noqa: E402
 from orchestrator.lease import DriverLease, LeaseHeldError  # noqa: E402
@@ -180,81 +178,14 @@ def _materialise_data(storage: SweepStorage, cells: list[Cell]) -> dict[str, str
     return resolved
 
 
-def _with_data_url(cell: Cell, data_urls: dict[str, str]) -> dict[str, Any]:
-    """The cell's TrainConfig for the workers; only where the data lives changes (the cell id does not)."""
-    config = cell.config.model_dump(mode="json")
-    config["data"]["url"] = data_urls.get(cell.config.data.url, cell.config.data.url)
-    return config
-
-
-def request_capacity(running: list[dict[str, Any]]) -> None:
+def request_capacity(running: list[Cell]) -> None:
     """Ask the autoscaler for room for every running cell's worker group: one bundle per worker. A cell's Train
-    workers ask only once its trial has checked they can be placed (runner.wait_until_placeable), so without
+    workers ask only once its trial has checked they can be placed (placement.wait_until_placeable), so without
     this a cluster that scaled down would never be asked to grow back. The request replaces the previous one;
     an empty list withdraws it."""
     from ray.autoscaler.sdk import request_resources
 
-    from orchestrator.runner import worker_bundle
-
-    request_resources(bundles=[worker_bundle(cell) for cell in running for _ in range(cell["num_workers"])])
-
-
-# Ray 2.60's Train state tracking (on for the dashboard's Train view) builds Ray Data's default ingest options in
-# every Train controller, and they set a field that Ray itself marks deprecated: two warning lines per cell in the
-# sweep's log that no user can act on. The filter matches that message only.
-RAY_INTERNAL_WARNING_FILTER = "ignore:`ExecutionOptions.exclude_resources` is deprecated:DeprecationWarning"
-
-
-def _quiet_ray_console() -> None:
-    """Keep the sweep's log to the sweep's own lines, plus whatever Ray says that a user can act on.
-
-    - Every trial (and the Train controller each trial starts, which inherits the trial's environment) gets a
-      PYTHONWARNINGS filter for `RAY_INTERNAL_WARNING_FILTER`, beside whatever filter the user set.
-    - Tune's newer console output prints a header and the path of its experiment folder even when silent; that
-      folder is scratch here (deleted at the end: a sweep resumes from storage), so the classic output is used,
-      which at verbosity 0 prints nothing, and Tune's INFO line naming the folder is dropped.
-    """
-    from ray.tune.execution import class_cache
-
-    filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
-    if RAY_INTERNAL_WARNING_FILTER not in filters:
-        os.environ["PYTHONWARNINGS"] = ",".join([*filters, RAY_INTERNAL_WARNING_FILTER])
-    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) | {"PYTHONWARNINGS"}
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
-
-
-def _keep_credentials_out_of_trial_runtime_envs() -> None:
-    """Ray Tune copies AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/session tokens from the driver's environment into
-    every trial actor's runtime_env, and Ray's runtime-env agent logs each runtime_env it creates in plain text
-    (logs/runtime_env_agent.log, readable from the dashboard). Trials and Train workers get their credentials
-    from their own environment instead: the raylet's (which `ray.init` and `ray start` inherit from the shell)
-    or the pod's Secret on Kubernetes (deploy/). Found by tests/test_faults_ray.py's grep of the session logs."""
-    from ray.tune.execution import class_cache
-
-    class_cache.ENV_VARS_TO_PROPAGATE = {
-        name for name in class_cache.ENV_VARS_TO_PROPAGATE if not name.startswith("AWS_")
-    }
-
-
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
-
-def skip_preemption_watcher_without_nodes_to_lose(node_count: int, autoscaled: bool) -> bool:
-    """Switch off Ray Train's preemption watcher on a single-node cluster that cannot grow; True if switched off.
-
-    Ray Train 2.60 starts a PreemptionWatcher actor for every worker group (every cell) that polls for nodes being
-    drained (a reclaimed spot instance, a KubeRay scale-down), so that workers learn of it before their node
-    goes. One node and no autoscaler budget (a laptop, a CI box) leaves no node to drain but the one the driver
-    itself runs on, so there the watcher is only one more process per cell and an error-level line per cell in
-    the sweep's log (about its restart arguments). Wherever nodes can come and go it stays on, and a value the
-    user set wins. Train reads the variable in the process that calls `fit()`, the Tune trial, which gets it
-    from this (the driver's) environment: Tune passes Train's variables on to every trial.
-    """
-    if node_count != 1 or autoscaled or PREEMPTION_WATCHER_ENV in os.environ:
-        return False
-    os.environ[PREEMPTION_WATCHER_ENV] = "0"
-    return True
+    request_resources(bundles=[cell.worker_bundle() for cell in running for _ in range(cell.num_workers)])
 
 
 def _run_cells(
@@ -263,57 +194,40 @@ def _run_cells(
     import ray
     from ray import tune
 
+    from orchestrator import ray_compat
+    from orchestrator.placement import live_nodes
     from orchestrator.progress import SweepProgress
-    from orchestrator.runner import TRIAL_CPU, cell_payload, live_nodes, resource_demand, run_cell
+    from orchestrator.runner import TRIAL_CPU, resource_demand, run_cell
     from orchestrator.scheduler import ResourceBudgetSearcher
 
-    # The dashboard's Train view lists runs only with state tracking on; it must be set before the Train
-    # controllers start, so it travels in the job's runtime environment.
-    env = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
-    os.environ.update(env)
+    env = ray_compat.driver_environment()
     dashboard = "(connected to an existing Ray instance)"
     if not ray.is_initialized():
         context = ray.init(runtime_env={"env_vars": env})
         dashboard = f"dashboard: http://{context.dashboard_url}" if context.dashboard_url else "no dashboard"
-    _keep_credentials_out_of_trial_runtime_envs()
-    _quiet_ray_console()
     autoscaled = any(os.environ.get(variable, "").strip() for variable in AUTOSCALER_MAX_ENV.values())
-    skip_preemption_watcher_without_nodes_to_lose(len(live_nodes()), autoscaled)
+    ray_compat.prepare_driver(len(live_nodes()), autoscaled)
     data_urls = _materialise_data(storage, todo)
+    runnable = [cell.with_data_url(data_urls.get(cell.config.data.url, cell.config.data.url)) for cell in todo]
     budget = _resource_budget(ray.cluster_resources())
-    payloads = [
-        cell_payload(
-            cell.cell_id,
-            cell.axes,
-            _with_data_url(cell, data_urls),
-            sweep_url=storage.url,
-            num_workers=cell.num_workers,
-            use_gpu=spec.resources.use_gpu,
-            gpus_per_worker=spec.resources.gpus_per_worker,
-            cpus_per_worker=cell.cpus_per_worker,
-            max_failures=cell.max_failures,
-            keep_checkpoints=spec.keep_checkpoints,
-            placement_timeout_s=spec.resources.placement_timeout_s,
-        )
-        for cell in todo
-    ]
     cost = {c.cell_id: c.device_hours for c in plan.cells}
     try:
         searcher = ResourceBudgetSearcher(
-            payloads,
-            [resource_demand(p) for p in payloads],
+            runnable,
+            [resource_demand(cell) for cell in runnable],
             budget,
-            priority=[cost[cell.cell_id] for cell in todo],
+            priority=[cost[cell.cell_id] for cell in runnable],
             on_running_change=request_capacity if autoscaled else None,
         )
     except ValueError as err:
         raise InfeasibleError(f"infeasible on this cluster: {err}") from None
     print(f"cluster: {budget['CPU']:g} CPUs, {budget['GPU']:g} GPUs; {dashboard}")
-    progress = SweepProgress(spec.name, total, already_finished, {c.cell_id: c.config.recipe.epochs for c in todo})
+    epochs = {c.cell_id: c.config.recipe.epochs for c in todo}
+    progress = SweepProgress(spec.name, storage.url, total, already_finished, epochs)
     # Tune's own experiment state is scratch: resuming works from the cells' Train checkpoints in storage.
     with tempfile.TemporaryDirectory(prefix="sweep-tune-") as scratch:
         tuner = tune.Tuner(
-            tune.with_resources(run_cell, {"CPU": TRIAL_CPU}),
+            tune.with_resources(tune.with_parameters(run_cell, sweep_url=storage.url), {"CPU": TRIAL_CPU}),
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo), reuse_actors=False),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{int(time.time())}", storage_path=scratch, callbacks=[progress], verbose=0

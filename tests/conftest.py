@@ -1,4 +1,5 @@
-"""Shared fixtures: one moto S3 stand-in per session, a fresh bucket per test, and the digits dataset.
+"""Shared fixtures: one moto S3 stand-in per session, a fresh bucket per test, the digits dataset, and the one
+tiny spec every sweep test starts from (`tiny_spec`).
 
 moto and boto3 are imported inside the fixtures, so unit tests that never touch S3 do not pay for them.
 """
@@ -8,8 +9,11 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 S3_ACCESS_KEY_ID = "testing-key-id"
 S3_SECRET_ACCESS_KEY = "testing-secret-key"
@@ -71,3 +75,43 @@ def digits_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("datasets") / "digits"
     digits_to_parquet(str(root))
     return str(root)
+
+
+def tiny_spec(name: str, grid: dict[str, Any] | list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
+    """sweeps/tiny.yaml's shape as a dict: bundled digits, a 1/16-width ResNet-18 with the small stem, PGD-1, two
+    epochs, one worker of half a CPU (two cells train at once on two cores), a checkpoint every epoch.
+
+    `overrides` replace top-level keys; a mapping merges into the one it replaces, one level down for `workload`
+    (so `workload={"recipe": {"epochs": 4}}` changes the epochs and keeps the batch size).
+    """
+    spec: dict[str, Any] = {
+        "name": name,
+        "storage": "./runs",
+        "workload": {
+            "data": {"url": "builtin://digits"},
+            "model": {"depth": 18, "norm": "bn", "width": 0.0625, "stem": "small"},
+            "attack": {"steps": 1},
+            "recipe": {"epochs": 2, "batch_size": 64, "per_worker_batch": 32, "base_lr": 0.4},
+            "eval": {"pgd_steps": [1], "subset": 32, "batch_size": 32},
+        },
+        "grid": grid,
+        "resources": {"use_gpu": False, "cpus_per_worker": 0.5, "max_workers_per_cell": 1},
+        "planning": {"train_images": 1438, "image_size": 32, "relative_speed": 0.01},
+        "checkpoint_every": 1,
+        "max_failures": 1,
+    }
+    for key, value in overrides.items():
+        if key == "workload":
+            spec[key] = {**spec[key], **{k: {**spec[key].get(k, {}), **v} for k, v in value.items()}}
+        elif isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+def write_spec(folder: Path, spec: dict[str, Any]) -> Path:
+    """`spec` as `<folder>/<name>.yaml`."""
+    path = folder / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

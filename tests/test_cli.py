@@ -8,7 +8,6 @@ is allowed, never a traceback, and never echoes a secret; `--plan` validates and
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -22,25 +21,19 @@ import yaml
 
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
+from tests.conftest import tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_OK, EXIT_INVALID = 0, 2
 LOCAL_RAY_BANNER = "Started a local Ray instance"
 
 # A small, valid CPU spec; each bad-input test changes one thing.
-BASE: dict[str, Any] = {
-    "name": "cli",
-    "workload": {
-        "data": {"url": "builtin://digits"},
-        "model": {"depth": 18, "norm": "bn", "width": 0.0625, "stem": "small"},
-        "attack": {"steps": 1},
-        "recipe": {"epochs": 2, "batch_size": 64, "per_worker_batch": 32},
-        "eval": {"pgd_steps": [2], "subset": 64, "batch_size": 64},
-    },
-    "grid": {"clean_ratio": [0.0, 1.0]},
-    "resources": {"use_gpu": False, "cpus_per_worker": 0.5, "max_workers_per_cell": 1, "cluster_cpus": 2},
-    "planning": {"train_images": 1438, "image_size": 32, "relative_speed": 0.01},
-}
+BASE = tiny_spec(
+    "cli",
+    {"clean_ratio": [0.0, 1.0]},
+    workload={"eval": {"pgd_steps": [2], "subset": 64, "batch_size": 64}},
+    resources={"cluster_cpus": 2},
+)
 
 
 @dataclass
@@ -430,26 +423,3 @@ def test_spec_over_max_cells(tmp_path: Path) -> None:
     spec = {**BASE, "grid": {"seed": list(range(100)), "norm": ["bn", "gn"]}, "max_cells": 100}
     run = sweep(write_spec(tmp_path, spec), "--plan")
     assert_invalid(run, "grid: expands to 200 cells", "max_cells 100")
-
-
-@pytest.mark.parametrize(
-    ("live_nodes", "autoscaled", "user_value", "switched_off"),
-    [
-        (1, False, None, True),  # a laptop or CI box: no node to drain but the driver's own
-        (2, False, None, False),  # another node could be drained
-        (1, True, None, False),  # a KubeRay cluster that starts with its head alone and grows
-        (1, False, "1", False),  # the user's own setting wins
-    ],
-)
-def test_preemption_watcher_is_off_only_where_no_node_can_be_lost(
-    live_nodes: int, autoscaled: bool, user_value: str | None, switched_off: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from orchestrator import sweep
-
-    if user_value is None:
-        monkeypatch.delenv(sweep.PREEMPTION_WATCHER_ENV, raising=False)
-    else:
-        monkeypatch.setenv(sweep.PREEMPTION_WATCHER_ENV, user_value)
-    assert sweep.skip_preemption_watcher_without_nodes_to_lose(live_nodes, autoscaled) is switched_off
-    expected = "0" if switched_off else user_value
-    assert os.environ.get(sweep.PREEMPTION_WATCHER_ENV) == expected

@@ -24,15 +24,14 @@ from urllib.parse import urlparse
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from orchestrator import sweep
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
 from orchestrator.status import cell_statuses
-from tests.conftest import S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY
+from tests.conftest import S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY, tiny_spec, write_spec
 from tests.outage_proxy import OutageProxy
-from workloads.train import FAULT_ENV
+from workloads.faults import FAULT_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.fault]
 
@@ -45,36 +44,9 @@ RUN_DIRS: list[Path] = []  # the tests' own folders (specs, local storage), grep
 
 
 def spec_dict(name: str, seeds: list[int], *, epochs: int, max_failures: int, **extra: Any) -> dict[str, Any]:
-    """sweeps/tiny.yaml's shape (bundled digits, a 1/16-width ResNet-18, PGD-1), a checkpoint every epoch."""
-    spec: dict[str, Any] = {
-        "name": name,
-        "storage": "./runs",
-        "workload": {
-            "data": {"url": "builtin://digits"},
-            "model": {"depth": 18, "norm": "bn", "width": 0.0625, "stem": "small"},
-            "attack": {"steps": 1},
-            "recipe": {"epochs": epochs, "batch_size": 64, "per_worker_batch": 32, "base_lr": 0.4},
-            "eval": {"pgd_steps": [1], "subset": 32, "batch_size": 32},
-        },
-        "grid": {"seed": seeds},
-        "resources": {"use_gpu": False, "cpus_per_worker": 0.5, "max_workers_per_cell": 1},
-        "planning": {"train_images": 1438, "image_size": 32, "relative_speed": 0.01},
-        "checkpoint_every": 1,
-        "keep_checkpoints": 4,
-        "max_failures": max_failures,
-    }
-    for key, value in extra.items():
-        if isinstance(value, dict):
-            spec[key] = {**spec.get(key, {}), **value}
-        else:
-            spec[key] = value
-    return spec
-
-
-def write_spec(folder: Path, spec: dict[str, Any]) -> Path:
-    path = folder / f"{spec['name']}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+    """The shared tiny spec (tests/conftest.py), `seeds` replicates, checkpoints kept for the faults to hit."""
+    workload = {"recipe": {"epochs": epochs}, **extra.pop("workload", {})}
+    return tiny_spec(name, {"seed": seeds}, workload=workload, keep_checkpoints=4, max_failures=max_failures, **extra)
 
 
 def cell_ids_by_seed(spec_path: Path) -> dict[int, str]:

@@ -228,3 +228,20 @@ def test_expand_imports_neither_torch_nor_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_standard_training_with_mbn_is_rejected_naming_the_cell() -> None:
+    """Standard training has no adversarial images: an MBN cell would train only its clean branch and report an
+    untrained adversarial one (Section 4.2), so the combination is an error, not a silently useless cell."""
+    with pytest.raises(SpecError) as err:
+        expand(make_spec(grid={"norm": ["bn", "mbn"], "strategy": ["mixture", "standard"]}))
+    message = err.value.message
+    assert "norm=mbn" in message and "strategy=standard" in message
+    assert "use norm bn for standard training" in message
+    # The same study without that one combination is fine: MBN with mixture, BN with both.
+    cells = expand(make_spec(grid=[{"norm": ["bn", "mbn"]}, {"strategy": ["standard"]}]))
+    assert {(c.axes["norm"], c.axes["strategy"]) for c in cells} == {
+        ("bn", "mixture"),
+        ("mbn", "mixture"),
+        ("bn", "standard"),
+    }

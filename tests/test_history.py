@@ -47,17 +47,17 @@ def epoch_result(epoch: int, loss: float, *, adv: float | None = 0.5, clean: flo
     return result
 
 
-def trial(cell: Cell, storage: SweepStorage) -> Any:
-    """What the callback reads of a Tune trial: its config's cell payload (orchestrator.runner.cell_payload)."""
-    return SimpleNamespace(config={"cell": {"cell_id": cell.cell_id, "axes": cell.axes, "sweep_url": storage.url}})
+def trial(cell: Cell) -> Any:
+    """What the callback reads of a Tune trial: its config's cell (what the searcher suggested)."""
+    return SimpleNamespace(config={"cell": cell})
 
 
-def progress_for(cells: list[Cell]) -> SweepProgress:
-    return SweepProgress("hist", len(cells), 0, {c.cell_id: 3 for c in cells})
+def progress_for(cells: list[Cell], storage: SweepStorage) -> SweepProgress:
+    return SweepProgress("hist", storage.url, len(cells), 0, {c.cell_id: 3 for c in cells})
 
 
 def report_epochs(progress: SweepProgress, cell: Cell, storage: SweepStorage, *results: dict[str, Any]) -> None:
-    t = trial(cell, storage)
+    t = trial(cell)
     for result in results:
         progress.on_trial_result(0, [t], t, result)
 
@@ -84,7 +84,7 @@ def sweep(tmp_path: Path) -> dict[str, Any]:
 
 def test_every_epoch_is_stored_with_the_cells_axes(sweep: dict[str, Any]) -> None:
     storage, cell = sweep["storage"], sweep["cells"][0]
-    progress = progress_for(sweep["cells"])
+    progress = progress_for(sweep["cells"], sweep["storage"])
     report_epochs(progress, cell, storage, epoch_result(1, 2.0), epoch_result(2, 1.5, adv=None))
     assert progress.history.flush(timeout_s=30)
     history = stored(storage, cell)
@@ -113,11 +113,11 @@ def test_every_epoch_is_stored_with_the_cells_axes(sweep: dict[str, Any]) -> Non
 
 def test_resumed_driver_keeps_stored_epochs_and_retrained_ones_overwrite(sweep: dict[str, Any]) -> None:
     storage, cell = sweep["storage"], sweep["cells"][0]
-    first = progress_for(sweep["cells"])
+    first = progress_for(sweep["cells"], sweep["storage"])
     report_epochs(first, cell, storage, epoch_result(1, 2.0), epoch_result(2, 1.6), epoch_result(3, 1.4))
     first.on_experiment_end([])
     # The first driver dies; its last checkpoint was epoch 2, so the new driver's run trains epoch 3 again.
-    second = progress_for(sweep["cells"])
+    second = progress_for(sweep["cells"], sweep["storage"])
     report_epochs(second, cell, storage, epoch_result(3, 1.3), epoch_result(4, 1.1))
     # A run resumed at its last epoch reports the evaluation only: it trained nothing and adds no row.
     report_epochs(second, cell, storage, {"epoch": 4, "train_seconds": 40.0, "eval/main/acc_clean": 0.9})
@@ -129,30 +129,17 @@ def test_resumed_driver_keeps_stored_epochs_and_retrained_ones_overwrite(sweep: 
     assert losses(storage, cell) == [(1, 2.0), (2, 1.55), (3, 1.3), (4, 1.1)]
 
 
-def test_cells_given_as_grid_cells_go_to_the_sweep_folder_the_callback_was_given(
-    sweep: dict[str, Any], capsys: pytest.CaptureFixture[str]
-) -> None:
-    storage, cell = sweep["storage"], sweep["cells"][1]
-    t = SimpleNamespace(config={"cell": cell})  # the Cell itself, with no storage URL of its own
-    unaware = progress_for(sweep["cells"])
-    unaware.on_trial_result(0, [t], t, epoch_result(1, 2.0))
-    unaware.on_trial_result(0, [t], t, epoch_result(2, 1.0))
-    assert capsys.readouterr().out.count("per-epoch history is not recorded") == 1
-    progress = SweepProgress("hist", 6, 0, {}, sweep_url=storage.url)
-    progress.on_trial_result(0, [t], t, epoch_result(1, 2.0))
-    progress.on_experiment_end([])
-    assert stored(storage, cell)["axes"] == cell.axes and losses(storage, cell) == [(1, 2.0)]
-
-
 def test_the_callback_survives_tunes_pickling_of_the_experiment_state(sweep: dict[str, Any]) -> None:
     from ray import cloudpickle
 
     storage, cell = sweep["storage"], sweep["cells"][0]
-    progress = progress_for(sweep["cells"])
+    progress = progress_for(sweep["cells"], sweep["storage"])
     report_epochs(progress, cell, storage, epoch_result(1, 2.0))
     copy = cloudpickle.loads(cloudpickle.dumps(progress))  # what tune.Tuner does with its callbacks
+    # A copy is only ever used after the original is gone (Tune restoring its state), never beside it.
+    assert progress.history.flush(timeout_s=30)
     report_epochs(copy, cell, storage, epoch_result(2, 1.5))
-    assert progress.history.flush(timeout_s=30) and copy.history.flush(timeout_s=30)
+    assert copy.history.flush(timeout_s=30)
     assert losses(storage, cell) == [(1, 2.0), (2, 1.5)]
 
 
@@ -178,7 +165,7 @@ def test_a_failed_write_warns_and_the_next_epoch_sends_everything(
         real_write(self, path, value)
 
     monkeypatch.setattr(SweepStorage, "write_json", flaky_write)
-    progress = progress_for(sweep["cells"])
+    progress = progress_for(sweep["cells"], sweep["storage"])
     report_epochs(progress, cell, storage, epoch_result(1, 2.0))  # must not raise into Tune's loop
     assert progress.history.flush(timeout_s=30) is True  # the flush sent it again, successfully
     assert losses(storage, cell) == [(1, 2.0)]
@@ -208,7 +195,7 @@ def test_an_unreadable_stored_history_is_never_overwritten_blindly(
         return real_read(self, path)
 
     monkeypatch.setattr(SweepStorage, "read_json", read_during_outage)
-    progress = progress_for(sweep["cells"])
+    progress = progress_for(sweep["cells"], sweep["storage"])
     report_epochs(progress, cell, storage, epoch_result(2, 1.5))
     assert progress.history.flush(timeout_s=30) is False
     assert losses(storage, cell) == [(1, 2.0)]  # epoch 1 of the earlier driver is still there

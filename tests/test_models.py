@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from workloads.config import RESNET_STAGES, ModelConfig, Norm
+from workloads.config import NORMS, RESNET_STAGES, ModelConfig, Norm
 from workloads.models import (
+    NORM_LAYERS,
     BasicBlock,
     BatchNormStar2d,
     Bottleneck,
@@ -272,82 +273,6 @@ def test_non_mbn_models_ignore_split() -> None:
     assert torch.equal(model(x, split=2), model(x))
 
 
-@pytest.mark.parametrize(("norm", "branch"), [("bn", "adv"), ("mbn", "adv"), ("mbn", "clean"), ("gn", "adv")])
-def test_bn_folded_attack_copy_computes_the_same_function(norm: str, branch: str) -> None:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(depth=50, norm=norm, width=1 / 16, stem="small"), num_classes=10)
-    model.train()
-    model(torch.rand(8, 3, 32, 32), split=4)  # non-trivial running statistics in every branch
-    if model.has_mbn:
-        model.set_mbn_branch(branch)  # type: ignore[arg-type]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    folded = model.folded_for_attack()
-    model.eval()
-    x = torch.rand(4, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(folded(x), model(x), atol=1e-5)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key  # the original is untouched
-    convs_with_bias = sum(isinstance(m, nn.Conv2d) and m.bias is not None for m in folded.modules())
-    assert (convs_with_bias > 0) == (norm != "gn")  # BN folded into the convs; GN cannot be
-    assert not any(p.requires_grad for p in folded.parameters())
-
-
-# --- the attack's BN-folded twin (ResNet.attack_model) ---
-
-
-def assert_same_params(a: nn.Module, b: nn.Module) -> None:
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert torch.equal(pa[name], pb[name]), name
-
-
-@pytest.mark.parametrize("norm", ["bn", "mbn", "gn"])
-def test_attack_twin_is_built_once_and_tracks_weights_statistics_and_branch(norm: str) -> None:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(depth=50, norm=norm, width=1 / 16, stem="small"), num_classes=10)
-    twin = model.attack_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(2):  # train steps change weights (in place) and BN running statistics
-        model.train()
-        optimizer.zero_grad()
-        model(torch.rand(8, 3, 32, 32), split=4).square().mean().backward()
-        optimizer.step()
-        assert model.attack_model() is twin  # refreshed in place, not rebuilt
-        assert_same_params(twin, model.folded_for_attack())  # bit for bit what a fresh fold computes
-    if model.has_mbn:
-        model.set_mbn_branch("clean")
-        assert model.attack_model() is twin
-        assert_same_params(twin, model.folded_for_attack())
-        model.eval()
-        x = torch.rand(4, 3, 32, 32)
-        with torch.no_grad():
-            assert torch.allclose(twin(x), model(x), atol=1e-5)
-    # The twin is invisible to everything that walks the model: state dict, parameters, submodules, DDP.
-    assert not any(k.startswith("_attack") for k in model.state_dict())
-    twin_params = {id(p) for p in twin.parameters()}
-    assert not twin_params & {id(p) for p in model.parameters()}
-    assert not any(m is twin for m in model.modules())
-    assert not any(p.requires_grad for p in twin.parameters())
-
-
-def test_attack_twin_is_rebuilt_when_the_model_tensors_are_replaced() -> None:
-    model = small()
-    twin = model.attack_model()
-    model.double()
-    rebuilt = model.attack_model()
-    assert rebuilt is not twin and next(rebuilt.parameters()).dtype == torch.float64
-    use_channels_last(model)
-    again = model.attack_model()
-    assert again is not rebuilt and again.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_folded_copy_drops_the_folded_norms() -> None:
-    folded = small("bn", depth=50).folded_for_attack()
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())  # last_norm aliases included
-
-
 def test_use_channels_last_converts_conv_weights_in_place() -> None:
     model = small().eval()
     x = images(2, 0)
@@ -362,3 +287,8 @@ def test_use_channels_last_converts_conv_weights_in_place() -> None:
     assert all(p.is_contiguous() for p in model.parameters() if p.dim() != 4)
     with torch.no_grad():
         assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last)), before, atol=1e-5)
+
+
+def test_every_configurable_norm_has_a_layer() -> None:
+    """`config.NORMS` is the single list of norm names; the model's layer map must cover exactly those."""
+    assert set(NORM_LAYERS) == set(NORMS)

@@ -7,7 +7,7 @@ import heapq
 import itertools
 import random
 from collections.abc import Sequence
-from typing import Any
+from types import SimpleNamespace
 
 import pytest
 
@@ -233,7 +233,7 @@ def test_the_searcher_starts_cells_when_the_simulation_does(seed: int) -> None:
     slots = [rng.choice([1, 2, 4, 8, 16]) for _ in range(n)]
     wall = [rng.uniform(1.0, 50.0) for _ in range(n)]
     actual = [w * rng.uniform(0.7, 1.3) for w in wall]
-    cells: list[dict[str, Any]] = [{"cell_id": f"c{i}", "num_workers": s} for i, s in enumerate(slots)]
+    cells = [SimpleNamespace(cell_id=f"c{i}", num_workers=s) for i, s in enumerate(slots)]
     demands = [{"CPU": 0.5 * s + 0.01, "GPU": float(s)} for s in slots]
     budget = {"CPU": 64.0, "GPU": 32.0}
     clock = FakeClock()
@@ -256,7 +256,7 @@ def test_the_searcher_starts_cells_when_the_simulation_does(seed: int) -> None:
             if suggestion is Searcher.FINISHED:
                 finished = True
                 break
-            index = int(suggestion["cell"]["cell_id"][1:])
+            index = int(suggestion["cell"].cell_id[1:])
             starts[index] = clock.seconds / 3600
             end = clock.seconds + actual[index] * 3600
             intervals.append((slots[index], clock.seconds, end))

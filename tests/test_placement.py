@@ -1,4 +1,4 @@
-"""`orchestrator.runner`'s placement check: which worker groups fit which nodes, and the wait before a cell
+"""`orchestrator.placement`'s check: which worker groups fit which nodes, and the wait before a cell
 is declared unschedulable. Node lists are plain data here (the Ray path is tested in test_faults_ray.py)."""
 
 from __future__ import annotations
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.runner import UnschedulableError, placement_problem, wait_until_placeable
+from orchestrator.grid import Cell
+from orchestrator.placement import UnschedulableError, placement_problem, wait_until_placeable
 from orchestrator.storage import UNSCHEDULABLE_FILE, SweepStorage
+from workloads.config import DataConfig, TrainConfig
 
 GPU_NODE = {"CPU": 16.0, "GPU": 8.0, "memory": 1e11}
 CPU_NODE = {"CPU": 2.0, "memory": 1e10}
@@ -36,15 +38,17 @@ def test_placement_problem(workers: int, bundle: dict[str, float], nodes: list[d
         assert f"the {len(nodes)} live node(s)" in problem
 
 
-def _cell(timeout: float) -> dict[str, object]:
-    return {
-        "cell_id": "abc123def456",
-        "num_workers": 2,
-        "use_gpu": True,
-        "gpus_per_worker": 1,
-        "cpus_per_worker": 1.0,
-        "placement_timeout_s": timeout,
-    }
+def _cell(timeout: float) -> Cell:
+    """Two workers of {1 CPU, 1 GPU}."""
+    return Cell(
+        cell_id="abc123def456",
+        axes={},
+        config=TrainConfig(data=DataConfig(url="unused"), num_workers=2, use_gpu=True),
+        gpus_per_worker=1,
+        cpus_per_worker=1.0,
+        max_failures=0,
+        placement_timeout_s=timeout,
+    )
 
 
 def test_waits_while_the_cluster_grows_then_goes_ahead(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,22 @@ pytestmark = pytest.mark.ray
 FAKE_GPUS = 8
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """What the searcher reads of a cell (orchestrator.scheduler.Admissible), and the GPUs the test checks."""
+
+    cell_id: str
+    gpus: float
+    num_workers: int = 1
+
+
 # --- the searcher on its own: no Ray instance ---------------------------------------------------------------
 
 
 def make_searcher(
     gpus: list[float], budget_gpus: float, cpus: float = 0.01, priority: list[float] | None = None
 ) -> ResourceBudgetSearcher:
-    cells = [{"cell_id": f"c{i}", "gpus": g} for i, g in enumerate(gpus)]
+    cells = [Admitted(f"c{i}", g) for i, g in enumerate(gpus)]
     demands = [{"CPU": cpus, "GPU": g} for g in gpus]
     return ResourceBudgetSearcher(cells, demands, {"CPU": 2.0, "GPU": budget_gpus}, priority=priority)
 
@@ -57,7 +67,7 @@ def drain(searcher: ResourceBudgetSearcher, budget_gpus: float) -> list[float]:
             del running[oldest]
             searcher.on_trial_complete(oldest)
             continue
-        gpus = suggestion["cell"]["gpus"]
+        gpus = suggestion["cell"].gpus
         running[f"t{step}"] = gpus
         order.append(gpus)
         assert sum(running.values()) <= budget_gpus, f"oversubscribed: {running}"
@@ -76,16 +86,16 @@ def test_searcher_starts_largest_first_and_never_oversubscribes() -> None:
 def test_searcher_waits_when_nothing_fits_and_gets_resources_back() -> None:
     searcher = make_searcher([4, 4, 1], budget_gpus=4)
     first = searcher.suggest("a")
-    assert first is not None and first["cell"]["gpus"] == 4
+    assert first is not None and first["cell"].gpus == 4
     assert searcher.suggest("b") is None  # neither the other 4-GPU cell nor the 1-GPU cell fits beside it
     searcher.on_trial_complete("a", error=True)  # an errored trial gives its GPUs back too
     searcher.on_trial_complete("a")  # a repeated completion must not give them back twice
     second = searcher.suggest("b")
-    assert second is not None and second["cell"]["gpus"] == 4
+    assert second is not None and second["cell"].gpus == 4
     assert searcher.suggest("c") is None
     searcher.on_trial_complete("b")
     third = searcher.suggest("c")
-    assert third is not None and third["cell"]["gpus"] == 1
+    assert third is not None and third["cell"].gpus == 1
     # Nothing pending: finished, even while "c" still runs.
     assert searcher.suggest("d") is Searcher.FINISHED
 
@@ -93,7 +103,7 @@ def test_searcher_waits_when_nothing_fits_and_gets_resources_back() -> None:
 def test_searcher_breaks_ties_by_cost_and_budgets_cpus_too() -> None:
     searcher = make_searcher([2, 2], budget_gpus=8, priority=[1.0, 5.0])
     first = searcher.suggest("a")
-    assert first is not None and first["cell"]["cell_id"] == "c1"  # the costlier of two equal cells first
+    assert first is not None and first["cell"].cell_id == "c1"  # the costlier of two equal cells first
 
     cpu_bound = make_searcher([0, 0, 0], budget_gpus=0, cpus=1.5)  # 2 CPUs hold one 1.5-CPU cell at a time
     assert cpu_bound.suggest("a") is not None
@@ -105,12 +115,12 @@ def test_searcher_breaks_ties_by_cost_and_budgets_cpus_too() -> None:
 def test_searcher_reports_the_running_cells_whenever_they_change() -> None:
     """What the driver forwards to the autoscaler (sweep.request_capacity): exactly the cells running now."""
     seen: list[list[str]] = []
-    cells = [{"cell_id": f"c{i}", "gpus": g} for i, g in enumerate([4, 4, 1])]
+    cells = [Admitted(f"c{i}", g) for i, g in enumerate([4, 4, 1])]
     searcher = ResourceBudgetSearcher(
         cells,
-        [{"CPU": 0.01, "GPU": c["gpus"]} for c in cells],
+        [{"CPU": 0.01, "GPU": c.gpus} for c in cells],
         {"CPU": 2.0, "GPU": 5.0},
-        on_running_change=lambda running: seen.append(sorted(c["cell_id"] for c in running)),
+        on_running_change=lambda running: seen.append(sorted(c.cell_id for c in running)),
     )
     a, b = searcher.suggest("a"), searcher.suggest("b")
     assert a is not None and b is not None and searcher.suggest("c") is None  # 4 + 1 GPUs in use
@@ -119,13 +129,13 @@ def test_searcher_reports_the_running_cells_whenever_they_change() -> None:
     assert c is not None
     searcher.on_trial_complete("b")
     searcher.on_trial_complete("c")
-    first, second = a["cell"]["cell_id"], b["cell"]["cell_id"]
+    first, second = a["cell"].cell_id, b["cell"].cell_id
     assert seen == [
         [first],
         sorted([first, second]),
         [second],
-        sorted([second, c["cell"]["cell_id"]]),
-        [c["cell"]["cell_id"]],
+        sorted([second, c["cell"].cell_id]),
+        [c["cell"].cell_id],
         [],
     ]
 

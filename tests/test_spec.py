@@ -101,7 +101,7 @@ def test_base_spec_is_valid() -> None:
             "grid.depth[1]: 19 is not one of 18, 34, 50, 101, 152, 200, 338, 638",
         ),
         ({"workload": {"model": {"depth": 19}}}, "workload.model.depth: 19 is not one of 18, 34, 50"),
-        ({"workload": {"model": {"norm": "ln"}}}, "workload.model.norm: 'ln' is not one of bn, gn, mbn"),
+        ({"workload": {"model": {"norm": "ln"}}}, "workload.model.norm: 'ln' is not one of bn, mbn, gn"),
         ({"workload": {"model": {"norm": "bn*"}}}, "set workload.model.bn_star_epochs"),
         (
             {"grid": {"strategy": ["trades"]}},

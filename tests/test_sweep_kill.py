@@ -20,15 +20,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
+from tests.conftest import tiny_spec, write_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -39,23 +38,13 @@ CHECKPOINT_EVERY = 1
 # checkpoint differs from resuming from any checkpoint.
 KILL_AT_EPOCH = 2
 
-SPEC: dict[str, Any] = {
-    "name": "killed",
-    "storage": "./runs",
-    "workload": {
-        "data": {"url": "builtin://digits"},
-        "model": {"depth": 18, "norm": "bn", "width": 0.0625, "stem": "small"},
-        "attack": {"steps": 1},
-        "recipe": {"epochs": EPOCHS, "batch_size": 64, "per_worker_batch": 32, "base_lr": 0.4},
-        "eval": {"pgd_steps": [1], "subset": 32, "batch_size": 32},
-    },
-    "grid": {"clean_ratio": [0.0, 1.0]},
-    "resources": {"use_gpu": False, "cpus_per_worker": 0.5, "max_workers_per_cell": 1},
-    "planning": {"train_images": 1438, "image_size": 32, "relative_speed": 0.01},
-    "checkpoint_every": CHECKPOINT_EVERY,
-    "keep_checkpoints": 2,
-    "max_failures": 1,
-}
+SPEC = tiny_spec(
+    "killed",
+    {"clean_ratio": [0.0, 1.0]},
+    workload={"recipe": {"epochs": EPOCHS}},
+    checkpoint_every=CHECKPOINT_EVERY,
+    keep_checkpoints=2,
+)
 
 
 def driver(spec: Path, storage: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -121,8 +110,7 @@ def tail(log: Path) -> str:
 
 @pytest.mark.timeout(900)
 def test_killed_driver_resumes_cells_from_their_checkpoints(tmp_path: Path) -> None:
-    spec = tmp_path / "killed.yaml"
-    spec.write_text(yaml.safe_dump(SPEC, sort_keys=False))
+    spec = write_spec(tmp_path, SPEC)
     storage = tmp_path / "runs"
     cells_dir = storage / "killed" / "cells"
     cell_ids = [cell.cell_id for cell in expand(load_spec(spec))]

@@ -27,12 +27,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from orchestrator import sweep
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
-from workloads.train import FAULT_ENV
+from tests.conftest import tiny_spec, write_spec
+from workloads.faults import FAULT_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -58,32 +58,13 @@ CONTRACT_COLUMNS = [
 
 
 def spec_dict(name: str, grid: dict[str, list[Any]], *, epochs: int = 1, max_failures: int = 1) -> dict[str, Any]:
-    """sweeps/tiny.yaml, one epoch, two eval attacks; `storage` is always overridden with --storage."""
-    return {
-        "name": name,
-        "storage": "./runs",
-        "workload": {
-            "data": {"url": "builtin://digits"},
-            "model": {"depth": 18, "norm": "bn", "width": 0.0625, "stem": "small"},
-            "attack": {"steps": 1},
-            "recipe": {"epochs": epochs, "batch_size": 64, "per_worker_batch": 32, "base_lr": 0.4},
-            "eval": {"pgd_steps": EVAL_STEPS, "subset": 64, "batch_size": 64},
-        },
-        "grid": grid,
-        "resources": {"use_gpu": False, "cpus_per_worker": 0.5, "max_workers_per_cell": 1},
-        "planning": {"train_images": 1438, "image_size": 32, "relative_speed": 0.01},
-        "checkpoint_every": 1,
-        "max_failures": max_failures,
-    }
+    """The shared tiny spec (tests/conftest.py), one epoch, two eval attacks; `storage` is always overridden."""
+    workload = {"recipe": {"epochs": epochs}, "eval": {"pgd_steps": EVAL_STEPS, "subset": 64, "batch_size": 64}}
+    return tiny_spec(name, grid, workload=workload, max_failures=max_failures)
 
 
 # A plain BN cell and an MBN cell (clean ratio 1: both branches train), the MBN one evaluated with each branch.
 TINY = spec_dict("tiny", {"clean_ratio": [1.0], "norm": ["bn", "mbn"]})
-
-
-def write_spec(path: Path, spec: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
 
 
 def expected_rows(spec_path: Path) -> set[tuple[str, str]]:
@@ -221,7 +202,7 @@ class SweepRun:
 def tiny_sweep(ray_local: None, metrics_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SweepRun]:
     """The module's main sweep (TINY to local storage), with the sweep's gauges scraped while it runs."""
     root = tmp_path_factory.mktemp("tiny")
-    spec = write_spec(root / "tiny.yaml", TINY)
+    spec = write_spec(root, TINY)
     scraper = GaugeScraper(metrics_port, "tiny")
     scraper.start()
     started = time.monotonic()
@@ -312,7 +293,7 @@ def test_rerunning_a_finished_sweep_trains_nothing(tiny_sweep: SweepRun) -> None
 def test_sweep_to_s3_storage(ray_local: None, s3_bucket: str, tmp_path: Path) -> None:
     import boto3
 
-    spec = write_spec(tmp_path / "tiny.yaml", TINY)
+    spec = write_spec(tmp_path, TINY)
     bucket = s3_bucket.removeprefix("s3://")
     assert sweep.main([str(spec), "--storage", f"{s3_bucket}/study"]) == sweep.EXIT_OK
 
@@ -350,7 +331,7 @@ def test_a_failing_cell_is_reported_and_the_others_finish(
     ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # max_failures 0: the injected error fires on every attempt anyway; retrying would only cost time.
-    spec = write_spec(tmp_path / "faulty.yaml", spec_dict("faulty", {"seed": [0, FAULT_SEED]}, max_failures=0))
+    spec = write_spec(tmp_path, spec_dict("faulty", {"seed": [0, FAULT_SEED]}, max_failures=0))
     cells = {cell.axes["seed"]: cell for cell in expand(load_spec(spec))}
     bad, good = cells[FAULT_SEED].cell_id, cells[0].cell_id
 
@@ -380,7 +361,8 @@ def test_a_non_finite_loss_fails_the_cell_with_a_clear_error(tmp_path: Path, mon
     """The "nan" fault through the one training loop (a sweep's workers would need a second fault variable)."""
     from workloads import data
     from workloads.config import TrainConfig
-    from workloads.train import LocalSession, run
+    from workloads.sessions import LocalSession
+    from workloads.train import run
 
     data.synthetic_to_parquet(str(tmp_path / "data"), 64, (1, 16, 16), 10, num_test=16)
     cfg = TrainConfig.model_validate(

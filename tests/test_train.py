@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +22,15 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from workloads import train
+from workloads import data, execution, sessions, train
+from workloads.bn_fold import FoldedForAttack
 from workloads.config import PerformanceConfig, RecipeConfig, TrainConfig
 from workloads.data import synthetic_to_parquet
+from workloads.evaluate import evaluate
+from workloads.execution import Execution, resolve_execution
 from workloads.models import ResNet, build_model
-from workloads.train import (
-    STATE_FILE,
-    Execution,
-    LocalSession,
-    adversarial_loss,
-    data_parallel,
-    evaluate,
-    learning_rate,
-    main,
-    resolve_execution,
-    run,
-)
+from workloads.sessions import STATE_FILE, LocalSession
+from workloads.train import adversarial_loss, learning_rate, main, run
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -78,20 +70,31 @@ def cell(url: str, **sections: Any) -> TrainConfig:
 # ------------------------------------------------------------------------------------------------------------
 # Two DDP workers (gloo) against one process with gradient accumulation
 
-WORLD, MICRO, STEPS = 2, 4, 3  # each rank: 2 micro-batches of 4 images (grad_accum_steps); global batch 16
+WORLD, MICRO = 2, 4  # each rank: micro-batches of 4 images; accumulation makes up the rest of the global batch
 
 
-def ddp_cell(norm: str, clean_ratio: float, batch_size: int = 16) -> TrainConfig:
+def ddp_cell(url: str, norm: str, clean_ratio: float, batch_size: int = 16) -> TrainConfig:
     return cell(
-        "unused",
+        url,
         model={"norm": norm},
         training={"strategy": "mixture", "clean_ratio": clean_ratio},
-        recipe={"batch_size": batch_size, "per_worker_batch": MICRO},
+        recipe={"batch_size": batch_size, "per_worker_batch": MICRO, "base_lr": 0.4},
         num_workers=WORLD,
     )
 
 
-def replica(cfg: TrainConfig) -> tuple[ResNet, torch.optim.Optimizer]:
+def ddp_variants(url: str) -> dict[str, TrainConfig]:
+    return {
+        "bn": ddp_cell(url, "bn", 0.5),  # [adversarial; half the clean images] in one BN forward, accumulation 2
+        "mbn": ddp_cell(url, "mbn", 0.0),  # the clean branch is never used: DDP's find_unused_parameters path
+        "bn-static": ddp_cell(url, "bn", 0.5, batch_size=WORLD * MICRO),  # no accumulation: static_graph
+    }
+
+
+STATIC_GRAPH = {"bn": False, "mbn": False, "bn-static": True}
+
+
+def replica(cfg: TrainConfig) -> ResNet:
     """The same initial model everywhere, in float64 so PGD's sign() cannot flip on rounding noise.
 
     BN momentum 0 keeps the running statistics at their initial values. They are the only state that differs
@@ -104,15 +107,17 @@ def replica(cfg: TrainConfig) -> tuple[ResNet, torch.optim.Optimizer]:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = 0.0
-    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return model
 
 
-def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+def global_batches(steps: int, images_per_step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(123)
-    n = WORLD * MICRO * 2
     return [
-        (torch.rand(n, 1, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (n,), generator=g))
-        for _ in range(STEPS)
+        (
+            torch.rand(images_per_step, 1, 16, 16, generator=g, dtype=torch.float64),
+            torch.randint(0, NUM_CLASSES, (images_per_step,), generator=g),
+        )
+        for _ in range(steps)
     ]
 
 
@@ -121,87 +126,105 @@ def micro_batch(batch: tuple[torch.Tensor, torch.Tensor], index: int) -> tuple[t
     return images[index * MICRO : (index + 1) * MICRO], labels[index * MICRO : (index + 1) * MICRO]
 
 
-def attack_generator(rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(1000 + rank)
+def steps_per_epoch(cfg: TrainConfig) -> int:
+    info = data.read_info(cfg.data.url)
+    return data.batches_per_epoch(info, cfg.data.train_split, WORLD, MICRO) // cfg.grad_accum_steps
 
 
-DDP_VARIANTS = {
-    "bn": ddp_cell("bn", 0.5),  # [adversarial; half the clean images] in one BN forward
-    "mbn": ddp_cell("mbn", 0.0),  # the clean branch is never used: DDP's find_unused_parameters path
-    "bn-static": ddp_cell("bn", 0.5, batch_size=WORLD * MICRO),  # no accumulation: DDP's static_graph path
-}
-STATIC_GRAPH = {"bn": False, "mbn": False, "bn-static": True}
+class Rank(sessions.Session):
+    """Rank `rank` of a gloo process group, reporting nowhere: what `train_epoch` needs of a session."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.world_size = rank, WORLD
+
+    def latest_state(self) -> dict[str, Any] | None:
+        return None
 
 
-def ddp_worker(rank: int, out: str, init_method: str) -> None:
-    """One DDP rank, stepping exactly as `run` does (no_sync on all but the last micro-batch of a step), once
-    per variant: one pair of processes serves every variant, as starting them costs more than training."""
+def ddp_worker(rank: int, out: str, init_method: str, url: str) -> None:
+    """One DDP rank running the real loop (`train.set_up` + `train.train_epoch`) for one epoch per variant. Only
+    the model (float64, BN momentum 0) and the micro-batches (rank r gets micro-batches r x accum ... of each
+    global batch) are swapped in; one pair of processes serves every variant, as starting them costs more than
+    training."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
-        for variant, cfg in DDP_VARIANTS.items():
-            bare, optimizer = replica(cfg)
-            model = data_parallel(bare, cfg.grad_accum_steps)  # as run() wraps it
-            generator = attack_generator(rank)
+        for variant, cfg in ddp_variants(url).items():
             accum = cfg.grad_accum_steps
-            losses = []
-            for batch in global_batches():
-                optimizer.zero_grad(set_to_none=True)
-                for micro in range(accum):
-                    images, labels = micro_batch(batch, rank * accum + micro)
-                    with nullcontext() if micro == accum - 1 else model.no_sync():  # type: ignore[operator]
-                        loss, _ = adversarial_loss(cfg, model, bare, images, labels, NUM_CLASSES, generator)
-                        (loss / accum).backward()
-                    losses.append(loss.item())
-                optimizer.step()
-            params = {name: p.detach().clone() for name, p in bare.named_parameters()}
-            static = getattr(model, "static_graph", None)
-            torch.save({"losses": losses, "params": params, "static": static}, Path(out) / f"{variant}-rank{rank}.pt")
+            batches = global_batches(steps_per_epoch(cfg), WORLD * accum * MICRO)
+
+            def mine(*_: Any, accum: int = accum, batches: list[Any] = batches) -> Iterator[Any]:
+                return iter([micro_batch(b, rank * accum + m) for b in batches for m in range(accum)])
+
+            train.build_model = lambda model_cfg, *_, cfg=cfg, **__: replica(cfg)
+            train.micro_batches = mine  # type: ignore[assignment]
+            run = train.set_up(cfg, Rank(rank))
+            metrics = train.train_epoch(run, 0)
+            network = run.models.network
+            params = {name: p.detach().clone() for name, p in network.named_parameters()}
+            static = getattr(run.models.trained, "static_graph", None)
+            torch.save({"metrics": metrics, "params": params, "static": static}, Path(out) / f"{variant}-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_url: str) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(ddp_worker, args=(str(out), f"tcp://127.0.0.1:{port}"), nprocs=WORLD)
+    mp.spawn(ddp_worker, args=(str(out), f"tcp://127.0.0.1:{port}", synthetic_url), nprocs=WORLD)
     return out
 
 
-@pytest.mark.parametrize("variant", sorted(DDP_VARIANTS))
-def test_two_ddp_workers_match_one_process_on_the_same_global_batch(variant: str, ddp_runs: Path) -> None:
-    cfg = DDP_VARIANTS[variant]
-    assert cfg.grad_accum_steps == (1 if STATIC_GRAPH[variant] else 2)
-    ranks = [torch.load(ddp_runs / f"{variant}-rank{r}.pt") for r in range(WORLD)]
+@pytest.mark.parametrize("variant", sorted(STATIC_GRAPH))
+def test_two_ddp_workers_running_the_real_loop_match_one_process_on_the_same_global_batches(
+    variant: str, ddp_runs: Path, synthetic_url: str
+) -> None:
+    """The reference is written out by hand in one process: every global batch as WORLD x accum micro-batches in
+    rank order, each rank's attack generator (seeded as the loop seeds rank r) for its own micro-batches, every
+    loss scaled by 1 / (WORLD x accum), the loop's LR schedule, one SGD step per global batch."""
+    cfg = ddp_variants(synthetic_url)[variant]
+    accum = cfg.grad_accum_steps
+    assert accum == (1 if STATIC_GRAPH[variant] else 2)
+    ranks = [torch.load(ddp_runs / f"{variant}-{r}.pt") for r in range(WORLD)]
     assert [r["static"] for r in ranks] == [STATIC_GRAPH[variant]] * WORLD
 
-    # One process: the same global batch as WORLD x accum micro-batches in rank order, each rank's attack
-    # generator for its own micro-batches, every loss scaled by 1 / (WORLD x accum), one step per batch.
-    bare, optimizer = replica(cfg)
-    initial = {name: p.detach().clone() for name, p in bare.named_parameters()}
-    generators = [attack_generator(r) for r in range(WORLD)]
-    accum = cfg.grad_accum_steps
-    losses: list[list[float]] = [[] for _ in range(WORLD)]
-    for batch in global_batches():
+    steps = steps_per_epoch(cfg)
+    network = replica(cfg)
+    initial = {name: p.detach().clone() for name, p in network.named_parameters()}
+    optimizer = torch.optim.SGD(
+        network.parameters(), lr=cfg.recipe.lr, momentum=cfg.recipe.momentum, weight_decay=cfg.recipe.weight_decay
+    )
+    folded = FoldedForAttack(network)
+    generators = [torch.Generator().manual_seed(cfg.seed * 1009 + r) for r in range(WORLD)]
+    total_loss, adv_correct, adv_seen = 0.0, 0.0, 0
+    network.train()
+    for step, batch in enumerate(global_batches(steps, WORLD * accum * MICRO)):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg.recipe, step / steps)
         optimizer.zero_grad(set_to_none=True)
         for rank in range(WORLD):
             for micro in range(accum):
                 images, labels = micro_batch(batch, rank * accum + micro)
-                loss, _ = adversarial_loss(cfg, bare, bare, images, labels, NUM_CLASSES, generators[rank])
+                loss, stats = adversarial_loss(
+                    cfg, network, folded.current(), images, labels, NUM_CLASSES, generators[rank]
+                )
                 (loss / (WORLD * accum)).backward()
-                losses[rank].append(loss.item())
+                total_loss += loss.item()
+                adv_correct, adv_seen = adv_correct + float(stats["adv_correct"]), adv_seen + int(stats["adv_seen"])
         optimizer.step()
 
-    for rank in range(WORLD):
-        assert ranks[rank]["losses"] == pytest.approx(losses[rank], rel=1e-9)
-    for name, p in bare.named_parameters():
+    for rank in range(WORLD):  # the epoch's metrics are reduced over ranks: every rank reports the same
+        metrics = ranks[rank]["metrics"]
+        assert metrics["loss"] == pytest.approx(total_loss / (steps * accum * WORLD), rel=1e-9)
+        assert metrics["train_acc_adv"] == pytest.approx(adv_correct / adv_seen, rel=1e-12)
+    for name, p in network.named_parameters():
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name  # DDP keeps replicas equal
         torch.testing.assert_close(ranks[0]["params"][name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
-    moved = max(float((p.detach() - initial[name]).abs().max()) for name, p in bare.named_parameters())
-    assert moved > 1e-2  # three real steps, not a no-op compared with a no-op
+    moved = max(float((p.detach() - initial[name]).abs().max()) for name, p in network.named_parameters())
+    assert moved > 1e-2  # real steps, not a no-op compared with a no-op
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -314,7 +337,7 @@ def test_digits_standard_training_learns_and_pgd_training_is_clearly_more_robust
     ("patch", "field", "allowed"),
     [
         ({"model": {"depth": 19}}, "model.depth", "19 is not one of 18, 34, 50, 101, 152, 200, 338, 638"),
-        ({"model": {"norm": "ln"}}, "model.norm", "Input should be 'bn', 'gn' or 'mbn'"),
+        ({"model": {"norm": "ln"}}, "model.norm", "Input should be 'bn', 'mbn' or 'gn'"),
         ({"model": {"depht": 50}}, "model.depht", "Extra inputs are not permitted"),
         ({"training": {"strategy": "trades"}}, "training.strategy", "'mixture', 'alp' or 'standard'"),
         ({"training": {"clean_ratio": 1.5}}, "training.clean_ratio", "less than or equal to 1"),
@@ -390,7 +413,7 @@ def test_python_m_workloads_train_exits_2_on_a_bad_config_and_0_on_a_good_one(
     bad.write_text(json.dumps({"data": {"url": synthetic_url}, "model": {"norm": "layer"}}))
     done = cli(str(bad), "--out", str(tmp_path / "bad-out"))
     assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and "model.norm" in done.stderr and "'bn', 'gn' or 'mbn'" in done.stderr
+    assert done.stderr.count("\n") == 1 and "model.norm" in done.stderr and "'bn', 'mbn' or 'gn'" in done.stderr
 
     good = tmp_path / "good.json"
     cfg = cell(synthetic_url, recipe={"epochs": 2, "batch_size": 32, "per_worker_batch": 32}, checkpoint_every=1)
@@ -596,7 +619,7 @@ def test_the_cpu_path_keeps_contiguous_weights_and_passes_batches_through(
     synthetic_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches = [(torch.rand(2, 1, 4, 4), torch.tensor([0, 1])) for _ in range(3)]
-    passed = list(train._on_device(iter(batches), resolve_execution(PerformanceConfig(), CPU)))
+    passed = list(execution.on_device(iter(batches), resolve_execution(PerformanceConfig(), CPU)))
     assert all(a is c and b is d for (a, b), (c, d) in zip(passed, batches, strict=True))  # no copies, no pinning
 
     built = spy_on_models(monkeypatch)
@@ -614,15 +637,15 @@ def test_compiled_model_serves_attack_and_training_and_matches_eager(
     mode, never build the BN-folded twin, and give the eager run's numbers."""
     import torch._dynamo
 
-    monkeypatch.setattr(train, "_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(execution, "COMPILE_BACKEND", "aot_eager")
     twin_calls = [0]
-    original_twin = ResNet.attack_model
+    original_twin = FoldedForAttack.current
 
-    def counted(self: ResNet) -> ResNet:
+    def counted(self: FoldedForAttack) -> ResNet:
         twin_calls[0] += 1
         return original_twin(self)
 
-    monkeypatch.setattr(ResNet, "attack_model", counted)
+    monkeypatch.setattr(FoldedForAttack, "current", counted)
 
     def mbn_cell(compile_model: bool) -> TrainConfig:
         return cell(
@@ -654,17 +677,17 @@ def test_checkpoint_folders_of_dead_workers_are_removed_and_live_ones_kept(tmp_p
     the next worker on the machine removes it, but never a live process's folder (its upload may be pending)."""
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)  # a process that has exited
-    prefix = train.CHECKPOINT_SCRATCH_PREFIX
+    prefix = sessions.CHECKPOINT_SCRATCH_PREFIX
     dead = tmp_path / f"{prefix}{dead_pid}-abc123"
     live = tmp_path / f"{prefix}{os.getpid()}-def456"
     unrelated = [tmp_path / f"{prefix}notapid", tmp_path / "other-123-x"]
     for folder in (dead, live, *unrelated):
         folder.mkdir()
-        (folder / train.STATE_FILE).write_bytes(b"state")
+        (folder / sessions.STATE_FILE).write_bytes(b"state")
     (tmp_path / f"{prefix}{dead_pid}-file").write_text("a file, not a folder")
 
-    assert train.remove_orphaned_checkpoint_folders(str(tmp_path)) == [dead]
+    assert sessions.remove_orphaned_checkpoint_folders(str(tmp_path)) == [dead]
     assert not dead.exists()
     assert live.is_dir() and all(f.is_dir() for f in unrelated)
     assert (tmp_path / f"{prefix}{dead_pid}-file").is_file()
-    assert train.remove_orphaned_checkpoint_folders(str(tmp_path)) == []
+    assert sessions.remove_orphaned_checkpoint_folders(str(tmp_path)) == []

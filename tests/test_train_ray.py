@@ -31,13 +31,15 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from workloads.config import TrainConfig
-from workloads.train import FAULT_ENV, STATE_FILE, train_loop_per_worker
+from workloads.faults import FAULT_ENV
+from workloads.sessions import STATE_FILE
+from workloads.train import train_loop_per_worker
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Only cells with this seed see the injected fault (workloads.train._injected_fault), and only once.
+# Only cells with this seed see the injected fault (workloads.faults.mid_epoch), and only once.
 FAULT_SEED = 7
 FAULT_EPOCH = 2
 
@@ -116,7 +118,7 @@ def tiny_cell(url: str, seed: int) -> TrainConfig:
 def trainer(cfg: TrainConfig, storage: Path, log: Path, attempt: str) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config={"train": cfg},
         scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(
             name="digits-cell",

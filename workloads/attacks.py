@@ -7,7 +7,6 @@ Images live in [0, 1]; eps and step size are given on the paper's 0-255 scale an
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +72,6 @@ def pgd(
     targeted: bool = True,
     targets: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Return adversarial images for `images` (in [0, 1]); `eps`, `step_size` on the 0-255 scale.
@@ -84,12 +82,11 @@ def pgd(
       at per-worker batch 32. Evaluation uses `clean_start_prob=0` (always random start, as in Section 3).
     - Each step moves by step_size * sign(grad) and projects onto the eps-box and the valid pixel range.
     - Only the input gets a gradient (`torch.autograd.grad` w.r.t. the input): no weight .grad is written, and
-      the caller passes the bare module so no DDP all-reduce happens during the attack.
+      the caller passes a module outside DDP, so no all-reduce happens during the attack. The training loop and
+      the evaluation pass the network's BN-folded copy (`workloads.bn_fold`: the same function with fewer
+      layers), or the `torch.compile`d network (compiled code folds eval-mode BN itself).
     - BN runs in inference mode during the attack (DESIGN section 5: the attack must not see or change batch
       statistics); the model's train/eval mode is restored afterwards.
-    - A ResNet is attacked through its BN-folded twin (`ResNet.attack_model`): the same function with fewer layers.
-      `forward` replaces it (a `torch.compile`d model: compiled code runs the same BN in eval mode, see
-      workloads.train).
     - `amp_dtype` (bf16): each iteration's forward runs under autocast; the loss is taken on fp32 logits, and the
       image, its gradient, the sign step and the projection stay fp32, so the eps-box and pixel range are exact.
       bf16 keeps fp32's exponent range, so small input gradients underflow no sooner than in fp32 and need no loss
@@ -115,18 +112,13 @@ def pgd(
     if steps == 0:
         return adv.detach()
 
-    if forward is not None:
-        call = forward
-    else:
-        twin = getattr(model, "attack_model", None)
-        call = twin() if callable(twin) else model
     was_training = model.training
     model.eval()
     try:
         for _ in range(steps):
             adv.requires_grad_(True)
             with autocast(images.device, amp_dtype):
-                logits = call(adv)
+                logits = model(adv)
             loss = F.cross_entropy(logits.float() if amp_dtype is not None else logits, goal)
             (grad,) = torch.autograd.grad(loss, adv)
             # Targeted: descend towards the target class; untargeted: ascend away from the label.

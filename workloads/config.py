@@ -6,7 +6,7 @@ Every field is bounded; a bad value fails with pydantic's message, which names t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -27,8 +27,15 @@ RESNET_STAGES: dict[int, tuple[Literal["basic", "bottleneck"], tuple[int, int, i
     638: ("bottleneck", (3, 24, 182, 3)),
 }
 
-Norm = Literal["bn", "gn", "mbn"]
+# The names below are the single source: the spec's grid values and the model's norm layers derive from them.
+# "mbn" is mixture BN (Section 4.2): separate BN statistics for adversarial and clean images.
+Norm = Literal["bn", "mbn", "gn"]
+NORMS: tuple[str, ...] = get_args(Norm)
+# Norms with BN running statistics: the ones BN* (Section 4.3) applies to ("bn*", "mbn*" in a grid).
+RUNNING_STATS_NORMS: tuple[str, ...] = ("bn", "mbn")
 Strategy = Literal["mixture", "alp", "standard"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+MAX_SEED = 2**31 - 1
 
 
 class _Strict(BaseModel):
@@ -189,8 +196,8 @@ class PerformanceConfig(_Strict):
         return "bf16" if device_type == "cuda" and bf16_tensor_cores else "fp32"
 
 
-class TrainConfig(_Strict):
-    """Everything one cell needs. The orchestrator builds it from a grid cell; the workload only reads it."""
+class WorkloadConfig(_Strict):
+    """What a cell trains and how it is evaluated: the spec's `workload` section (its defaults for every cell)."""
 
     data: DataConfig
     model: ModelConfig = ModelConfig()
@@ -199,7 +206,14 @@ class TrainConfig(_Strict):
     recipe: RecipeConfig = RecipeConfig()
     eval: EvalConfig = EvalConfig()
     performance: PerformanceConfig = PerformanceConfig()
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class TrainConfig(WorkloadConfig):
+    """Everything one cell needs: the workload, resolved for the cell by the orchestrator (orchestrator.grid),
+    plus the fields the orchestrator decides and the workload only reads: how many data-parallel workers, whether
+    they have GPUs, and the checkpoint policy. The orchestrator builds it; the workload never changes it."""
+
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     checkpoint_every: int = Field(1, ge=1)
@@ -218,8 +232,18 @@ class TrainConfig(_Strict):
                 f"recipe.batch_size {self.recipe.batch_size} is not divisible by num_workers x "
                 f"recipe.per_worker_batch = {self.num_workers} x {self.recipe.per_worker_batch} = {per_step}"
             )
-        if self.model.bn_star_epochs and self.model.norm == "gn":
-            raise ValueError("model.bn_star_epochs needs a BN model (norm bn or mbn); GN has no running statistics")
+        if self.model.bn_star_epochs and self.model.norm not in RUNNING_STATS_NORMS:
+            raise ValueError(
+                f"model.bn_star_epochs needs a BN model (norm {' or '.join(RUNNING_STATS_NORMS)}); "
+                f"{self.model.norm} has no running statistics"
+            )
+        if self.training.strategy == "standard" and self.model.norm == "mbn":
+            # MBN keeps separate BN statistics for adversarial and clean images (Section 4.2); standard training
+            # has no adversarial images, so one branch would never train and the evaluation of it would be noise.
+            raise ValueError(
+                "training.strategy standard has no adversarial images for MBN's adversarial branch; "
+                "use norm bn for standard training (the paper's '0% adv + 100% clean' is a BN model)"
+            )
         if self.model.bn_star_epochs > self.recipe.epochs:
             raise ValueError(
                 f"model.bn_star_epochs {self.model.bn_star_epochs} exceeds recipe.epochs {self.recipe.epochs}"

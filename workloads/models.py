@@ -11,18 +11,15 @@ Do not convert these models with `nn.SyncBatchNorm.convert_sync_batchnorm`: the 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from workloads.config import RESNET_STAGES, ModelConfig
+from workloads.config import NORMS, RESNET_STAGES, ModelConfig
 
-NORM_KINDS = ("bn", "gn", "mbn")
 Branch = Literal["adv", "clean"]
 NormFactory = Callable[[int], nn.Module]
 
@@ -95,15 +92,19 @@ def group_count(channels: int, gn_groups: int = 32) -> int:
     return max(g for g in range(1, min(gn_groups, channels) + 1) if channels % g == 0)
 
 
+# The norm layer of each `config.NORMS` name, as data: (channels, GN groups) -> layer.
+NORM_LAYERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "bn": lambda channels, _: BatchNormStar2d(channels),  # with the BN* switch (Section 4.3)
+    "mbn": lambda channels, _: MixedBatchNorm2d(channels),  # Section 4.2
+    "gn": lambda channels, groups: nn.GroupNorm(group_count(channels, groups), channels),  # Section 4.2
+}
+
+
 def make_norm(kind: str, channels: int, gn_groups: int = 32) -> nn.Module:
-    """The normalisation layer for `kind`: "bn" (with the BN* switch), "gn" or "mbn" (both Section 4.2)."""
-    if kind == "bn":
-        return BatchNormStar2d(channels)
-    if kind == "gn":
-        return nn.GroupNorm(group_count(channels, gn_groups), channels)
-    if kind == "mbn":
-        return MixedBatchNorm2d(channels)
-    raise ValueError(f"unknown norm kind {kind!r}; allowed: {', '.join(NORM_KINDS)}")
+    """The normalisation layer for `kind` (one of `config.NORMS`)."""
+    if kind not in NORM_LAYERS:
+        raise ValueError(f"unknown norm kind {kind!r}; allowed: {', '.join(NORMS)}")
+    return NORM_LAYERS[kind](channels, gn_groups)
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -209,9 +210,6 @@ class ResNet(nn.Module):
         self._mbn: list[MixedBatchNorm2d] = [m for m in self.modules() if isinstance(m, MixedBatchNorm2d)]
         self._bn: list[BatchNormStar2d] = [m for m in self.modules() if isinstance(m, BatchNormStar2d)]
         self._mbn_branch: Branch = "adv"
-        # The attack's BN-folded twin, built on first use and refreshed in place before every attack (a plain list,
-        # so it is neither a submodule nor in the state dict, and DDP and torch.compile never see it).
-        self._attack_twin: list[_FoldedTwin] = []
 
     @property
     def has_mbn(self) -> bool:
@@ -233,50 +231,6 @@ class ResNet(nn.Module):
         """BN* (Section 4.3): every BN, both MBN branches included, trains with its running statistics."""
         for m in self._bn:
             m.use_running_stats = enabled
-
-    def folded_for_attack(self) -> ResNet:
-        """An inference copy with every BN folded into the convolution before it, for the attack.
-
-        During the attack BN runs on its running statistics (DESIGN section 5), so each BN is an affine map that
-        can be merged into the preceding convolution's weights: the same function with half the layers, which
-        makes every PGD iteration (forward + input gradient) cheaper. MBN folds the branch in use; GN depends on
-        the image and stays. Gradients flow to the input only: the copy's weights are detached from the model's.
-        This builds a new, independent copy; the attack itself uses `attack_model`, which keeps one and refreshes it.
-        """
-        cache, self._attack_twin = self._attack_twin, []  # never deep-copy the cached twin along with the model
-        try:
-            twin = copy.deepcopy(self).eval()
-        finally:
-            self._attack_twin = cache
-        for p in twin.parameters():
-            p.requires_grad_(False)
-        for parent, conv_name, norm_name in _conv_norm_pairs(twin):
-            layer = getattr(parent, norm_name)
-            norm = _active_bn(layer)
-            if norm is None:
-                continue
-            conv: nn.Conv2d = getattr(parent, conv_name)
-            setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
-            setattr(parent, norm_name, nn.Identity())
-            if getattr(parent, "last_norm", None) is layer:  # the alias would keep the folded BN in the copy
-                parent.last_norm = getattr(parent, norm_name)
-        return twin
-
-    def attack_model(self) -> ResNet:
-        """The BN-folded twin (`folded_for_attack`) with this model's current weights, for one attack.
-
-        The twin is built once and refreshed in place on every call, from the current weights, BN statistics and
-        MBN branch, with a few multi-tensor kernels. A new copy per training step would cost a deep copy of every
-        module, ~0.2 s of host time for ResNet-152 (measured here), while the whole PGD-10 step of a batch of 32
-        is ~17 TFLOP, ~40 ms at 40% of an H100's bf16 peak: the GPU would mostly wait for the host. The twin is
-        rebuilt when the model's tensors were replaced (another device, dtype or memory format).
-        """
-        key = _tensor_key(self)
-        if not self._attack_twin or self._attack_twin[0].key != key:
-            self._attack_twin = [_FoldedTwin(self, self.folded_for_attack(), key)]
-        twin = self._attack_twin[0]
-        twin.refresh()
-        return twin.model
 
     def forward(self, x: torch.Tensor, split: int | None = None) -> torch.Tensor:
         """Logits for pixels `x` in [0, 1]. `split`: x[:split] are adversarial, x[split:] clean (MBN routing).
@@ -303,103 +257,6 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _conv_norm_pairs(model: ResNet) -> list[tuple[nn.Module, str, str]]:
-    """(parent, conv name, norm name) of every convolution followed by a norm layer, in forward order."""
-    pairs: list[tuple[nn.Module, str, str]] = [(model, "conv1", "bn1")]
-    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for block in stage:
-            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
-            shortcut = getattr(block, "downsample", None)
-            if isinstance(shortcut, nn.Sequential):
-                pairs.append((shortcut, "0", "1"))
-    return pairs
-
-
-def _active_bn(norm: nn.Module) -> nn.BatchNorm2d | None:
-    """The BN a norm layer applies in eval mode (MBN: its current branch); None for GN, which cannot be folded."""
-    if isinstance(norm, MixedBatchNorm2d):
-        norm = norm.adv if norm.branch == "adv" else norm.clean
-    return norm if isinstance(norm, nn.BatchNorm2d) else None
-
-
-def _tensor_key(model: nn.Module) -> tuple[object, ...]:
-    """Changes when the model's tensors are replaced (`.to(device)`, a dtype or memory-format conversion), not when
-    their values change (optimizer steps, `load_state_dict`): the first weight's storage, device, dtype and strides."""
-    first = next(model.parameters())
-    return (first.data_ptr(), first.device, first.dtype, first.stride(), sum(1 for _ in model.parameters()))
-
-
-class _FoldedTwin:
-    """A BN-folded copy of a ResNet and the map from the original's tensors to the copy's, for in-place refresh.
-
-    Refreshing computes exactly what `torch.nn.utils.fusion.fuse_conv_bn_weights` computes, in the same order of
-    operations (so on the CPU the twin's weights are bit-identical to a fresh `folded_for_attack`), but batched:
-    the `torch._foreach_*` kernels handle every layer at once on CUDA.
-    """
-
-    def __init__(self, source: ResNet, twin: ResNet, key: tuple[object, ...]) -> None:
-        self.model = twin
-        self.key = key
-        self.norms: list[nn.Module] = []  # the source's norm layer of each folded pair (MBN: resolved per refresh)
-        self.source_convs: list[nn.Conv2d] = []
-        self.twin_convs: list[nn.Conv2d] = []
-        for (s_parent, conv_name, norm_name), (t_parent, _, _) in zip(
-            _conv_norm_pairs(source), _conv_norm_pairs(twin), strict=True
-        ):
-            norm = getattr(s_parent, norm_name)
-            if _active_bn(norm) is None:
-                continue
-            self.norms.append(norm)
-            self.source_convs.append(getattr(s_parent, conv_name))
-            self.twin_convs.append(getattr(t_parent, conv_name))
-        # Everything that is not folded (the classifier, GN affine parameters, convolutions without BN) is copied.
-        folded = {id(c.weight) for c in self.twin_convs} | {id(c.bias) for c in self.twin_convs}
-        twin_params = dict(twin.named_parameters())
-        self.plain_src: list[torch.Tensor] = []
-        self.plain_dst: list[torch.Tensor] = []
-        for name, param in source.named_parameters():
-            dst = twin_params.get(name)
-            if dst is not None and id(dst) not in folded:
-                self.plain_src.append(param)
-                self.plain_dst.append(dst)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        if self.plain_dst:
-            torch._foreach_copy_(self.plain_dst, self.plain_src)
-        if not self.norms:
-            return
-        means: list[torch.Tensor] = []
-        variances: list[torch.Tensor] = []
-        gammas: list[torch.Tensor] = []
-        betas: list[torch.Tensor] = []
-        eps: list[float] = []
-        for norm in self.norms:
-            bn = _active_bn(norm)
-            assert bn is not None and bn.running_mean is not None and bn.running_var is not None
-            means.append(bn.running_mean)
-            variances.append(bn.running_var)
-            gammas.append(bn.weight)
-            betas.append(bn.bias)
-            eps.append(bn.eps)
-        # fuse_conv_bn_weights: w' = w * (gamma * rsqrt(var + eps)); b' = (b - mean) * rsqrt(var + eps) * gamma + beta
-        rsqrt = torch._foreach_add(variances, eps)
-        torch._foreach_rsqrt_(rsqrt)
-        scale = torch._foreach_mul(gammas, rsqrt)
-        weights: list[torch.Tensor] = [c.weight for c in self.twin_convs]
-        torch._foreach_copy_(weights, [c.weight for c in self.source_convs])
-        torch._foreach_mul_(weights, [s.reshape(-1, 1, 1, 1) for s in scale])
-        shift = [torch.neg(m) if c.bias is None else c.bias - m for c, m in zip(self.source_convs, means, strict=True)]
-        torch._foreach_mul_(shift, rsqrt)
-        torch._foreach_mul_(shift, gammas)
-        torch._foreach_add_(shift, betas)
-        biases: list[torch.Tensor] = []
-        for conv in self.twin_convs:
-            assert conv.bias is not None  # fuse_conv_bn_eval gives every folded convolution a bias
-            biases.append(conv.bias)
-        torch._foreach_copy_(biases, shift)
-
-
 def use_channels_last(model: nn.Module) -> nn.Module:
     """Store every 4-d weight channels-last (NHWC), in place (Parameters keep their identity).
 
@@ -414,8 +271,6 @@ def use_channels_last(model: nn.Module) -> nn.Module:
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> ResNet:
     """The ResNet described by `cfg` (depth, norm, width, stem) for `num_classes` classes."""
-    if cfg.norm not in NORM_KINDS:
-        raise ValueError(f"unknown norm kind {cfg.norm!r}; allowed: {', '.join(NORM_KINDS)}")
     block_kind, layers = RESNET_STAGES[cfg.depth]
 
     def norm(channels: int) -> nn.Module:

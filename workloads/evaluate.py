@@ -1,0 +1,102 @@
+"""A cell's evaluation: clean accuracy and the targeted-PGD curve on a fixed subset (Section 3), per MBN branch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from workloads import data
+from workloads.attacks import pgd, random_targets
+from workloads.bn_fold import FoldedForAttack
+from workloads.config import TrainConfig
+from workloads.execution import all_reduce, ieee_fp32
+from workloads.models import ResNet
+from workloads.sessions import Session
+
+
+def _use_rank0_buffers(network: nn.Module) -> None:
+    """Give every rank rank 0's BN running statistics before evaluating.
+
+    DDP broadcasts rank 0's buffers at the start of each forward, but each rank then updates its own copy on its
+    own batch, so after training the ranks hold slightly different statistics. The checkpoint stores rank 0's;
+    evaluating with rank 0's on every rank makes the reported numbers those of the saved model.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in network.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: int) -> dict[str, dict[str, float]]:
+    """Clean accuracy and targeted-PGD accuracy for each N in eval.pgd_steps on a fixed subset (Section 3).
+
+    Every cell is attacked identically, whatever the number of workers and whichever other N are evaluated: the
+    subset is the first `eval.subset` images of the eval split, each image's target class is drawn once from
+    eval.seed, and the random start of eval batch b under PGD-N comes from a generator seeded by (seed, N, b).
+    Ranks take whole eval batches round-robin and sum their counts. Each N is a separate attack from a random
+    start (never resumed from a weaker one). MBN models are evaluated once per branch (Table 1: MBN_adv and
+    MBN_clean).
+
+    Always in IEEE fp32, whatever the cell trained in: a low-precision attack can be weaker, so a bf16 evaluation
+    could flatter a bf16-trained model; one fp32 evaluation keeps every cell comparable. The paper's pipeline did
+    the same with its fp16 attack ("evaluation during training will still use FP32, for fair comparison").
+    """
+    with ieee_fp32(session.device):
+        return _evaluate(cfg, network, session, num_classes)
+
+
+def _evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: int) -> dict[str, dict[str, float]]:
+    _use_rank0_buffers(network)
+    layout = torch.channels_last if session.device.type == "cuda" else torch.contiguous_format
+    images, labels = data.load_split(cfg.data.url, cfg.data.eval_split, cfg.eval.subset)
+    targets = random_targets(labels, num_classes, torch.Generator().manual_seed(cfg.eval.seed))
+    size = cfg.eval.batch_size
+    my_batches = range(session.rank, -(-len(labels) // size), session.world_size)
+    branches: list[Literal["adv", "clean"] | None] = ["adv", "clean"] if network.has_mbn else [None]
+    network.eval()
+    folded = FoldedForAttack(network)
+    results: dict[str, dict[str, float]] = {}
+    for branch in branches:
+        if branch is not None:
+            network.set_mbn_branch(branch)
+        counts = [0.0] * (2 + len(cfg.eval.pgd_steps))  # clean, one per N, images seen
+        for b in my_batches:
+            part = slice(b * size, (b + 1) * size)
+            x, y, t = (v[part].to(session.device) for v in (images, labels, targets))
+            x = x.contiguous(memory_format=layout)
+            counts[-1] += len(y)
+            with torch.no_grad():
+                counts[0] += float((network(x).argmax(1) == y).sum())
+            for i, steps in enumerate(cfg.eval.pgd_steps, start=1):
+                start = torch.Generator().manual_seed(hash((cfg.eval.seed, steps, b)) % 2**63)
+                adv = pgd(
+                    folded.current(),
+                    x,
+                    y,
+                    num_classes=num_classes,
+                    steps=steps,
+                    eps=cfg.eval.eps,
+                    step_size=cfg.eval.step_size,
+                    targeted=cfg.eval.targeted,
+                    targets=t,
+                    generator=start,
+                )
+                with torch.no_grad():
+                    counts[i] += float((network(adv).argmax(1) == y).sum())
+        totals = all_reduce(counts, session.device)
+        seen = max(totals[-1], 1.0)
+        name = "main" if branch is None else f"mbn_{branch}"
+        results[name] = {"acc_clean": totals[0] / seen} | {
+            f"acc_pgd_{n}": totals[i] / seen for i, n in enumerate(cfg.eval.pgd_steps, start=1)
+        }
+    if network.has_mbn:
+        network.set_mbn_branch("adv")
+    return results
+
+
+def eval_metrics(cfg: TrainConfig, network: ResNet, session: Session, num_classes: int) -> dict[str, float]:
+    """`evaluate` flattened into report keys `eval/<branch>/<metric>` (the orchestrator parses them back)."""
+    results = evaluate(cfg, network, session, num_classes)
+    return {f"eval/{branch}/{key}": value for branch, values in results.items() for key, value in values.items()}
