@@ -101,6 +101,15 @@ def bn_star_epochs(epochs: int) -> int:
     return max(1, round(epochs * 10 / 110))
 
 
+def revisions(config: TrainConfig) -> list[str]:
+    """Changes to what an unchanged config trains, for the cells they affect. They enter those cells' ids, so a
+    sweep never resumes (or keeps the results of) a cell trained before the change; other cells keep their ids."""
+    found = []
+    if config.model.norm == "gn" and config.model.width != 1.0:
+        found.append("gn-groups-scale-with-width")  # workloads.models.gn_groups_at_width
+    return found
+
+
 def cell_id(config: TrainConfig) -> str:
     """Stable id of a resolved config: sha256 of canonical JSON (sorted keys, compact), 12 hex digits."""
     exclude: dict[str, Any] = {name: True for name in OPERATIONAL_FIELDS}
@@ -114,6 +123,8 @@ def cell_id(config: TrainConfig) -> str:
             mine, theirs = mine[name], theirs[name]
         if mine.get(leaf) == theirs.get(leaf):
             mine.pop(leaf, None)
+    if changed := revisions(config):
+        payload["revisions"] = changed
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:ID_HEX_DIGITS]
 

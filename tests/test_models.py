@@ -292,3 +292,30 @@ def test_use_channels_last_converts_conv_weights_in_place() -> None:
 def test_every_configurable_norm_has_a_layer() -> None:
     """`config.NORMS` is the single list of norm names; the model's layer map must cover exactly those."""
     assert set(NORM_LAYERS) == set(NORMS)
+
+
+@pytest.mark.parametrize(("depth", "width"), [(18, 1 / 8), (18, 1 / 4), (50, 1 / 16)])
+def test_narrow_gn_keeps_the_full_width_channels_per_group(depth: int, width: float) -> None:
+    """GN at width w has the paper's channels per group in every layer (32 groups at width 1, Section 4.2), not
+    32 groups of one or two channels, which would be instance normalisation."""
+
+    def per_group(w: float) -> list[float]:
+        model = build_model(ModelConfig(depth=depth, norm="gn", width=w, stem="small"), num_classes=10)
+        return [m.num_channels / m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)]
+
+    narrow, full = per_group(width), per_group(1.0)
+    assert narrow == full
+    assert min(narrow) >= 2  # the paper's narrowest groups: 64 channels / 32
+
+
+def test_only_cells_whose_gn_changed_get_new_ids() -> None:
+    """Narrow GN cells train differently under the width-scaled groups: a new id, so no old checkpoint or result is
+    taken for theirs. Full-width GN and every BN cell keep their ids (and their stored work)."""
+    from orchestrator.grid import cell_id, revisions
+    from workloads.config import TrainConfig
+
+    def config(norm: str, width: float) -> TrainConfig:
+        return TrainConfig.model_validate({"data": {"url": "x"}, "model": {"norm": norm, "width": width}})
+
+    assert revisions(config("gn", 0.125)) and not revisions(config("gn", 1.0)) and not revisions(config("bn", 0.125))
+    assert cell_id(config("gn", 0.125)) != cell_id(config("gn", 1.0))

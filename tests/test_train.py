@@ -23,10 +23,11 @@ from pydantic import ValidationError
 from torch import nn
 
 from workloads import data, execution, sessions, train
+from workloads import evaluate as evaluation
 from workloads.bn_fold import FoldedForAttack
 from workloads.config import PerformanceConfig, RecipeConfig, TrainConfig
 from workloads.data import synthetic_to_parquet
-from workloads.evaluate import evaluate
+from workloads.evaluate import evaluate, random_start_seed
 from workloads.execution import Execution, resolve_execution
 from workloads.models import ResNet, build_model
 from workloads.sessions import STATE_FILE, LocalSession
@@ -485,6 +486,28 @@ def test_a_pgd_n_result_does_not_depend_on_the_other_n_evaluated(synthetic_url: 
     assert alone["main"]["acc_pgd_3"] == together["main"]["acc_pgd_3"]
     other_seed = evaluate(cell(synthetic_url, eval={"pgd_steps": [3], "seed": 1}), model, session, NUM_CLASSES)
     assert other_seed["main"]["acc_clean"] == alone["main"]["acc_clean"]
+
+
+def test_random_starts_come_from_a_specified_seed_sequence_not_pythons_hash(
+    synthetic_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "Every cell is attacked identically" must hold on any machine and any Python: the starts are derived with
+    numpy's SeedSequence (a specified algorithm), not Python's `hash` of a tuple (which changed across versions)."""
+    # A regression pin: numpy guarantees SeedSequence's output across versions and platforms.
+    assert random_start_seed(0, 10, 0) == 15840629139254201865
+    seeds = {random_start_seed(s, n, b) for s in (0, 1) for n in (0, 10, 20) for b in (0, 1, 2)}
+    assert len(seeds) == 18  # trailing zeros included: (0, 0, 0) and (0, 0, 1) differ
+    asked: list[tuple[int, int, int]] = []
+
+    def spy(eval_seed: int, steps: int, batch: int) -> int:
+        asked.append((eval_seed, steps, batch))
+        return random_start_seed(eval_seed, steps, batch)
+
+    monkeypatch.setattr(evaluation, "random_start_seed", spy)
+    torch.manual_seed(0)
+    model = build_model(cell(synthetic_url).model, NUM_CLASSES, in_channels=1)
+    evaluate(cell(synthetic_url, eval={"pgd_steps": [1, 3], "seed": 4}), model, LocalSession(tmp_path), NUM_CLASSES)
+    assert asked == [(4, n, b) for b in (0, 1) for n in (1, 3)]  # subset 32 in eval batches of 16
 
 
 # ------------------------------------------------------------------------------------------------------------

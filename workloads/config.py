@@ -51,6 +51,8 @@ class ModelConfig(_Strict):
     width: float = Field(1.0, gt=0, le=8)
     # "imagenet": 7x7/2 conv + max-pool (224px inputs). "small": 3x3/1 conv, no pool (32px inputs, CPU runs).
     stem: Literal["imagenet", "small"] = "imagenet"
+    # GN groups at width 1 (the paper's 32, Section 4.2); a narrower network has proportionally fewer, so each layer
+    # keeps the full-width network's channels per group (models.gn_groups_at_width).
     gn_groups: int = Field(32, ge=1)
 
     @field_validator("depth")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,12 +30,25 @@ def _use_rank0_buffers(network: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+# Leads the seed sequence of every evaluation start: numpy's SeedSequence treats trailing zeros as absent, so the
+# varying parts must come after a non-zero tag (and the tag keeps these streams apart from workloads.data's).
+_RANDOM_START = 101
+
+
+def random_start_seed(eval_seed: int, steps: int, batch: int) -> int:
+    """The seed of eval batch `batch`'s random start under PGD-`steps`: numpy's SeedSequence, which is specified
+    (unlike Python's `hash` of a tuple, which changed between Python versions), so every cell, on any machine and
+    any Python, is attacked from the same starts."""
+    return int(np.random.SeedSequence([_RANDOM_START, eval_seed, steps, batch]).generate_state(1, np.uint64)[0])
+
+
 def evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: int) -> dict[str, dict[str, float]]:
     """Clean accuracy and targeted-PGD accuracy for each N in eval.pgd_steps on a fixed subset (Section 3).
 
     Every cell is attacked identically, whatever the number of workers and whichever other N are evaluated: the
     subset is the first `eval.subset` images of the eval split, each image's target class is drawn once from
-    eval.seed, and the random start of eval batch b under PGD-N comes from a generator seeded by (seed, N, b).
+    eval.seed, and the random start of eval batch b under PGD-N comes from a generator seeded by
+    `random_start_seed(seed, N, b)`.
     Ranks take whole eval batches round-robin and sum their counts. Each N is a separate attack from a random
     start (never resumed from a weaker one). MBN models are evaluated once per branch (Table 1: MBN_adv and
     MBN_clean).
@@ -70,7 +84,7 @@ def _evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: 
             with torch.no_grad():
                 counts[0] += float((network(x).argmax(1) == y).sum())
             for i, steps in enumerate(cfg.eval.pgd_steps, start=1):
-                start = torch.Generator().manual_seed(hash((cfg.eval.seed, steps, b)) % 2**63)
+                start = torch.Generator().manual_seed(random_start_seed(cfg.eval.seed, steps, b))
                 adv = pgd(
                     folded.current(),
                     x,

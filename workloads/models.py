@@ -83,13 +83,23 @@ class MixedBatchNorm2d(nn.Module):
 
 
 def group_count(channels: int, gn_groups: int = 32) -> int:
-    """GN groups for `channels`: `gn_groups` (Wu & He's 32) if it divides them, else a smaller divisor.
+    """GN groups for `channels`: `gn_groups` if it divides them, else the largest divisor below it.
 
-    Small width multipliers give channel counts (e.g. 4 or 24) that 32 does not divide; falling back to the
-    largest divisor <= gn_groups keeps groups of equal size, down to one channel per group (instance norm) for
-    tiny layers.
+    Channel counts that `gn_groups` does not divide (e.g. 24 at width 3/8) fall back to the largest divisor
+    <= gn_groups, which keeps groups of equal size.
     """
     return max(g for g in range(1, min(gn_groups, channels) + 1) if channels % g == 0)
+
+
+def gn_groups_at_width(gn_groups: int, width: float) -> int:
+    """GN groups of a network `width` times as wide as the standard one that has `gn_groups` groups.
+
+    The paper uses GN with 32 groups (Wu & He's default; Section 4.2) on full-width ResNets, whose layers of
+    64-2048 channels then hold 2-64 channels per group. A narrowed network keeps those channels per group, so its
+    group count shrinks with its width: at width 1/8 (the CPU replay) 4 groups, not 32 groups of 1-2 channels,
+    which would be instance normalisation, a different normaliser from the one the paper studies.
+    """
+    return max(1, round(gn_groups * width))
 
 
 # The norm layer of each `config.NORMS` name, as data: (channels, GN groups) -> layer.
@@ -273,7 +283,9 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> Res
     """The ResNet described by `cfg` (depth, norm, width, stem) for `num_classes` classes."""
     block_kind, layers = RESNET_STAGES[cfg.depth]
 
+    groups = gn_groups_at_width(cfg.gn_groups, cfg.width)
+
     def norm(channels: int) -> nn.Module:
-        return make_norm(cfg.norm, channels, cfg.gn_groups)
+        return make_norm(cfg.norm, channels, groups)
 
     return ResNet(BLOCKS[block_kind], layers, num_classes, in_channels, cfg.width, cfg.stem, norm)
