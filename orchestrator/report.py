@@ -1091,18 +1091,49 @@ def render_report(data: SweepData, paper: str = "auto") -> Report:
     settings = build_settings(data.rows, data.missing, metrics)
     differences = paper_differences(spec) if spec else ["no spec.yaml to compare the workload with"]
     use_paper = paper == "always" or (paper == "auto" and not differences)
+    failed_rows = [r for r in data.rows if r.get("status") != "finished"]
+
+    out = _summary_lines(data, failed_rows) + _reading_guide(paper, use_paper, differences)
+    setting_list = list(settings.values())
+    lacks = []
+    for factor in FACTORS:
+        groups = factor_groups(factor, setting_list, defaults)
+        if groups:
+            out += factor_section(factor, groups, metrics, use_paper, defaults)
+        else:
+            lacks.append(f"{factor.title}: no two cells differ only in {factor.what}")
+    figures: dict[str, bytes] = {}
+    out += figures_section(setting_list, metrics, use_paper, defaults, figures, lacks)
+    out += training_curves_section(data, figures, lacks, defaults)
+    if len(metrics) == 1:
+        lacks.append("robustness: no PGD-N accuracy is evaluated (workload.eval.pgd_steps is empty)")
+    elif "acc_pgd_2000" not in metrics:
+        lacks.append(f"PGD-2000, the paper's robustness measure: the strongest evaluated is {metrics[-1][8:]} steps")
+    if not any(s.n >= MIN_SEEDS for s in setting_list):
+        lacks.append("replicates: no setting has 2 or more finished seeds, so no difference can be flagged")
+
+    out += table7_section(settings, metrics, use_paper)
+    out += cells_section(data.rows, metrics)
+    out += not_finished_section(failed_rows, data.missing)
+    if lacks or data.notes:
+        out += ["## What this report lacks", ""]
+        out += [f"- {_md(line)}" for line in lacks + data.notes]
+        out += [""]
+    return Report("\n".join(out).rstrip() + "\n", figures)
+
+
+def _summary_lines(data: SweepData, failed_rows: list[dict[str, Any]]) -> list[str]:
+    """Title, cell counts, storage, the workload in one sentence and the training time spent."""
     cell_ids = {r["cell_id"] for r in data.rows}
     finished_ids = {r["cell_id"] for r in data.rows if r.get("status") == "finished"}
-    failed_rows = [r for r in data.rows if r.get("status") != "finished"]
     failed_ids = {r["cell_id"] for r in failed_rows}
-
     out = [f"# Sweep `{data.name}`: results", ""]
     total = len(cell_ids) + len(data.missing)
     summary = f"{total} cells: {len(finished_ids)} finished, {len(failed_ids)} failed, {len(data.missing)} missing"
     out += [f"{summary} (missing: no result yet — pending, running or interrupted).", ""]
     out += [f"Storage: `{data.storage.url}` · generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", ""]
-    if spec is not None:
-        w = spec.workload
+    if data.spec is not None:
+        w = data.spec.workload
         out += [
             f"Workload: data `{w.data.url}`, ResNet-{w.model.depth} ({w.model.stem} stem, width {w.model.width:g}), "
             f"{w.recipe.epochs} epochs, batch {w.recipe.batch_size}, training PGD-{w.attack.steps} "
@@ -1113,8 +1144,12 @@ def render_report(data: SweepData, paper: str = "auto") -> Report:
         ]
     train_hours = sum(float(r.get("train_seconds") or 0.0) for r in _one_row_per_cell(data.rows)) / 3600
     gpu_hours = sum(float(r.get("gpu_hours") or 0.0) for r in _one_row_per_cell(data.rows))
-    out += [f"Training time of finished cells: {train_hours:.2f} h ({gpu_hours:.1f} GPU-hours).", ""]
-    out += [
+    return out + [f"Training time of finished cells: {train_hours:.2f} h ({gpu_hours:.1f} GPU-hours).", ""]
+
+
+def _reading_guide(paper: str, use_paper: bool, differences: list[str]) -> list[str]:
+    """How to read the tables: the statistics, the noise rule, and whether (and why not) the paper's numbers show."""
+    out = [
         "## How to read the tables",
         "",
         "Accuracy in %, mean ± sample standard deviation over the n finished seeds of a setting (no ± with n = 1). "
@@ -1128,28 +1163,27 @@ def render_report(data: SweepData, paper: str = "auto") -> Report:
         "",
     ]
     if use_paper:
-        out += [
+        return out + [
             "`↳ paper` rows give the paper's number for the same setting (Xie & Yuille 2020, Table 7; clean "
             "accuracies of standard training and MBN_clean from Table 1).",
             "",
         ]
-    elif paper == "never":
-        out += ["The paper's numbers are not shown (`--paper never`).", ""]
-    else:
-        out += ["The paper's numbers are not shown: this workload is not the paper's setting — "]
-        out[-1] += "; ".join(differences) + ". (`--paper always` prints them anyway.)"
-        out += [""]
+    if paper == "never":
+        return out + ["The paper's numbers are not shown (`--paper never`).", ""]
+    not_shown = "The paper's numbers are not shown: this workload is not the paper's setting — "
+    return out + [not_shown + "; ".join(differences) + ". (`--paper always` prints them anyway.)", ""]
 
-    setting_list = list(settings.values())
-    lacks = []
-    for factor in FACTORS:
-        groups = factor_groups(factor, setting_list, defaults)
-        if groups:
-            out += factor_section(factor, groups, metrics, use_paper, defaults)
-        else:
-            lacks.append(f"{factor.title}: no two cells differ only in {factor.what}")
 
-    figures: dict[str, bytes] = {}
+def figures_section(
+    setting_list: list[Setting],
+    metrics: list[str],
+    use_paper: bool,
+    defaults: SettingKey | None,
+    figures: dict[str, bytes],
+    lacks: list[str],
+) -> list[str]:
+    """The PGD curves (Figures 2 and 3), accuracy vs depth (Figure 7) and the clean/robust trade-off: the PNGs go
+    into `figures`, what could not be drawn into `lacks`; returns the section's lines."""
     context = _main_context(setting_list, defaults)
     figure_lines: list[str] = []
     if context is not None:
@@ -1173,35 +1207,19 @@ def render_report(data: SweepData, paper: str = "auto") -> Report:
     if png:
         figures["clean_vs_robust.png"] = png
         figure_lines += ["![Clean vs robust accuracy](clean_vs_robust.png)", ""]
-    if figure_lines:
-        out += ["## Figures", ""]
-        out += (
-            [
-                f"The PGD curves and the trade-off plot show the settings at {_context_text(context)} "
-                "(and standard training); the other settings are in the tables. Error bars: ± one standard deviation "
-                "over seeds.",
-                "",
-                *figure_lines,
-            ]
-            if context
-            else figure_lines
-        )
-    out += training_curves_section(data, figures, lacks, defaults)
-    if len(metrics) == 1:
-        lacks.append("robustness: no PGD-N accuracy is evaluated (workload.eval.pgd_steps is empty)")
-    elif "acc_pgd_2000" not in metrics:
-        lacks.append(f"PGD-2000, the paper's robustness measure: the strongest evaluated is {metrics[-1][8:]} steps")
-    if not any(s.n >= MIN_SEEDS for s in setting_list):
-        lacks.append("replicates: no setting has 2 or more finished seeds, so no difference can be flagged")
-
-    out += table7_section(settings, metrics, use_paper)
-    out += cells_section(data.rows, metrics)
-    out += not_finished_section(failed_rows, data.missing)
-    if lacks or data.notes:
-        out += ["## What this report lacks", ""]
-        out += [f"- {_md(line)}" for line in lacks + data.notes]
-        out += [""]
-    return Report("\n".join(out).rstrip() + "\n", figures)
+    if not figure_lines:
+        return []
+    if not context:
+        return ["## Figures", "", *figure_lines]
+    return [
+        "## Figures",
+        "",
+        f"The PGD curves and the trade-off plot show the settings at {_context_text(context)} "
+        "(and standard training); the other settings are in the tables. Error bars: ± one standard deviation "
+        "over seeds.",
+        "",
+        *figure_lines,
+    ]
 
 
 def _one_row_per_cell(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

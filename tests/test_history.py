@@ -7,9 +7,7 @@ one small sweep on a local Ray instance and checks the history against what Ray 
 
 from __future__ import annotations
 
-import io
 import json
-import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -321,72 +319,3 @@ def test_history_parquet_is_preferred_for_cells_it_settled(sweep: dict[str, Any]
     Path(storage.cell_path(cells[0].cell_id, HISTORY_FILE)).unlink()  # e.g. cell folders pruned after the sweep
     data = report.load_sweep(storage.url)
     assert [(r["epoch"], r["loss"]) for r in data.history] == [(1, 2.0), (2, 1.0)]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# A real sweep on a local Ray instance
-
-
-TWO_EPOCHS: dict[str, Any] = {
-    "name": "hist-ray",
-    "storage": "./runs",
-    "workload": {
-        "data": {"url": "builtin://digits"},
-        "model": {"depth": 18, "norm": "bn", "width": 0.0625, "stem": "small"},
-        "attack": {"steps": 1},
-        "recipe": {"epochs": 2, "batch_size": 64, "per_worker_batch": 32, "base_lr": 0.4},
-        "eval": {"pgd_steps": [1], "subset": 64, "batch_size": 64},
-    },
-    "grid": {"clean_ratio": [1.0]},
-    "resources": {"use_gpu": False, "cpus_per_worker": 0.5, "max_workers_per_cell": 1},
-    "planning": {"train_images": 1438, "image_size": 32, "relative_speed": 0.01},
-    "checkpoint_every": 1,
-    "keep_checkpoints": 2,
-    "max_failures": 1,
-}
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_sweep_records_every_epoch_as_ray_train_saw_it(tmp_path: Path) -> None:
-    import ray
-    import yaml
-
-    from orchestrator import sweep
-    from orchestrator.spec import load_spec
-
-    spec_path = tmp_path / "hist.yaml"
-    spec_path.write_text(yaml.safe_dump(TWO_EPOCHS, sort_keys=False))
-    (cell,) = expand(load_spec(spec_path))
-    storage = SweepStorage.for_sweep(str(tmp_path / "runs"), "hist-ray")
-    # A row from an earlier attempt at epoch 1 (say, a driver killed mid-epoch): the run trains epoch 1 again.
-    stale = epoch_row(epoch_result(1, 99.0))
-    storage.write_json(
-        storage.cell_path(cell.cell_id, HISTORY_FILE), {"cell_id": cell.cell_id, "axes": cell.axes, "epochs": [stale]}
-    )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    try:
-        code = sweep.main([str(spec_path), "--storage", str(tmp_path / "runs")])
-    finally:
-        ray.shutdown()
-    assert code == sweep.EXIT_OK
-
-    epochs = stored(storage, cell)["epochs"]
-    assert [row["epoch"] for row in epochs] == [1, 2]
-    # Ray Train's own record of the reported metrics, one per kept checkpoint: the same numbers, epoch for epoch.
-    snapshot = json.loads(Path(storage.cell_path(cell.cell_id, "checkpoint_manager_snapshot.json")).read_text())
-    trained = {r["metrics"]["epoch"]: r["metrics"] for r in snapshot["checkpoint_results"]}
-    assert sorted(trained) == [1, 2]
-    for row in epochs:
-        for metric in HISTORY_METRICS:
-            assert row[metric] == pytest.approx(trained[row["epoch"]][metric]), (row["epoch"], metric)
-        assert math.isfinite(row["loss"]) and row["loss"] != 99.0
-        assert 0.0 <= row["train_acc_adv"] <= 1.0 and 0.0 <= row["train_acc_clean"] <= 1.0
-
-    with open(storage.path("history.parquet"), "rb") as f:
-        table = pq.read_table(io.BytesIO(f.read())).to_pylist()
-    assert [(r["cell_id"], r["epoch"], r["loss"]) for r in table] == [
-        (cell.cell_id, e["epoch"], e["loss"]) for e in epochs
-    ]
-    assert Path(storage.path("report", "training_curves.png")).is_file()
-    assert "## Training curves" in read_text(storage, "report", "report.md")

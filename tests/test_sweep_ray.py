@@ -253,6 +253,23 @@ def test_tiny_sweep_writes_the_storage_layout_and_results_table(tiny_sweep: Swee
             assert row[column] is not None and 0.0 <= row[column] <= 1.0, (column, row)
 
 
+def test_every_epoch_is_in_the_cells_history_and_the_history_table(tiny_sweep: SweepRun) -> None:
+    """The driver's history.json per cell holds what Ray Train saw reported, and history.parquet gathers them."""
+    folder = tiny_sweep.folder
+    cells = expand(load_spec(tiny_sweep.spec))
+    rows = pq.read_table(folder / "history.parquet").to_pylist()
+    assert sorted((r["cell_id"], r["epoch"]) for r in rows) == sorted((c.cell_id, 1) for c in cells)
+    for cell in cells:
+        history = json.loads((folder / "cells" / cell.cell_id / "history.json").read_text())
+        assert history["axes"] == cell.axes and [row["epoch"] for row in history["epochs"]] == [1]
+        # Ray Train's own record of the reported metrics (one per kept checkpoint): the same numbers.
+        snapshot = json.loads((folder / "cells" / cell.cell_id / "checkpoint_manager_snapshot.json").read_text())
+        trained = {r["metrics"]["epoch"]: r["metrics"] for r in snapshot["checkpoint_results"]}
+        assert history["epochs"][0]["loss"] == trained[1]["loss"]
+        assert history["epochs"][0]["train_acc_adv"] == trained[1].get("train_acc_adv")
+    assert (folder / "report" / "training_curves.png").is_file()
+
+
 def test_progress_gauges_reach_the_nodes_prometheus_endpoint(tiny_sweep: SweepRun) -> None:
     scraper = tiny_sweep.scraper
     # The driver sets finished=2 as the last trial completes; the agent sees it at the next export (~10 s).
