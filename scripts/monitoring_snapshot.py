@@ -2,9 +2,9 @@
 
     .venv/bin/python scripts/monitoring_snapshot.py
 
-It starts a Ray head of its own on 127.0.0.1 (free ports, its own temp dir and auth token: token authentication
-stays on, and the user's ~/.ray/auth_token is neither read nor written), submits the smoke sweep
-(sweeps/smoke.yaml, storage in a temporary folder) with `ray job submit --no-wait --working-dir .`, and waits
+It starts a Ray head of its own on 127.0.0.1 (scripts/local_ray.py: free ports, its own temp dir and auth token:
+token authentication stays on, and the user's ~/.ray/auth_token is neither read nor written), submits the smoke
+sweep (sweeps/smoke.yaml, storage in a temporary folder) with `ray job submit --no-wait --working-dir .`, and waits
 until the job is RUNNING, a Train run is RUNNING, the job's log holds an epoch line and the metrics endpoint
 exports every ray_sweep_* gauge. Then it screenshots the dashboard's views with headless Chromium (Debian's
 `chromium`, driven over the DevTools protocol so that it can carry the dashboard's auth cookie and wait for each
@@ -26,25 +26,24 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing, contextmanager, suppress
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-RAY = VENV_BIN / "ray"
+# Run as `python scripts/monitoring_snapshot.py`, Python puts scripts/ on sys.path, not the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.local_ray import REPO, Cluster, ray_head, sweep_entrypoint
+
 SPEC = "sweeps/smoke.yaml"
 SWEEP = "smoke"
 DOC = REPO / "docs" / "monitoring.md"
@@ -53,10 +52,9 @@ COMMAND = ".venv/bin/python scripts/monitoring_snapshot.py"
 GAUGES = ("sweep_cells", "sweep_cell_epoch", "sweep_cell_images_per_second", "sweep_cell_robust_accuracy")
 TOKEN_COOKIE = "ray-authentication-token"  # what the dashboard sets after its token dialog
 POLL_S = 2.0
-START_TIMEOUT_S = 240.0
+JOB_START_TIMEOUT_S = 240.0
 SWEEP_TIMEOUT_S = 900.0
 PAGE_TIMEOUT_S = 90.0
-STOP_GRACE_S = 10.0
 MAX_PNG_BYTES = 400_000
 VIEWPORT = (1600, 1000)
 CHROMIUM_FLAGS = (
@@ -93,215 +91,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: floa
         time.sleep(interval)
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct ports free right now on every interface."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM))) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-# --- the processes of this script's Ray instance (Linux /proc) -------------------------------------------
-
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    start: int  # start time in clock ticks since boot: (pid, start) names a process even if its pid is reused
-    ppid: int
-    pgid: int
-    cmdline: str
-
-
-def processes() -> dict[int, Proc]:
-    """Every live (non-zombie) process but this one."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
-        if fields[0] != "Z":
-            pid = int(entry.name)
-            found[pid] = Proc(pid, int(fields[19]), int(fields[1]), int(fields[2]), cmdline)
-    return found
-
-
-@dataclass
-class OwnProcesses:
-    """The processes of one Ray instance: the process group of its `ray start`, command lines naming one of
-    `markers` (its temp dir, the sweep's storage), their descendants, and every one seen before (Ray workers and
-    the job's driver get sessions of their own). `ray stop` would stop every Ray instance on the machine."""
-
-    pgid: int
-    markers: list[str]
-    seen: set[tuple[int, int]] = field(default_factory=set)
-
-    def live(self) -> list[Proc]:
-        procs = processes()
-        wanted = {
-            p.pid
-            for p in procs.values()
-            if p.pgid == self.pgid or (p.pid, p.start) in self.seen or any(m in p.cmdline for m in self.markers)
-        }
-        children: dict[int, list[int]] = {}
-        for p in procs.values():
-            children.setdefault(p.ppid, []).append(p.pid)
-        stack = list(wanted)
-        while stack:
-            for child in children.get(stack.pop(), []):
-                if child not in wanted:
-                    wanted.add(child)
-                    stack.append(child)
-        found = [procs[pid] for pid in sorted(wanted)]
-        self.seen.update((p.pid, p.start) for p in found)
-        return found
-
-    def stop(self, grace: float) -> list[Proc]:
-        """`ray stop`'s order, for this instance only: raylet, the rest, then the GCS, each SIGTERM and SIGKILL
-        after `grace` seconds. Returns what is still alive afterwards."""
-        for stage in ("raylet", "other", "gcs"):
-            procs = [p for p in self.live() if _stage(p) == stage]
-            for sig, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-                for proc in procs:
-                    with suppress(ProcessLookupError):
-                        os.kill(proc.pid, sig)
-                procs = _wait_gone(procs, timeout)
-                if not procs:
-                    break
-        for proc in self.live():  # started while stopping: no grace
-            with suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-        return _wait_gone(self.live(), 10.0)
-
-
-def _stage(proc: Proc) -> str:
-    if "/raylet/raylet " in proc.cmdline:
-        return "raylet"
-    return "gcs" if "/gcs/gcs_server " in proc.cmdline else "other"
-
-
-def _wait_gone(procs: list[Proc], timeout: float) -> list[Proc]:
-    deadline = time.monotonic() + timeout
-    while True:
-        live = {(p.pid, p.start) for p in processes().values()}
-        procs = [p for p in procs if (p.pid, p.start) in live]
-        if not procs or time.monotonic() >= deadline:
-            return procs
-        time.sleep(0.25)
-
-
-# --- the Ray instance and its REST API --------------------------------------------------------------------
-
-
-@dataclass
-class Cluster:
-    dashboard: str  # http://127.0.0.1:<port>
-    metrics: str  # http://127.0.0.1:<port>/metrics
-    token: str
-    env: dict[str, str]  # a client environment that authenticates
-
-    def job(self, command: str, *args: str, timeout: float = 300) -> str:
-        """`ray job COMMAND --address=... ARGS` against this instance; its output (RuntimeError on failure)."""
-        proc = subprocess.run(
-            [str(RAY), "job", command, f"--address={self.dashboard}", *args],
-            cwd=REPO,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"ray job {command} exited with {proc.returncode}:\n{proc.stdout[-3000:]}")
-        return proc.stdout
-
-    def get(self, path: str) -> Any:
-        """GET a dashboard API path as JSON (None while it answers with an error)."""
-        request = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError, ConnectionError):
-            return None
-
-    def scrape(self) -> str:
-        try:
-            with urllib.request.urlopen(self.metrics, timeout=30) as response:
-                text: str = response.read().decode()
-                return text
-        except (urllib.error.URLError, TimeoutError, ConnectionError):
-            return ""
-
-
-@contextmanager
-def ray_head(markers: tuple[str, ...] = ()) -> Iterator[Cluster]:
-    """A one-node Ray head on 127.0.0.1 with 2 CPUs and token authentication; stopped (only it) on exit, with every
-    process whose command line names its temp dir or one of `markers`."""
-    # A short path: Ray puts Unix sockets under <temp-dir>/session_*/sockets (at most 107 bytes per path).
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-mon-", dir="/tmp"))
-    token = secrets.token_hex(32)
-    token_path = temp_dir / "auth_token"
-    token_path.write_text(token)
-    token_path.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token_path),
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    gcs, dashboard, client, agent_http, agent_grpc, runtime_env_agent, metrics = free_ports(7)
-    command = [
-        str(RAY),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env_agent}",
-        f"--metrics-export-port={metrics}",
-        "--num-cpus=2",
-        "--num-gpus=0",
-        "--include-dashboard=true",
-        "--disable-usage-stats",
-        f"--temp-dir={temp_dir}",
-    ]
-    log(f"ray start --head (dashboard port {dashboard}, metrics port {metrics}, temp dir {temp_dir})")
-    # A session of its own: every process `ray start` spawns shares one process group that teardown can find.
-    head = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    own = OwnProcesses(pgid=head.pid, markers=[str(temp_dir), *markers])
-    try:
-        try:
-            out, _ = head.communicate(timeout=START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            out, _ = head.communicate()
-        if head.returncode != 0:
-            raise RuntimeError(f"ray start failed:\n{out[-3000:]}")
-        own.live()
-        yield Cluster(f"http://127.0.0.1:{dashboard}", f"http://127.0.0.1:{metrics}/metrics", token, env)
-    finally:
-        log("stopping this script's Ray instance")
-        left = own.stop(STOP_GRACE_S)
-        if left:
-            log(f"WARNING: processes survived SIGKILL: {[p.pid for p in left]}")
-        else:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 @dataclass
 class Running:
     """The sweep as the dashboard's APIs and the metrics endpoint showed it at one moment."""
@@ -319,12 +108,7 @@ def submit_smoke(cluster: Cluster, storage: Path) -> str:
         f"--submission-id={submission_id}",
         "--working-dir=.",
         "--",
-        "python",
-        "-m",
-        "orchestrator.sweep",
-        SPEC,
-        "--storage",
-        str(storage),
+        *sweep_entrypoint(SPEC, storage),
     )
     log(f"submitted {SPEC} as job {submission_id} (storage {storage})")
     return submission_id
@@ -354,7 +138,7 @@ def metrics_if_every_gauge(cluster: Cluster) -> str | None:
 
 def wait_until_running(cluster: Cluster, submission_id: str) -> None:
     """Block until the job, a Train run, the job's log and every sweep gauge show a sweep in progress."""
-    wait_for("the job to be RUNNING", lambda: job_running(cluster, submission_id), START_TIMEOUT_S)
+    wait_for("the job to be RUNNING", lambda: job_running(cluster, submission_id), JOB_START_TIMEOUT_S)
     log("job RUNNING")
     wait_for("a Train run to be RUNNING", lambda: train_runs_if_running(cluster), SWEEP_TIMEOUT_S)
     log("a Train run RUNNING")
@@ -874,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     storage = Path(tempfile.mkdtemp(prefix="sweep-mon-storage-"))
     try:
-        with ray_head(markers=(str(storage),)) as cluster:
+        with ray_head(prefix="ray-mon-", markers=(str(storage),), log=log) as cluster:
             submitted = time.monotonic()
             submission_id = submit_smoke(cluster, storage)
             try:

@@ -1,33 +1,27 @@
 """End to end, the way DESIGN.md section 1 runs a study: `ray start --head`, then
 `ray job submit --working-dir . -- python -m orchestrator.sweep sweeps/tiny.yaml`, then the results in storage.
 
-The cluster is this module's own: free ports, a dedicated `--temp-dir`, and its own auth token. Token
-authentication stays on (DESIGN.md section 6): the token is generated here and handed to the head and to every
-client through `RAY_AUTH_TOKEN_PATH`, with `RAY_AUTH_MODE=token`, so the user's `~/.ray/auth_token` is neither read
-nor overwritten. `ray stop` would stop every Ray instance on the machine (other sessions' included), so teardown
-stops only this cluster: the head's process group (`ray start` runs in a session of its own), processes whose
-command line names this module's temp dir or storage dir, and all their descendants (Ray workers and the job's
-driver get sessions of their own). It stops them in `ray stop`'s order (raylet, the rest, GCS), SIGTERM then
-SIGKILL after a grace period, and checks that none is left.
+The cluster is this module's own (scripts/local_ray.py): free ports, a dedicated `--temp-dir`, and its own auth
+token. Token authentication stays on (DESIGN.md section 6): the token is generated there and handed to the head and
+to every client through `RAY_AUTH_TOKEN_PATH`, with `RAY_AUTH_MODE=token`, so the user's `~/.ray/auth_token` is
+neither read nor overwritten (checked below). `ray stop` would stop every Ray instance on the machine (other
+sessions' included), so teardown stops only this cluster: its head's process group, processes whose command line
+names its temp dir or this module's storage dir, and all their descendants, in `ray stop`'s order, SIGTERM then
+SIGKILL after a grace period; and checks that none is left.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 import zipfile
 from collections.abc import Iterator
-from contextlib import ExitStack, closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,149 +29,13 @@ import pytest
 
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
+from scripts.local_ray import RAY, REPO, START_TIMEOUT_S, Cluster, ray_head, sweep_entrypoint
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-RAY = VENV_BIN / "ray"
 SPEC = "sweeps/tiny.yaml"
 SWEEP_NAME = "tiny"
-START_TIMEOUT_S = 240
 SUBMIT_TIMEOUT_S = 600
-STOP_GRACE_S = 10  # per stage of the shutdown, as `ray stop --grace-period 30` gives each of 3
 
 needs_ray_cli = pytest.mark.skipif(not RAY.exists(), reason=f"no ray CLI next to {sys.executable}")
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct ports free right now on every interface (Ray binds some to the node's address, not 127.0.0.1)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM))) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-# --- processes of this module's cluster, found through /proc (Linux) ---------------------------------------
-
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    start: int  # start time in clock ticks since boot: (pid, start) names a process even if its pid is reused
-    ppid: int
-    pgid: int
-    cmdline: str
-
-
-def processes() -> dict[int, Proc]:
-    """Every live (non-zombie) process but this one."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
-            pid = int(entry.name)
-            found[pid] = Proc(pid, int(fields[19]), int(fields[1]), int(fields[2]), cmdline)
-    return found
-
-
-class ClusterProcesses:
-    """The processes of one cluster: its process group, command lines naming one of `markers`, all their
-    descendants (Ray workers get a session of their own and a command line like `ray::RayTrainWorker`), and
-    every process seen before (a worker whose raylet died is re-parented and would otherwise be missed)."""
-
-    def __init__(self, pgid: int, markers: list[str]) -> None:
-        self.pgid, self.markers = pgid, markers
-        self.seen: set[tuple[int, int]] = set()
-
-    def live(self) -> list[Proc]:
-        procs = processes()
-        wanted = {
-            p.pid
-            for p in procs.values()
-            if p.pgid == self.pgid or (p.pid, p.start) in self.seen or any(m in p.cmdline for m in self.markers)
-        }
-        children: dict[int, list[int]] = {}
-        for p in procs.values():
-            children.setdefault(p.ppid, []).append(p.pid)
-        stack = list(wanted)
-        while stack:
-            for child in children.get(stack.pop(), []):
-                if child not in wanted:
-                    wanted.add(child)
-                    stack.append(child)
-        found = [procs[pid] for pid in sorted(wanted)]
-        self.seen.update((p.pid, p.start) for p in found)
-        return found
-
-    def stop(self, grace: float) -> tuple[list[Proc], list[Proc]]:
-        """What `ray stop` does, limited to this cluster: SIGTERM the raylet, then everything else, then the GCS
-        (which must outlive the others or they exit with errors), each stage given `grace` seconds before
-        SIGKILL. Returns (the processes that needed SIGKILL, those still alive after it)."""
-        killed: list[Proc] = []
-        for stage in ("raylet", "other", "gcs"):
-            procs = [p for p in self.live() if _stage(p) == stage]
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                for proc in procs:
-                    with suppress(ProcessLookupError):
-                        os.kill(proc.pid, sig)
-                procs = self._wait_gone(procs, grace if sig == signal.SIGTERM else 10)
-                if not procs:
-                    break
-                if sig == signal.SIGTERM:
-                    killed.extend(procs)
-        for proc in self.live():  # started while stopping (e.g. a worker the raylet was starting): no grace
-            with suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            killed.append(proc)
-        return killed, self._wait_gone(self.live(), 10)
-
-    def _wait_gone(self, procs: list[Proc], timeout: float) -> list[Proc]:
-        deadline = time.monotonic() + timeout
-        while True:
-            live = {(p.pid, p.start) for p in processes().values()}
-            procs = [p for p in procs if (p.pid, p.start) in live]
-            if not procs or time.monotonic() >= deadline:
-                return procs
-            time.sleep(0.25)
-
-
-def _stage(proc: Proc) -> str:
-    if "/raylet/raylet " in proc.cmdline:
-        return "raylet"
-    return "gcs" if "/gcs/gcs_server " in proc.cmdline else "other"
-
-
-# --- the cluster ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Cluster:
-    dashboard: str  # http://127.0.0.1:<port>: the job submission address
-    env: dict[str, str]  # a client environment that authenticates
-    token_path: Path
-    temp_dir: Path
-    storage: Path  # for the sweep's results
-
-    def ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        """Run the ray CLI against this cluster (stdout and stderr together in .stdout)."""
-        return subprocess.run(
-            [str(RAY), *args],
-            cwd=REPO,
-            env=self.env if env is None else env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
 
 
 def _home_token_state() -> tuple[bool, int, int]:
@@ -196,75 +54,18 @@ def home_token_before() -> tuple[bool, int, int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(home_token_before: tuple[bool, int, int]) -> Iterator[Cluster]:
-    # A short path: Ray puts Unix sockets under <temp-dir>/session_*/sockets (at most 107 bytes per path).
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp"))
-    storage = Path(tempfile.mkdtemp(prefix="sweep-e2e-storage-"))
-    token_path = temp_dir / "auth_token"
-    token_path.write_text(secrets.token_hex(32))
-    token_path.chmod(0o600)
+def storage() -> Iterator[Path]:
+    """The sweep's storage; removed after the cluster has stopped (the cluster fixture depends on it)."""
+    path = Path(tempfile.mkdtemp(prefix="sweep-e2e-storage-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
-    env.update(
-        # The job's `python` (and the head's workers) must be this virtual environment's.
-        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token_path),
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    gcs, dashboard, client, agent_http, agent_grpc, runtime_env_agent, metrics = free_ports(7)
-    command = [
-        str(RAY),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env_agent}",
-        f"--metrics-export-port={metrics}",
-        "--num-cpus=2",
-        "--num-gpus=0",
-        "--include-dashboard=true",
-        "--disable-usage-stats",
-        f"--temp-dir={temp_dir}",
-    ]
-    # Its own session, so every process it spawns shares one process group that teardown can find.
-    head = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    tracked = ClusterProcesses(pgid=head.pid, markers=[str(temp_dir), str(storage)])
-    started = time.monotonic()
-    try:
-        try:
-            out, _ = head.communicate(timeout=START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            out, _ = head.communicate()
-            pytest.fail(f"ray start did not finish in {START_TIMEOUT_S} s:\n{out[-4000:]}")
-        assert head.returncode == 0, f"ray start failed:\n{out[-4000:]}"
-        print(f"\nray start --head: {time.monotonic() - started:.1f} s (temp dir {temp_dir})")
-        tracked.live()  # remember the cluster's first processes
-        yield Cluster(f"http://127.0.0.1:{dashboard}", env, token_path, temp_dir, storage)
-    finally:
-        stopping = time.monotonic()
-        killed, left = tracked.stop(STOP_GRACE_S)
-        print(f"cluster stopped in {time.monotonic() - stopping:.1f} s")
-        if killed:
-            print("needed SIGKILL:", *(f"{p.pid} {p.cmdline[:100]}" for p in killed), sep="\n  ")
-        shutil.rmtree(storage, ignore_errors=True)
-        if not left:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not left, f"processes of the test cluster survived SIGKILL: {left}"
+
+@pytest.fixture(scope="module")
+def cluster(home_token_before: tuple[bool, int, int], storage: Path) -> Iterator[Cluster]:
+    with ray_head(prefix="ray-e2e-", markers=(str(storage),), log=print) as cluster:
+        yield cluster
+    assert not cluster.survivors, f"processes of the test cluster survived SIGKILL: {cluster.survivors}"
 
 
 @dataclass
@@ -276,7 +77,7 @@ class Submission:
 
 
 @pytest.fixture(scope="module")
-def submitted(cluster: Cluster) -> Submission:
+def submitted(cluster: Cluster, storage: Path) -> Submission:
     """The tiny sweep, submitted once; `ray job submit` waits for the job and streams its log."""
     submission_id = f"sweep-e2e-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
@@ -287,12 +88,7 @@ def submitted(cluster: Cluster) -> Submission:
         f"--submission-id={submission_id}",
         f"--working-dir={REPO}",
         "--",
-        "python",
-        "-m",
-        "orchestrator.sweep",
-        SPEC,
-        "--storage",
-        str(cluster.storage),
+        *sweep_entrypoint(SPEC, storage),
         timeout=SUBMIT_TIMEOUT_S,
     )
     seconds = time.monotonic() - started
@@ -358,24 +154,24 @@ def test_submitted_sweep_succeeds(submitted: Submission) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(SUBMIT_TIMEOUT_S + START_TIMEOUT_S + 120)
 @needs_ray_cli
-def test_job_status_and_logs(cluster: Cluster, submitted: Submission) -> None:
+def test_job_status_and_logs(cluster: Cluster, storage: Path, submitted: Submission) -> None:
     status = cluster.ray("job", "status", f"--address={cluster.dashboard}", submitted.submission_id)
     assert status.returncode == 0, status.stdout
     assert f"Job '{submitted.submission_id}' succeeded" in status.stdout, status.stdout
     logs = cluster.ray("job", "logs", f"--address={cluster.dashboard}", submitted.submission_id)
     assert logs.returncode == 0, logs.stdout[-4000:]
     assert_progress(logs.stdout, tiny_cell_ids())
-    assert f"results: {cluster.storage}/{SWEEP_NAME}/results.parquet (2 finished, 0 failed)" in logs.stdout
+    assert f"results: {storage}/{SWEEP_NAME}/results.parquet (2 finished, 0 failed)" in logs.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(SUBMIT_TIMEOUT_S + START_TIMEOUT_S + 120)
 @needs_ray_cli
-def test_results_in_storage(cluster: Cluster, submitted: Submission) -> None:
+def test_results_in_storage(storage: Path, submitted: Submission) -> None:
     import pyarrow.parquet as pq
 
     assert submitted.returncode == 0, submitted.output[-4000:]
-    root = cluster.storage / SWEEP_NAME
+    root = storage / SWEEP_NAME
     ids = tiny_cell_ids()
     assert (root / "spec.yaml").is_file()
     assert (root / "datasets" / "digits").is_dir()  # builtin://digits, materialised by the driver
