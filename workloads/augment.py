@@ -16,11 +16,9 @@ Every random draw of one image comes from a generator seeded by (seed, epoch, sa
 the same whichever process decodes it, in whatever order, and a run resumed at an epoch boundary sees exactly
 the images an uninterrupted one would have seen.
 
-Two liberties, both measured in tests/test_imagenet_data.py: the colour operations run on uint8 images through
-lookup tables (brightness, contrast and lighting are per-channel affine maps and compose into one table; the
-saturation blend between them rounds and clips to 0-255 where tensorpack stays in float until the end), and a
-JPEG whose crop is at least twice ``size`` on both sides is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
-scaling, PIL's ``draft``) before the bicubic resize.
+One liberty, measured in tests/test_imagenet_data.py: a JPEG whose crop is at least twice ``size`` on both sides
+after reduction is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's ``draft``) before the bicubic
+resize.
 
 This module imports neither torch nor ray (workloads.config imports it; decoding processes import only this).
 """
@@ -108,7 +106,9 @@ def image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 # Geometry
 
 
-def random_crop_box(width: int, height: int, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
+def random_crop_box(
+    width: int, height: int, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[float, float, float, float]:
     """tensorpack's ``GoogleNetResize`` crop: (left, top, right, bottom) in source pixels."""
     area = width * height
     log_lo, log_hi = math.log(cfg.aspect[0]), math.log(cfg.aspect[1])
@@ -126,10 +126,11 @@ def random_crop_box(width: int, height: int, cfg: AugmentConfig, rng: np.random.
     return centre_square(width, height)
 
 
-def centre_square(width: int, height: int, fraction: float = 1.0) -> tuple[int, int, int, int]:
-    """The central square of side ``fraction`` x the shorter side: a shorter-side resize and centre crop in one."""
-    side = max(1, round(min(width, height) * fraction))
-    left, top = (width - side) // 2, (height - side) // 2
+def centre_square(width: int, height: int, fraction: float = 1.0) -> tuple[float, float, float, float]:
+    """The central square of side ``fraction`` x the shorter side, in (sub-pixel) source coordinates: a
+    shorter-side resize followed by a centre crop, in one resampling."""
+    side = min(width, height) * fraction
+    left, top = (width - side) / 2, (height - side) / 2
     return left, top, left + side, top + side
 
 
@@ -137,59 +138,53 @@ def centre_square(width: int, height: int, fraction: float = 1.0) -> tuple[int, 
 # Colour
 
 
-def _affine_table(scale: np.ndarray, shift: np.ndarray) -> list[int]:
-    import numpy as np
-
-    levels = np.arange(256, dtype=np.float64)
-    table = np.clip(np.rint(scale[:, None] * levels[None, :] + shift[:, None]), 0, 255)
-    return [int(v) for v in table.astype(np.uint8).reshape(-1)]
-
-
 def colour_jitter(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
     """Brightness, contrast, saturation and lighting in a random order (tensorpack's ``RandomOrderAug``).
 
-    Runs of per-channel affine operations compose into one lookup table (x -> a x + b per channel), applied
-    before each saturation blend and at the end; greyscale images skip the colour-only operations.
+    Each of the four is an affine map of the pixel's colour, so the four compose exactly into one map x -> M x + t,
+    applied in a single pass with one rounding and clip at the end: what tensorpack computes in float with
+    ``clip=False``. Contrast blends towards the current image's mean grey, and the mean of an affine map of the
+    image is that map of its mean. Brightness, contrast and saturation keep M of the form a I + b 1 g^T (g the grey
+    weights, which sum to 1), so the composition is tracked as two scalars and a shift. Greyscale images get
+    brightness and contrast only.
     """
     import numpy as np
-    from PIL import Image as PILImage
-    from PIL import ImageStat
-
-    colour = img.mode == "RGB"
-    channels = 3 if colour else 1
-    scale = np.ones(channels)
-    shift = np.zeros(channels)
-    grey = np.asarray(GREY) if colour else np.ones(1)
-    means: np.ndarray | None = None  # channel means of `img`, computed once per blend-free stretch
-
-    def flush(image: Image.Image) -> Image.Image:
-        nonlocal scale, shift, means
-        if np.allclose(scale, 1) and np.allclose(shift, 0):
-            return image
-        image = image.point(_affine_table(scale, shift))
-        scale, shift, means = np.ones(channels), np.zeros(channels), None
-        return image
 
     # Draw every value first, in a fixed order, so the draws do not depend on the image.
-    order = rng.permutation(4)
-    b = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
-    c = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
-    s = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
-    alpha = rng.standard_normal(3) * cfg.lighting
+    order = rng.permutation(4).tolist()
+    bright = float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness))
+    contrast = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
+    sat = float(rng.uniform(1 - cfg.saturation, 1 + cfg.saturation))
+    alpha = (rng.standard_normal(3) * cfg.lighting).tolist()
+    colour = img.mode == "RGB"
+    a, b = 1.0, 0.0  # M = a I + b 1 g^T
+    t = [0.0, 0.0, 0.0] if colour else [0.0]
     for op in order:
         if op == 0 and cfg.brightness:
-            scale, shift = scale * b, shift * b
+            a, b, t = a * bright, b * bright, [v * bright for v in t]
         elif op == 1 and cfg.contrast:
-            if means is None:
-                means = np.asarray(ImageStat.Stat(img).mean[:channels])
-            mean_grey = float(grey @ (scale * means + shift))
-            scale, shift = scale * c, shift * c + mean_grey * (1 - c)
+            # Mean of the 8 x 8 box averages: the image's mean up to their rounding, from 64x fewer pixels.
+            small = img.reduce(8) if min(img.size) >= 64 else img
+            means = np.asarray(small, dtype=np.float64).reshape(-1, len(t)).mean(axis=0).tolist()
+            grey_mean = _grey(means) if colour else means[0]
+            mean = (a + b) * grey_mean + (_grey(t) if colour else t[0])
+            a, b, t = a * contrast, b * contrast, [contrast * v + (1 - contrast) * mean for v in t]
         elif op == 2 and cfg.saturation and colour:
-            img = flush(img)
-            img = PILImage.blend(img.convert("L").convert("RGB"), img, float(s))
+            # S = s I + (1 - s) 1 g^T; S M = s a I + (s b + (1 - s)(a + b)) 1 g^T, S t = s t + (1 - s)(g . t) 1.
+            shift = (1 - sat) * _grey(t)
+            a, b, t = sat * a, sat * b + (1 - sat) * (a + b), [sat * v + shift for v in t]
         elif op == 3 and cfg.lighting and colour:
-            shift = shift + np.asarray(PCA_EIGVEC) @ (alpha * np.asarray(PCA_EIGVAL) * 255.0)
-    return flush(img)
+            for c in range(3):
+                t[c] += 255.0 * sum(PCA_EIGVEC[c][k] * alpha[k] * PCA_EIGVAL[k] for k in range(3))
+    if colour:
+        matrix = tuple(v for c in range(3) for v in (*(a * (c == j) + b * GREY[j] for j in range(3)), t[c]))
+        return img.convert("RGB", matrix=matrix)
+    levels = np.clip(np.rint((a + b) * np.arange(256) + t[0]), 0, 255).astype(np.uint8)
+    return img.point(levels.tolist())
+
+
+def _grey(rgb: list[float]) -> float:
+    return GREY[0] * rgb[0] + GREY[1] * rgb[1] + GREY[2] * rgb[2]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -210,7 +205,9 @@ def _rgb_or_grey(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _reduced_decode(img: Image.Image, box: tuple[int, int, int, int], size: int) -> tuple[int, int, int, int]:
+def _reduced_decode(
+    img: Image.Image, box: tuple[float, float, float, float], size: int
+) -> tuple[float, float, float, float]:
     """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop stays >= 2 x size on both sides there; returns
     the crop box in the reduced image's pixels. Other formats, and crops too small to shrink, decode in full."""
     if img.format != "JPEG":
@@ -224,15 +221,10 @@ def _reduced_decode(img: Image.Image, box: tuple[int, int, int, int], size: int)
     width, height = img.size
     img.draft(img.mode if img.mode in ("RGB", "L") else None, (-(-width // factor), -(-height // factor)))
     sx, sy = img.size[0] / width, img.size[1] / height
-    return (
-        round(box[0] * sx),
-        round(box[1] * sy),
-        max(round(box[2] * sx), round(box[0] * sx) + 1),
-        max(round(box[3] * sy), round(box[1] * sy) + 1),
-    )
+    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
-def _resized(img: Image.Image, box: tuple[int, int, int, int], size: int, reduce: bool = True) -> Image.Image:
+def _resized(img: Image.Image, box: tuple[float, float, float, float], size: int, reduce: bool = True) -> Image.Image:
     from PIL import Image as PILImage
 
     if reduce:

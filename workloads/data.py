@@ -480,8 +480,9 @@ def synthetic_batch(
 
 
 def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    # .to() copies, so callers may reuse their uint8 buffers.
-    return torch.from_numpy(images).to(torch.float32).div_(255.0), torch.from_numpy(labels).to(torch.int64)
+    # Copies, so callers may reuse their buffers (an int64 .to(torch.int64) would alias them: a caller holding
+    # batch k would see batch k+1's labels).
+    return torch.from_numpy(images).to(torch.float32).div_(255.0), torch.from_numpy(labels).to(torch.int64, copy=True)
 
 
 def _decode(table: pa.Table, shape: tuple[int, int, int], where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -734,6 +735,7 @@ def iter_batches(
             info, split_info, rank, world_size, batch_size, epoch, seed, shuffle_buffer, prefetch, num_batches
         )
     view = _View(info, cfg, name, train=True, seed=seed, epoch=epoch)
+    view.check()
     return _augmented_batches(view, split_info, rank, world_size, batch_size, shuffle_buffer, prefetch, num_batches)
 
 
@@ -957,7 +959,6 @@ def _augmented_batches(
     """The reader for transformed images: the same rows in the same order as :func:`_batches` would yield them
     (shard order, rank ranges, a shuffle buffer from the same seed), each carrying its index in the split, which
     seeds its transform; whole batches go to the decoding processes, and come back in order."""
-    view.check()
     info = view.info
     fs, root = open_fs(info.url)
     shape = info.image_shape
