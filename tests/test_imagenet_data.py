@@ -163,7 +163,7 @@ def test_bad_input_names_problem_and_fix(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_unknown_augmentation_is_rejected_with_the_choices() -> None:
     with pytest.raises(ValidationError) as e:
-        TrainConfig(data={"url": "x", "augment": {"name": "randaugment"}})  # type: ignore[arg-type]
+        TrainConfig(data={"url": "x", "augment": {"name": "randaugment"}})
     text = str(e.value)
     assert "data.augment.name" in text and "'paper'" in text and "'crop_flip'" in text
     with pytest.raises(ValidationError, match="area"):
