@@ -38,11 +38,18 @@ the lower bound max(total / cluster GPUs, longest cell), and within a few percen
 when most cells take the whole cluster (sweeps/ablation.yaml) no two of them overlap, and `--plan` also prints
 `packing.exclusion_bound`, which the makespan then meets.
 
+Input pipeline. A cell's GPUs consume train_images x epochs images over its estimated wall time; decoding and
+augmenting them (workloads/augment.py, the paper's pipeline) costs CPU at DECODE_IMAGES_PER_CORE_SECOND per core
+(measured by benchmarks/input_pipeline.py, docs/benchmarks.md). A worker needs that many decoding cores plus one
+for its training loop (workloads.data.decode_processes uses a worker's CPUs less one); GPU specs whose
+resources.cpus_per_worker is below that get a warning, and `input_cpus_per_worker` sizes a deployment.
+
 No torch, no ray.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +75,10 @@ NUM_CLASSES = 1000  # the classifier head is < 0.1% of the MACs; its class count
 TRAIN_STEP_FORWARDS = 3.0  # forward + weight backward ~ 3 forwards
 PGD_ITER_FORWARDS = 2.0  # forward + input-gradient backward (no weight gradients) ~ 2 forwards
 EVAL_FORWARDS = 1.0  # the final forward that scores an image
+# Images one CPU core decodes and augments per second with the paper's pipeline (ImageNet-sized JPEGs stored at
+# <= 512 px, random-resized crop to 224, colour jitter, flip), measured by benchmarks/input_pipeline.py on a shared
+# 2-core machine (docs/benchmarks.md); DESIGN.md's budget for a server core is 150-200.
+DECODE_IMAGES_PER_CORE_SECOND = 150.0
 
 
 def _conv_out(size: int, stride: int) -> int:
@@ -166,10 +177,22 @@ class CellPlan:
     wall_hours: float
     start_hours: float  # in the makespan simulation
     end_hours: float
+    images_per_second: float = 0.0  # what the cell's devices consume, all workers together
+    cpus_per_worker: float = 1.0  # what the spec gives each worker
 
     @property
     def gpu_hours(self) -> float:
         return self.device_hours if self.gpus else 0.0
+
+    @property
+    def input_cores(self) -> float:
+        """CPU cores the cell's input pipeline needs at the measured per-core rate, all workers together."""
+        return self.images_per_second / DECODE_IMAGES_PER_CORE_SECOND
+
+    @property
+    def input_cpus_per_worker(self) -> int:
+        """CPUs one worker needs: its decoding cores (rounded up) plus one for its training loop."""
+        return math.ceil(self.input_cores / self.num_workers - 1e-9) + 1
 
 
 @dataclass(frozen=True)
@@ -182,6 +205,7 @@ class Plan:
     makespan_hours: float
     lower_bound_hours: float
     planning: Planning
+    warnings: tuple[str, ...] = ()
 
     @property
     def total_gpu_hours(self) -> float:
@@ -279,6 +303,8 @@ def make_plan(
             wall_hours=wall,
             start_hours=starts[i],
             end_hours=starts[i] + wall,
+            images_per_second=planning.train_images * cell.config.recipe.epochs / (wall * 3600) if wall else 0.0,
+            cpus_per_worker=cell.cpus_per_worker,
         )
         for i, (cell, (slots, hours, wall)) in enumerate(zip(cells, costs, strict=True))
     )
@@ -293,7 +319,30 @@ def make_plan(
         makespan_hours=max((p.end_hours for p in plans), default=0.0),
         lower_bound_hours=max(total / capacity if capacity else 0.0, longest),
         planning=planning,
+        warnings=_input_warnings(plans) if device == "GPU" else (),
     )
+
+
+def _input_warnings(plans: Sequence[CellPlan]) -> tuple[str, ...]:
+    """GPU cells whose workers get fewer CPUs than their input pipeline needs: their GPUs would wait on data."""
+    starved = [p for p in plans if p.cpus_per_worker + 1e-9 < p.input_cpus_per_worker]
+    if not starved:
+        return ()
+    worst = max(starved, key=lambda p: p.input_cpus_per_worker / p.cpus_per_worker)
+    return (
+        f"{len(starved)} of {len(plans)} cells need more CPUs per worker than resources.cpus_per_worker "
+        f"({worst.cpus_per_worker:g}) to decode their images: cell {worst.cell_id} ({describe_axes(worst.axes)}) "
+        f"consumes {worst.images_per_second:,.0f} img/s, {worst.input_cores:.1f} cores at "
+        f"{DECODE_IMAGES_PER_CORE_SECOND:g} img/s per core, {worst.input_cpus_per_worker} CPUs per worker with its "
+        f"training loop; set resources.cpus_per_worker to {input_cpus_per_worker(plans)} (the GPUs would wait on "
+        "data otherwise)",
+    )
+
+
+def input_cpus_per_worker(plans: Sequence[CellPlan]) -> int:
+    """CPUs per worker that let every cell's input pipeline keep up with its GPUs (decoding cores + 1): what a
+    deployment should give each GPU worker (orchestrator.deploy sizes its worker groups with it)."""
+    return max((p.input_cpus_per_worker for p in plans), default=1)
 
 
 def plan_spec(spec: Spec, cells: Sequence[Cell] | None = None) -> Plan:
@@ -330,7 +379,7 @@ def _readable(hours: float) -> str:
 def format_plan(plan: Plan) -> str:
     """The cell table and totals for `--plan`."""
     dev = "GPU" if plan.device == "GPU" else "worker"
-    headers = ["cell", *AXES, "workers", "accum", "GPUs", f"est {dev}-h", "est wall-h"]
+    headers = ["cell", *AXES, "workers", "accum", "GPUs", f"est {dev}-h", "est wall-h", "img/s", "input CPUs/worker"]
     rows = [
         [
             p.cell_id,
@@ -340,6 +389,8 @@ def format_plan(plan: Plan) -> str:
             str(p.gpus),
             _hours(p.device_hours),
             _hours(p.wall_hours),
+            f"{p.images_per_second:,.0f}",
+            str(p.input_cpus_per_worker),
         ]
         for p in plan.cells
     ]
@@ -372,6 +423,11 @@ def format_plan(plan: Plan) -> str:
         f"{plan.planning.train_images:,} train images at {plan.planning.image_size} px, "
         f"relative speed {plan.planning.relative_speed:g}"
     )
+    out.append(
+        f"input: {DECODE_IMAGES_PER_CORE_SECOND:g} images per CPU core per second (decode + the paper's augmentation, "
+        f"docs/benchmarks.md); CPUs per worker to keep the GPUs fed: {input_cpus_per_worker(plan.cells)}"
+    )
+    out += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(out)
 
 
@@ -388,6 +444,9 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         "makespan_hours": plan.makespan_hours,
         "lower_bound_hours": plan.lower_bound_hours,
         "planning": plan.planning.model_dump(mode="json"),
+        "decode_images_per_core_second": DECODE_IMAGES_PER_CORE_SECOND,
+        "input_cpus_per_worker": input_cpus_per_worker(plan.cells),
+        "warnings": list(plan.warnings),
         "cells": [
             {
                 "cell_id": p.cell_id,
@@ -401,6 +460,9 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
                 "wall_hours": p.wall_hours,
                 "start_hours": p.start_hours,
                 "end_hours": p.end_hours,
+                "images_per_second": p.images_per_second,
+                "input_cores": p.input_cores,
+                "input_cpus_per_worker": p.input_cpus_per_worker,
             }
             for p in plan.cells
         ],

@@ -274,3 +274,41 @@ def test_ten_thousand_cells_expand_and_plan() -> None:
     assert len(plan.cells) == 10_000
     assert plan.makespan_hours >= plan.lower_bound_hours
     assert len(format_plan(plan).splitlines()) > 10_000
+
+
+# --- Input pipeline -----------------------------------------------------------------------------------------
+
+
+def test_input_cost_of_the_papers_cell() -> None:
+    from orchestrator.plan import DECODE_IMAGES_PER_CORE_SECOND, input_cpus_per_worker
+
+    plan = plan_spec(paper_spec())
+    (cell,) = plan.cells
+    # 110 epochs of 1,281,167 images in 52 h: about 750 img/s over 128 GPUs (DESIGN.md section 5).
+    assert cell.images_per_second == pytest.approx(1_281_167 * 110 / (52 * 3600), rel=0.02)
+    assert cell.input_cores == pytest.approx(cell.images_per_second / DECODE_IMAGES_PER_CORE_SECOND)
+    assert cell.input_cpus_per_worker == 2 and input_cpus_per_worker(plan.cells) == 2
+    assert plan.warnings and "resources.cpus_per_worker to 2" in plan.warnings[0]
+    fed = plan_spec(paper_spec(resources="resources: {cpus_per_worker: 2}\n"))
+    assert not fed.warnings
+
+
+def test_cheap_cells_need_more_input_cpus_and_the_plan_says_so() -> None:
+    plan = plan_spec(
+        paper_spec({"strategy": ["standard", "mixture"], "depth": [50]}, "resources: {cpus_per_worker: 2}\n")
+    )
+    by_strategy = {p.axes["strategy"]: p for p in plan.cells}
+    clean, adversarial = by_strategy["standard"], by_strategy["mixture"]
+    # Standard training costs 3 forward-equivalents per image against PGD-30's 63: 21x the images per GPU-second.
+    assert clean.images_per_second / adversarial.images_per_second == pytest.approx(63 / 3, rel=0.05)
+    assert adversarial.input_cpus_per_worker == 2 and clean.input_cpus_per_worker > 2
+    text = format_plan(plan)
+    assert "input CPUs/worker" in text and "warning: 1 of 2 cells" in text
+    payload = plan_to_json(plan)
+    assert payload["input_cpus_per_worker"] == clean.input_cpus_per_worker and payload["warnings"]
+    assert payload["cells"][0]["images_per_second"] > 0
+
+
+def test_cpu_specs_get_no_input_warning() -> None:
+    spec = load_spec(SWEEPS / "smoke.yaml")
+    assert plan_spec(spec).warnings == ()
