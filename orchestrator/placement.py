@@ -4,6 +4,11 @@ Ray Train gang-schedules a cell's workers in a placement group and, when it cann
 for ever with nothing in the sweep's log to say why (DESIGN section 6). The trial checks first: a cell that fits
 no live node is reported `UNSCHEDULABLE` (log line, `unschedulable.json` shown by orchestrator.status) and fails
 after `resources.placement_timeout_s`, time for an autoscaler to add a node.
+
+On a cluster with an autoscaler that reports its node types (KubeRay's; `ray start --autoscaling-config`), a cell
+that fits no live node but fits what the autoscaler can add is not unschedulable: the trial says it waits for the
+autoscaler (whose request the driver has made, see `orchestrator.sweep.request_capacity`) and goes ahead once the
+node is up. A cell that even the autoscaler's largest cluster cannot hold fails at once, naming the node types.
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from orchestrator import ray_compat
 from orchestrator.grid import Cell
 from orchestrator.storage import UNSCHEDULABLE_FILE, SweepStorage
 
 PLACEMENT_POLL_S = 5.0
+# (name, resources of one node, most nodes of the type, -1 for no limit): what an autoscaler may add.
+NodeType = tuple[str, dict[str, float], int]
 
 
 class UnschedulableError(RuntimeError):
@@ -29,13 +37,10 @@ def placement_problem(num_workers: int, bundle: dict[str, float], nodes: list[di
     any node, or a resource the cluster does not have. Ray Train itself would retry such a worker group every 60
     s for ever, with nothing in the sweep's log to say why (DESIGN section 6).
     """
-    slots = sum(
-        min(int(node.get(resource, 0.0) / amount + 1e-9) for resource, amount in bundle.items() if amount > 0)
-        for node in nodes
-    )
+    slots = sum(_slots(bundle, node) for node in nodes)
     if slots >= num_workers:
         return None
-    wanted = ", ".join(f"{amount:g} {resource}" for resource, amount in sorted(bundle.items()))
+    wanted = _describe(bundle)
     offered = "; ".join(
         ", ".join(f"{node.get(resource, 0.0):g} {resource}" for resource in sorted(bundle)) for node in nodes
     )
@@ -45,10 +50,59 @@ def placement_problem(num_workers: int, bundle: dict[str, float], nodes: list[di
     )
 
 
+def _slots(bundle: dict[str, float], node: dict[str, float]) -> int:
+    """How many bundles fit one node of these total resources."""
+    return min(int(node.get(resource, 0.0) / amount + 1e-9) for resource, amount in bundle.items() if amount > 0)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {resource}" for resource, amount in sorted(resources.items()))
+
+
+def beyond_autoscaler(
+    num_workers: int, bundle: dict[str, float], nodes: list[dict[str, float]], node_types: list[NodeType]
+) -> str | None:
+    """Why `num_workers` workers of `bundle` fit neither the live nodes nor anything the autoscaler's node types
+    can add, or None when the autoscaler can make room. Live nodes that the autoscaler started count twice (as
+    live and as room to grow), so the answer errs towards waiting, never towards failing a cell it could serve."""
+    live = sum(_slots(bundle, node) for node in nodes)
+    growth = 0
+    for _, resources, most in node_types:
+        per_node = _slots(bundle, resources)
+        if per_node and most < 0:
+            return None  # a type without a node limit that holds the bundle: any number of workers fits
+        growth += per_node * max(most, 0)
+    if live + growth >= num_workers:
+        return None
+    types = "; ".join(f"{name} {{{_describe(resources)}}} x at most {most}" for name, resources, most in node_types)
+    return (
+        f"needs {num_workers} worker(s) of {{{_describe(bundle)}}} but the autoscaler's largest cluster holds "
+        f"{live + growth}: the live node(s) hold {live} and its node types ({types or 'none'}) add at most {growth}"
+    )
+
+
+def autoscaler_node_types() -> list[NodeType] | None:
+    """The connected cluster's autoscaler node types, None without an autoscaler (or without Ray)."""
+    import ray
+
+    return ray_compat.autoscaler_node_types() if ray.is_initialized() else None
+
+
 def live_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")]
+
+
+def release_dead_controllers_resources() -> None:
+    """Free what worker groups of lost Train controllers still hold (ray_compat says why they do), so that they
+    neither keep this cell from being placed nor make the check below see a full cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    for group in ray_compat.remove_placement_groups_of_dead_train_controllers():
+        print(f"removed placement group {group}, left by a Train controller lost with its node", flush=True)
 
 
 def wait_until_placeable(
@@ -56,24 +110,40 @@ def wait_until_placeable(
     storage: SweepStorage,
     nodes: Callable[[], list[dict[str, float]]] = live_nodes,
     poll_s: float = PLACEMENT_POLL_S,
+    node_types: Callable[[], list[NodeType] | None] = autoscaler_node_types,
 ) -> None:
     """Return once the cell's worker group fits the live nodes; meanwhile say so in the log and in storage
     (`unschedulable.json`, shown by orchestrator.status); give up with UnschedulableError after the spec's
-    `resources.placement_timeout_s`."""
-    problem = placement_problem(cell.num_workers, cell.worker_bundle(), nodes())
+    `resources.placement_timeout_s`, or at once when the cluster has an autoscaler whose node types can never
+    hold the group."""
+    release_dead_controllers_resources()
+    bundle = cell.worker_bundle()
+    problem = placement_problem(cell.num_workers, bundle, nodes())
     if problem is None:
         return
+    types = node_types()
+    if types is not None:
+        beyond = beyond_autoscaler(cell.num_workers, bundle, nodes(), types)
+        if beyond is not None:
+            raise UnschedulableError(f"unschedulable: {beyond}")
     marker = storage.cell_path(cell.cell_id, UNSCHEDULABLE_FILE)
     since = time.time()
     timeout = cell.placement_timeout_s
     storage.write_json(marker, {"cell_id": cell.cell_id, "since": since, "problem": problem})
-    print(
-        f"cell {cell.cell_id} UNSCHEDULABLE: {problem}; waiting up to {timeout:.0f} s for the cluster to grow",
-        flush=True,
-    )
+    if types is not None:
+        print(
+            f"cell {cell.cell_id} waiting for the autoscaler: {problem}; its node types can add the room "
+            f"(waiting up to {timeout:.0f} s)",
+            flush=True,
+        )
+    else:
+        print(
+            f"cell {cell.cell_id} UNSCHEDULABLE: {problem}; waiting up to {timeout:.0f} s for the cluster to grow",
+            flush=True,
+        )
     while problem is not None and time.time() - since < timeout:
         time.sleep(min(poll_s, max(0.0, since + timeout - time.time())))
-        problem = placement_problem(cell.num_workers, cell.worker_bundle(), nodes())
+        problem = placement_problem(cell.num_workers, bundle, nodes())
     storage.remove(marker)
     if problem is not None:
         raise UnschedulableError(f"unschedulable: {problem} (waited {timeout:.0f} s)")

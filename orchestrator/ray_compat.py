@@ -116,3 +116,68 @@ def quiet_train_worker() -> None:
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+# --- several nodes: nodes lost, nodes added by an autoscaler (issue 15, tests/test_multinode_ray.py) ----------
+
+TRAIN_CONTROLLER_CLASS = "TrainController"
+
+
+def remove_placement_groups_of_dead_train_controllers() -> list[str]:
+    """Remove the worker placement groups whose Ray Train controller is dead; return their ids (hex).
+
+    A cell's Train controller lives on its Tune trial's node (Train 2.60 pins it there). When that node is lost,
+    the controller and the workers it owned die with it, but not the placement group it created for the workers:
+    a placement group lives as long as the job that created it (here the sweep's driver), not as long as its
+    creating actor. Ray Train 2.60 removes such groups from a detached `PlacementGroupCleaner` actor that polls
+    the controller's liveness through the State API, which the dashboard serves (ray-project/ray#58515); on a
+    cluster started without a dashboard every poll fails ("State API may be temporarily unavailable. Continuing
+    to monitor.") and the group keeps the cell's CPUs and GPUs reserved on the nodes that survived. The retried
+    trial's new worker group then waits for resources that never free up and fails after
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s). Found by tests/test_multinode_ray.py (losing the node of a
+    trial and its controller).
+
+    The GCS records who created each placement group and whether that actor is dead; a group created by a
+    Train controller that is dead can never be used again, so removing it does what the cleaner would have done.
+    Called before a cell's worker group is placed (orchestrator.placement.wait_until_placeable).
+    """
+    import ray
+    from ray._private.state import actors, state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    table_data = gcs_pb2.PlacementGroupTableData  # type: ignore[attr-defined]  # generated, no stubs
+    removed = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = table_data.FromString(raw)
+        if group.is_detached or not group.creator_actor_dead or group.state == table_data.REMOVED:
+            continue
+        creator = actors(ray.ActorID(group.creator_actor_id).hex()) or {}
+        if creator.get("ActorClassName") != TRAIN_CONTROLLER_CLASS:
+            continue
+        group_id = ray.PlacementGroupID(group.placement_group_id)
+        try:
+            remove_placement_group(PlacementGroup(group_id))
+        except Exception:  # removed meanwhile (by Ray's own cleaner, where a dashboard runs): nothing left to do
+            continue
+        removed.append(group_id.hex())
+    return removed
+
+
+def autoscaler_node_types() -> list[tuple[str, dict[str, float], int]] | None:
+    """The node types an autoscaler may add: (name, resources of one node, most nodes of the type; -1 for no
+    limit), or None when the cluster has no autoscaler that reported its configuration.
+
+    Ray's autoscaler (the KubeRay one and `ray start --autoscaling-config`) publishes its node types to the GCS;
+    Ray reads them only through a private accessor (`ray._private.state.state.get_cluster_config`, which Ray
+    Train 2.60 itself uses to refuse a worker group larger than the cluster can ever be).
+    """
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if config is None or not config.node_group_configs:
+        return None
+    return [
+        (group.name, {key: float(value) for key, value in group.resources.items()}, int(group.max_count))
+        for group in config.node_group_configs
+    ]

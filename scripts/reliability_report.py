@@ -1,11 +1,13 @@
 """Run the fault matrix and rewrite docs/reliability.md with what passed.
 
-    .venv/bin/python scripts/reliability_report.py [--repeat N]
+    .venv/bin/python scripts/reliability_report.py [--repeat N] [--rows TEXT]
 
 Each row of the matrix names the tests that exercise it (real Ray, a moto S3 server on 127.0.0.1, real faults);
 the whole set runs N times, each run in a fresh pytest process, and the document records per row how many test
-runs passed. The spec parser's property-based tests run once more with Hypothesis' statistics on, and the
-document records how many generated examples went through the parser with no traceback.
+runs passed. `--rows TEXT` (repeatable) runs only the rows whose fault or tests name TEXT (case-insensitive); the
+other rows keep the counts the document already holds. The spec parser's property-based tests run once more with
+Hypothesis' statistics on, and the document records how many generated examples went through the parser with no
+traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "reliability.md"
 COMMAND = ".venv/bin/python scripts/reliability_report.py"
 FAULTS = "tests/test_faults_ray.py"
+NODES = "tests/test_multinode_ray.py"
+AUTOSCALING = "tests/test_autoscaling_ray.py"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,32 @@ MATRIX = (
         ),
     ),
     Row(
+        "SIGKILL the node of Train rank 1 mid-epoch (its raylet and every process on it, its disk deleted)",
+        "worker group restarts on the nodes left, resumes from the last checkpoint; earlier epochs reported once",
+        (f"{NODES}::test_losing_the_node_of_rank_1_mid_epoch_resumes_on_the_nodes_left",),
+    ),
+    Row(
+        "SIGKILL the node of a cell's Tune trial and Train controller mid-epoch",
+        "trial restarts on another node, resumes from the last checkpoint; sweep exits 0",
+        (f"{NODES}::test_losing_the_node_of_the_trial_and_its_train_controller_resumes_the_cell",),
+    ),
+    Row(
+        "a cell's DDP workers on different nodes, S3 the only shared storage; the whole cluster lost mid-sweep",
+        "ranks on distinct nodes, no node opens another's files; on a new cluster (new head, same S3) finished "
+        "cells are skipped, the interrupted one resumes; the model equals the same cell trained on one node",
+        (f"{NODES}::test_cells_span_nodes_and_a_new_cluster_finishes_the_sweep_as_one_node_would",),
+    ),
+    Row(
+        "GPU cell on an autoscaling cluster with no GPU node (fake multi-node provider)",
+        "cell waits for the autoscaler, a GPU node is launched, the cell runs there, the idle node is removed",
+        (f"{AUTOSCALING}::test_a_gpu_cell_gets_a_node_from_the_autoscaler_and_the_idle_node_goes_away",),
+    ),
+    Row(
+        "cell larger than the autoscaler can ever offer",
+        "fails at once naming the node types (per node), or is refused before any trial (in all)",
+        (f"{AUTOSCALING}::test_a_cell_larger_than_the_autoscaler_can_ever_offer_fails_at_once",),
+    ),
+    Row(
         "every bad-input case",
         "exit 2, message names the field, no traceback",
         ("tests/test_cli.py", "tests/test_spec.py", "tests/test_spec_fuzz.py"),
@@ -103,8 +133,16 @@ MECHANISMS = """## What makes these pass
   `--takeover` or an expired lease lets a new driver in.
 - **Stuck detection.** A cell whose workers fit on no live node is logged as `UNSCHEDULABLE` as soon as it is
   admitted and shown as `unschedulable` by `orchestrator.status`; the autoscaler (when the deployment sets
-  `SWEEP_AUTOSCALER_MAX_*`) is asked for the room; the cell fails after `resources.placement_timeout_s`. A
-  running cell silent for 45 minutes is said so in the log.
+  `SWEEP_AUTOSCALER_MAX_*`) is asked for the room; the cell fails after `resources.placement_timeout_s`. On a
+  cluster whose autoscaler reports its node types, a cell they can hold waits for the autoscaler instead (said
+  so in the log), and one they can never hold fails at once with the node types named. A running cell silent
+  for 45 minutes is said so in the log.
+- **Nodes come and go.** Nothing a cell needs lives on a node's disk: data, checkpoints and results are in the
+  sweep's storage, and a restarted worker group reads its checkpoint from there. A lost node takes its workers
+  with it and Ray Train restarts the worker group on the nodes left, up to `max_failures` times. A Train
+  controller lost with its node leaves its worker placement group reserved on a cluster without a dashboard
+  (Ray Train's own cleaner needs the State API, ray-project/ray#58515): before a cell's workers are placed, the
+  trial removes placement groups whose Train controller is dead (`orchestrator/ray_compat.py`).
 - **Secrets.** Credentials come from the environment or the pod's Secret only; the spec rejects inline
   credentials; stored and printed errors are redacted; Ray Tune's habit of copying `AWS_*` variables into trial
   runtime environments (which Ray's runtime-env agent logs) is switched off.
@@ -135,11 +173,11 @@ def _row_of(test: str, row: Row) -> bool:
     return any(test == t or (("::" not in t) and test.startswith(t + "::")) for t in row.tests)
 
 
-def run_matrix(repeat: int) -> tuple[dict[str, Counter[str]], list[float]]:
+def run_matrix(repeat: int, rows: tuple[Row, ...] = MATRIX) -> tuple[dict[str, Counter[str]], list[float]]:
     # Whole files, in file order: the credentials check is the last test of the fault module and reads what the
     # tests before it printed and stored.
-    tests = list(dict.fromkeys(t.split("::")[0] for row in MATRIX for t in row.tests))
-    tally: dict[str, Counter[str]] = {row.fault: Counter() for row in MATRIX}
+    tests = list(dict.fromkeys(t.split("::")[0] for row in rows for t in row.tests))
+    tally: dict[str, Counter[str]] = {row.fault: Counter() for row in rows}
     seconds = []
     for attempt in range(1, repeat + 1):
         with tempfile.TemporaryDirectory() as tmp:
@@ -154,7 +192,7 @@ def run_matrix(repeat: int) -> tuple[dict[str, Counter[str]], list[float]]:
             if not junit.exists():
                 raise SystemExit(f"pytest wrote no report:\n{output[-3000:]}")
             for test, ok in _outcomes(junit).items():
-                for row in MATRIX:
+                for row in rows:
                     if _row_of(test, row):
                         tally[row.fault]["passed" if ok else "failed"] += 1
     return tally, seconds
@@ -174,11 +212,19 @@ def hypothesis_examples() -> tuple[int, int, str]:
     return sum(counts), len(counts), summary
 
 
+def previous_counts(document: str) -> dict[str, Counter[str]]:
+    """Each row's passed/failed test runs as a document written by `render` records them (fault -> counts)."""
+    counts: dict[str, Counter[str]] = {}
+    for fault, passed, total in re.findall(r"^\| (.+?) \| .*\| (\d+)/(\d+) \| (?:PASS|FAIL) \|$", document, re.M):
+        counts[fault] = Counter(passed=int(passed), failed=int(total) - int(passed))
+    return counts
+
+
 def render(tally: dict[str, Counter[str]], seconds: list[float], repeat: int, examples: tuple[int, int, str]) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     rows = []
     for row in MATRIX:
-        counts = tally[row.fault]
+        counts = tally.get(row.fault, Counter())
         total = counts["passed"] + counts["failed"]
         tests = "<br>".join(f"`{t}`" for t in row.tests)
         verdict = "PASS" if total and not counts["failed"] else "FAIL"
@@ -193,11 +239,13 @@ def render(tally: dict[str, Counter[str]], seconds: list[float], repeat: int, ex
             "",
             "## The fault matrix",
             "",
-            f"Every test below ran {repeat} time(s), each run a fresh pytest process (minutes per run: {minutes}),",
-            "against a real local Ray instance and a moto S3 server on 127.0.0.1; the faults are real (a SIGKILL of a",
-            "live process, a closed port, a truncated file), injected through `SWEEP_INJECT_FAULT` or done by the",
-            "test itself. *passed* counts test runs: a row with three tests run twice has six (a parametrized test",
-            "counts once, and passes only if all its cases do).",
+            f"The tests of the rows run last ran {repeat} time(s), each run a fresh pytest process (minutes per run:",
+            f"{minutes}); rows left out of a run (`--rows`) keep their counts from the run before. They run against",
+            "real Ray (one local instance, or several raylets on this machine as the nodes of one cluster, or an",
+            "autoscaling cluster of Ray's fake multi-node provider) and a moto S3 server on 127.0.0.1; the faults are",
+            "real (a SIGKILL of a live process or of every process of a node, a closed port, a truncated file),",
+            "injected through `SWEEP_INJECT_FAULT` or done by the test itself. *passed* counts test runs: a row with",
+            "three tests run twice has six (a parametrized test counts once, and passes only if all its cases do).",
             "",
             "| fault | expected | tests | passed | result |",
             "|---|---|---|---|---|",
@@ -220,10 +268,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/reliability_report.py", description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=1, help="runs of the whole matrix (default 1)")
     parser.add_argument("--no-write", action="store_true", help="print the document instead of writing it")
+    parser.add_argument(
+        "--rows",
+        action="append",
+        default=[],
+        help="run only the rows whose fault or test names contain this text (repeatable); keep the others' counts",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
-    tally, seconds = run_matrix(args.repeat)
+    selected = tuple(
+        row
+        for row in MATRIX
+        if not args.rows or any(text.lower() in " ".join([row.fault, *row.tests]).lower() for text in args.rows)
+    )
+    if not selected:
+        parser.error(f"--rows {args.rows} matches no row")
+    carried = previous_counts(DOC.read_text()) if len(selected) < len(MATRIX) and DOC.exists() else {}
+    tally, seconds = run_matrix(args.repeat, selected)
+    tally = {**{row.fault: carried.get(row.fault, Counter()) for row in MATRIX}, **tally}
     examples = hypothesis_examples()
     text = render(tally, seconds, args.repeat, examples)
     if args.no_write:
