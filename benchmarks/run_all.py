@@ -21,6 +21,7 @@ from benchmarks import (
     checkpoint_io,
     data_reader,
     gpu_throughput,
+    input_pipeline,
     orchestration_overhead,
     pgd_vs_torchattacks,
     planning,
@@ -48,6 +49,7 @@ MODULES: dict[str, ModuleType] = {
     "pgd_vs_torchattacks": pgd_vs_torchattacks,
     "checkpoint_io": checkpoint_io,
     "data_reader": data_reader,
+    "input_pipeline": input_pipeline,
     "orchestration_overhead": orchestration_overhead,
     # Last: tens of minutes on a GPU; on a machine without CUDA it reports "skipped" at once.
     "gpu_throughput": gpu_throughput,
@@ -237,6 +239,7 @@ DETAILS: dict[str, Callable[[dict[str, Any]], str]] = {
     "pgd_vs_torchattacks": _pgd_details,
     "checkpoint_io": checkpoint_io.details_markdown,
     "data_reader": data_reader.details_markdown,
+    "input_pipeline": input_pipeline.details_markdown,
     "orchestration_overhead": _orchestration_details,
     "gpu_throughput": gpu_throughput.details_markdown,
 }
