@@ -1,6 +1,6 @@
 """Several Ray nodes on one machine, each as separate as a machine of its own can be made here.
 
-`LocalCluster` runs a head and worker nodes on 127.0.0.1 with `ray.cluster_utils.Cluster`: every node is its own
+`LocalCluster` runs a head and worker nodes on this machine with `ray.cluster_utils.Cluster`: every node is its own
 raylet (with its object store and agents) with its own declared resources, its own Ray temp folder and its own
 TMPDIR, under `<root>/nodes/<name>/`. The sweep driver runs as a subprocess "on the head" (its temp folder is the
 head's), connected through RAY_ADDRESS like a `ray job submit` entrypoint. Storage is S3 only.
@@ -41,7 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 NODE_ENV = "SWEEP_NODE_ROOT"
 CLUSTER_ENV = "SWEEP_CLUSTER_NODES"
 FOREIGN_LOG = "foreign-opens.log"
-LOCALHOST = "127.0.0.1"
 START_ATTEMPTS = 3
 
 # Runs at start-up in every Python process of the cluster (Ray workers, actors, the driver), before any user code.
@@ -212,7 +211,6 @@ class LocalCluster:
         args = {
             "num_cpus": self.head_cpus,
             "temp_dir": str(root / "ray"),
-            "node_ip_address": LOCALHOST,
             "include_dashboard": False,
             "object_store_memory": 80 * 1024 * 1024,
         }
@@ -232,7 +230,6 @@ class LocalCluster:
                     num_gpus=num_gpus,
                     resources=resources or {},
                     temp_dir=str(root / "ray"),
-                    node_ip_address=LOCALHOST,
                     object_store_memory=80 * 1024 * 1024,
                 ),
             )
