@@ -714,3 +714,25 @@ def test_checkpoint_folders_of_dead_workers_are_removed_and_live_ones_kept(tmp_p
     assert live.is_dir() and all(f.is_dir() for f in unrelated)
     assert (tmp_path / f"{prefix}{dead_pid}-file").is_file()
     assert sessions.remove_orphaned_checkpoint_folders(str(tmp_path)) == []
+
+
+def test_the_cells_augmentation_reaches_the_training_reader_and_the_evaluation(
+    synthetic_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data.augment` is a cell's setting: the training batches and the evaluation split are read with it."""
+    seen: dict[str, Any] = {}
+    iter_batches, load_split = data.iter_batches, data.load_split
+
+    def training_reader(*args: Any, **kwargs: Any) -> Any:
+        seen["train"] = kwargs.get("augment")
+        return iter_batches(*args, **kwargs)
+
+    def evaluation_reader(*args: Any, **kwargs: Any) -> Any:
+        seen["eval"] = kwargs.get("augment")
+        return load_split(*args, **kwargs)
+
+    monkeypatch.setattr(data, "iter_batches", training_reader)
+    monkeypatch.setattr(data, "load_split", evaluation_reader)
+    cfg = cell(synthetic_url, data={"augment": {"name": "none"}}, recipe={"epochs": 1, "batch_size": 32})
+    run(cfg, LocalSession(tmp_path))
+    assert seen == {"train": cfg.data.augment, "eval": cfg.data.augment}

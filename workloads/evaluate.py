@@ -64,7 +64,7 @@ def evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: i
 def _evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: int) -> dict[str, dict[str, float]]:
     _use_rank0_buffers(network)
     layout = torch.channels_last if session.device.type == "cuda" else torch.contiguous_format
-    images, labels = data.load_split(cfg.data.url, cfg.data.eval_split, cfg.eval.subset)
+    images, labels = data.load_split(cfg.data.url, cfg.data.eval_split, cfg.eval.subset, augment=cfg.data.augment)
     targets = random_targets(labels, num_classes, torch.Generator().manual_seed(cfg.eval.seed))
     size = cfg.eval.batch_size
     my_batches = range(session.rank, -(-len(labels) // size), session.world_size)

@@ -272,6 +272,7 @@ def micro_batches(cfg: TrainConfig, info: data.DatasetInfo, session: Session, ep
         epoch=epoch,
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
+        augment=cfg.data.augment,
     )
 
 
