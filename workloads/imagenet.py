@@ -380,29 +380,43 @@ def convert(
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for name, tasks in plans.items():
             _remove_strays(fs, root, name, {t.path for t in tasks})
-            started = time.monotonic()
-            done: list[dict[str, Any]] = []
-            pending: set[Future[dict[str, Any]]] = set()
-            queue = list(reversed(tasks))
-            while queue or pending:
-                # A bounded window: a shard's images are in memory until its process has written it.
-                while queue and len(pending) < 2 * workers:
-                    pending.add(pool.submit(convert_shard, queue.pop()))
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    done.append(future.result())
-                if report is not None:
-                    report(
-                        name,
-                        len(done),
-                        len(tasks),
-                        sum(d["num_images"] for d in done),
-                        sum(len(d["skipped"]) for d in done),
-                        started,
-                    )
-            order = {t.path: k for k, t in enumerate(tasks)}
-            results[name] = sorted(done, key=lambda d: order[d["path"]])
-    meta: dict[str, Any] = {
+            results[name] = _convert_split(pool, name, tasks, workers, report)
+    meta = _meta(classes, image_size, max_side, quality, results)
+    empty = [name for name, s in meta["splits"].items() if not s["num_images"]]
+    if empty:
+        raise SourceError(f"no image of split {', '.join(empty)} could be decoded; see the skipped list above")
+    write_atomic(fs, meta_path, json.dumps(meta, indent=1).encode())
+    return meta
+
+
+def _convert_split(
+    pool: ProcessPoolExecutor, name: str, tasks: list[ShardTask], workers: int, report: Any
+) -> list[dict[str, Any]]:
+    """Convert one split's shards on `pool`, reporting progress; the shards' results in the tasks' order."""
+    started = time.monotonic()
+    done: list[dict[str, Any]] = []
+    pending: set[Future[dict[str, Any]]] = set()
+    queue = list(reversed(tasks))
+    while queue or pending:
+        # A bounded window: a shard's images are in memory until its process has written it.
+        while queue and len(pending) < 2 * workers:
+            pending.add(pool.submit(convert_shard, queue.pop()))
+        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in finished:
+            done.append(future.result())
+        if report is not None:
+            images = sum(d["num_images"] for d in done)
+            report(name, len(done), len(tasks), images, sum(len(d["skipped"]) for d in done), started)
+    order = {t.path: k for k, t in enumerate(tasks)}
+    return sorted(done, key=lambda d: order[d["path"]])
+
+
+def _meta(
+    classes: list[str], image_size: int, max_side: int, quality: int, results: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """meta.json of an encoded dataset: its splits' shards, the skipped images, and what the conversion did."""
+    shards = [d for split in results.values() for d in split]
+    return {
         "format_version": 2,
         "encoding": "encoded",
         "num_classes": len(classes),
@@ -410,26 +424,21 @@ def convert(
         "classes": classes,
         "splits": {
             name: {
-                "num_images": sum(d["num_images"] for d in shards),
-                "shards": [{"path": d["path"], "num_images": d["num_images"]} for d in shards if d["num_images"]],
+                "num_images": sum(d["num_images"] for d in split),
+                "shards": [{"path": d["path"], "num_images": d["num_images"]} for d in split if d["num_images"]],
             }
-            for name, shards in results.items()
+            for name, split in results.items()
         },
-        "skipped": [s for shards in results.values() for d in shards for s in d["skipped"]],
+        "skipped": [s for d in shards for s in d["skipped"]],
         "conversion": {
             "max_side": max_side,
             "quality": quality,
-            "source_bytes": sum(d["bytes_in"] for shards in results.values() for d in shards),
-            "stored_image_bytes": sum(d["bytes_out"] for shards in results.values() for d in shards),
-            "reencoded": sum(d["reencoded"] for shards in results.values() for d in shards),
-            "cpu_seconds": sum(d["cpu_seconds"] for shards in results.values() for d in shards),
+            "source_bytes": sum(d["bytes_in"] for d in shards),
+            "stored_image_bytes": sum(d["bytes_out"] for d in shards),
+            "reencoded": sum(d["reencoded"] for d in shards),
+            "cpu_seconds": sum(d["cpu_seconds"] for d in shards),
         },
     }
-    empty = [name for name, s in meta["splits"].items() if not s["num_images"]]
-    if empty:
-        raise SourceError(f"no image of split {', '.join(empty)} could be decoded; see the skipped list above")
-    write_atomic(fs, meta_path, json.dumps(meta, indent=1).encode())
-    return meta
 
 
 # ------------------------------------------------------------------------------------------------------------
