@@ -79,8 +79,7 @@ def quiet_ray_console() -> None:
       a variable on to its trials only if it is in its (private) propagation list.
     - Tune's newer console output prints a header and the path of its experiment folder even when silent; that
       folder is scratch here (deleted at the end: a sweep resumes from storage), so the classic output is used,
-      which at verbosity 0 prints nothing, and Tune's INFO line naming the folder is dropped. Nothing is logged
-      into that folder either.
+      which at verbosity 0 prints nothing, and Tune's INFO line naming the folder is dropped.
     """
     from ray.tune.execution import class_cache
 
@@ -90,9 +89,9 @@ def quiet_ray_console() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) | {"PYTHONWARNINGS"}
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
-    # Tune's default CSV, JSON and TensorBoard loggers write per-trial files into that scratch folder, and the
-    # TensorBoard one says at INFO, per trial, that it cannot store the trial's config (the whole grid Cell).
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune's TensorBoard logger (one of the default trial loggers, whose files Tune's result grid reads back, so
+    # they stay on) says at INFO, per trial, that it cannot store the trial's config: the whole grid Cell.
+    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.WARNING)
 
 
 def skip_preemption_watcher_without_nodes_to_lose(node_count: int, autoscaled: bool) -> bool:
