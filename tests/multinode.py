@@ -146,7 +146,7 @@ class LocalCluster:
     @classmethod
     def create(cls, head_cpus: int = 0) -> LocalCluster:
         # Short: Ray's Unix socket paths live under each node's temp folder and must stay below 108 bytes.
-        root = Path(tempfile.mkdtemp(prefix="sweep-mn-", dir="/tmp"))
+        root = Path(tempfile.mkdtemp(prefix="smn-", dir="/tmp"))
         (root / "site").mkdir()
         (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         (root / "nodes").mkdir()

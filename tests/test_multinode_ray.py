@@ -216,7 +216,7 @@ def lose_a_node_mid_epoch(
         mid_epoch(driver, log, bucket, cell_dir, after=1)
         lost_at = time.monotonic() - started
         killed = cluster.kill(victim)
-        cluster.add(f"{victim}-replacement", num_cpus=1)
+        cluster.add(f"{victim}r", num_cpus=1)  # short: Ray's socket paths under the node's folder must stay < 108 bytes
         code = finish(driver, log)
     finally:
         if driver.poll() is None:
