@@ -51,10 +51,11 @@ class HistoryWriter:
     scheduling of cells; a write that still fails is a warning, and the cell's next epoch sends everything again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sweep_url: str) -> None:
+        self._storage = SweepStorage(sweep_url)
         self._changed = threading.Condition()
         self._rows: dict[str, dict[int, dict[str, Any]]] = {}  # cell id -> epoch -> row
-        self._cells: dict[str, tuple[str, dict[str, Any]]] = {}  # cell id -> (sweep url, axes)
+        self._axes: dict[str, dict[str, Any]] = {}  # cell id -> grid axes
         self._merged: set[str] = set()  # cells whose stored history has been read and merged in
         self._queued: dict[str, None] = {}  # cells with rows not yet written, in arrival order
         self._unsent: set[str] = set()  # cells whose last write failed: sent again with the next epoch or a flush
@@ -62,19 +63,19 @@ class HistoryWriter:
         self._thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks with the experiment state; a copy starts empty (the lock and the thread
-        # cannot travel, and storage holds the rows already written).
-        return {}
+        # Tune pickles its callbacks with the experiment state; a copy starts empty but for where it writes (the
+        # lock and the thread cannot travel, and storage holds the rows already written).
+        return {"sweep_url": self._storage.url}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.__init__(state["sweep_url"])  # type: ignore[misc]
 
-    def add(self, sweep_url: str, cell_id: str, axes: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+    def add(self, cell_id: str, axes: Mapping[str, Any], result: Mapping[str, Any]) -> None:
         row = epoch_row(result)
         if row is None:
             return
         with self._changed:
-            self._cells[cell_id] = (sweep_url, dict(axes))
+            self._axes[cell_id] = dict(axes)
             self._rows.setdefault(cell_id, {})[row["epoch"]] = row
             self._queued[cell_id] = None
             self._unsent.discard(cell_id)
@@ -118,8 +119,7 @@ class HistoryWriter:
                 self._changed.notify_all()
 
     def _send(self, cell_id: str) -> bool:
-        sweep_url, axes = self._cells[cell_id]
-        storage = SweepStorage(sweep_url)
+        storage, axes = self._storage, self._axes[cell_id]
         path = storage.cell_path(cell_id, HISTORY_FILE)
         if cell_id not in self._merged:
             try:
@@ -159,8 +159,7 @@ class SweepProgress(Callback):
         stall_after_s: float = STALL_AFTER_S,
     ) -> None:
         self.stall_after_s = stall_after_s
-        self.sweep_url = sweep_url  # where each cell's history.json goes
-        self.history = HistoryWriter()
+        self.history = HistoryWriter(sweep_url)  # each cell's history.json in this sweep's folder
         self._last_heard: dict[str, float] = {}  # cell id -> monotonic time of its last start or report
         self.sweep = sweep
         self.epochs = epochs
@@ -214,7 +213,7 @@ class SweepProgress(Callback):
         cell: Cell = trial.config["cell"]
         cell_id = cell.cell_id
         self._last_heard[cell_id] = time.monotonic()
-        self.history.add(self.sweep_url, cell_id, cell.axes, result)
+        self.history.add(cell_id, cell.axes, result)
         tags = {"sweep": self.sweep, "cell_id": cell_id}
         epoch = result.get("epoch")
         parts = [f"cell {cell_id} epoch {epoch}/{self.epochs.get(cell_id, '?')}"]
