@@ -69,7 +69,7 @@ from typing import Any
 import yaml
 
 from orchestrator.grid import Cell, expand
-from orchestrator.plan import plan_spec
+from orchestrator.plan import input_cpus_per_worker, plan_spec
 from orchestrator.spec import Spec, SpecError, _credential_in_text, load_spec, looks_like_credential_name
 from orchestrator.sweep import AUTOSCALER_MAX_ENV
 
@@ -422,13 +422,21 @@ class WorkerGroupSize:
     max_replicas: int
     gpus_per_pod: int  # 0 for a CPU group
     workers_per_pod: int
+    cpus_per_pod: float  # the overlay's, or more where the cells' input pipelines need more to feed the GPUs
 
 
-def size_worker_group(spec: Spec, cells: Sequence[Cell], pod_cpus: float, pod_gpus: int) -> WorkerGroupSize:
+def size_worker_group(
+    spec: Spec, cells: Sequence[Cell], pod_cpus: float, pod_gpus: int, input_cpus_per_worker: int = 1
+) -> WorkerGroupSize:
     """Size a worker group of pods with `pod_cpus` CPUs and `pod_gpus` GPUs (the overlay's) for `spec`.
 
     GPU specs: a pod holds one node's GPUs (resources.gpus_per_node, at most cluster_gpus); the group grows to at
-    most cluster_gpus GPUs, which must hold the largest cell. CPU specs: as many pods as the largest cell needs, or
+    most cluster_gpus GPUs, which must hold the largest cell. Its pods get the overlay's CPUs, or more where
+    `input_cpus_per_worker` (the plan's CPUs per worker that decode images as fast as the GPUs consume them, the
+    training loop included) times the workers of a pod, plus Ray's headroom, exceeds them: the decoding processes
+    run beside each worker, and GPUs that wait on data waste the most expensive part of the cluster. The spec's
+    own resources.cpus_per_worker must fit the overlay's pods as they are (that is what Ray reserves).
+    CPU specs: as many pods as the largest cell needs, or
     resources.cluster_cpus worth of pods. The group starts at its maximum, so the first cells need not wait for
     nodes, and `min_replicas` is 0: the autoscaler releases nodes that stay idle (the sweep's tail, a wait for a
     large cell) and adds them back on demand. Raises DeployError if impossible.
@@ -456,7 +464,8 @@ def size_worker_group(spec: Spec, cells: Sequence[Cell], pod_cpus: float, pod_gp
                 f"the largest cell needs {min_pods} pods of {gpus_per_pod} GPUs but resources.cluster_gpus "
                 f"({r.cluster_gpus}) holds only {max_pods}; make cluster_gpus a multiple of gpus_per_node"
             )
-        return WorkerGroupSize(max_pods, 0, max_pods, gpus_per_pod, slots)
+        fed = slots * max(r.cpus_per_worker, input_cpus_per_worker) + RAY_CPU_HEADROOM
+        return WorkerGroupSize(max_pods, 0, max_pods, gpus_per_pod, slots, max(pod_cpus, fed))
     slots = math.floor((pod_cpus - RAY_CPU_HEADROOM) / r.cpus_per_worker + 1e-9)
     if slots < 1:
         raise DeployError(
@@ -470,7 +479,7 @@ def size_worker_group(spec: Spec, cells: Sequence[Cell], pod_cpus: float, pod_gp
             f"the largest cell needs {min_pods} worker pods of {pod_cpus:g} CPUs but resources.cluster_cpus "
             f"({r.cluster_cpus}) holds only {max_pods}"
         )
-    return WorkerGroupSize(max_pods, 0, max_pods, pod_gpus, slots)
+    return WorkerGroupSize(max_pods, 0, max_pods, pod_gpus, slots, pod_cpus)
 
 
 def deadline_seconds(makespan_hours: float) -> int:
@@ -590,7 +599,7 @@ def render(spec_path: str | Path, overlay: str, image: str | None = None) -> lis
     r = spec.resources
     if r.use_gpu:
         plan = plan_spec(spec, cells)  # the checks and makespan of `--plan`: a cell that never fits is a SpecError
-        size = size_worker_group(spec, cells, pod_cpus, pod_gpus)
+        size = size_worker_group(spec, cells, pod_cpus, pod_gpus, input_cpus_per_worker(plan.cells))
     else:
         size = size_worker_group(spec, cells, pod_cpus, pod_gpus)
         # Plan on the worker pods being rendered, not on the CPUs of the machine that renders them.
@@ -605,10 +614,14 @@ def render(spec_path: str | Path, overlay: str, image: str | None = None) -> lis
         size.min_replicas,
         size.max_replicas,
     )
+    resources = ray_container(group["template"]).setdefault("resources", {})
     if size.gpus_per_pod:
-        resources = ray_container(group["template"]).setdefault("resources", {})
         for key in ("requests", "limits"):
             resources.setdefault(key, {})[GPU] = size.gpus_per_pod
+    if size.cpus_per_pod > pod_cpus:
+        # Whole CPUs: KubeRay rounds a fractional cpu up for Ray's num-cpus, so the budget below stays exact.
+        for key in ("requests", "limits"):
+            resources.setdefault(key, {})["cpu"] = str(math.ceil(size.cpus_per_pod - 1e-9))
     set_autoscaler_budget(job)
     if image is not None:
         for doc in docs:
@@ -619,6 +632,17 @@ def render(spec_path: str | Path, overlay: str, image: str | None = None) -> lis
     if problems:
         raise DeployError(f"the rendered manifests break {len(problems)} rule(s): {'; '.join(problems)}")
     return docs
+
+
+def worker_group_summary(docs: Sequence[Doc]) -> str:
+    """One line on the rendered RayJob's worker group: pods, and each pod's GPUs and CPUs."""
+    job = next(doc for doc in docs if doc.get("kind") == "RayJob")
+    group = _worker_group(job)
+    cpus, gpus = _pod_shape(group)
+    return (
+        f"worker group {group.get('groupName')}: {group['minReplicas']}-{group['maxReplicas']} pods "
+        f"(starting at {group['replicas']}) of {gpus} GPUs and {cpus:g} CPUs each"
+    )
 
 
 def dump_documents(docs: Sequence[Doc], header: str = "") -> str:
@@ -1454,6 +1478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "# Apply with: kubectl apply -f THIS_FILE (create the Secret sweep-s3-credentials first)\n"
     )
     text = dump_documents(docs, header)
+    print(worker_group_summary(docs), file=sys.stderr)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     else:

@@ -391,7 +391,7 @@ def format_plan(plan: Plan) -> str:
             _hours(p.device_hours),
             _hours(p.wall_hours),
             f"{p.images_per_second:,.0f}",
-            str(p.input_cpus_per_worker),
+            str(p.input_cpus_per_worker) if plan.device == "GPU" else "-",
         ]
         for p in plan.cells
     ]
@@ -424,10 +424,12 @@ def format_plan(plan: Plan) -> str:
         f"{plan.planning.train_images:,} train images at {plan.planning.image_size} px, "
         f"relative speed {plan.planning.relative_speed:g}"
     )
-    out.append(
-        f"input: {DECODE_IMAGES_PER_CORE_SECOND:g} images per CPU core per second (decode + the paper's augmentation, "
-        f"docs/benchmarks.md); CPUs per worker to keep the GPUs fed: {input_cpus_per_worker(plan.cells)}"
-    )
+    if plan.device == "GPU":  # a CPU worker's own training is far slower than its decoding: nothing to size
+        out.append(
+            f"input: {DECODE_IMAGES_PER_CORE_SECOND:g} images per CPU core per second (decode + the paper's "
+            f"augmentation, docs/benchmarks.md); CPUs per worker to keep the GPUs fed: "
+            f"{input_cpus_per_worker(plan.cells)}"
+        )
     out += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(out)
 

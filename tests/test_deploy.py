@@ -56,6 +56,7 @@ from orchestrator.deploy import (
     structure_problems,
 )
 from orchestrator.grid import expand
+from orchestrator.plan import plan_spec
 from orchestrator.spec import load_spec, parse_spec
 
 ROOT = deploy.PROJECT_ROOT
@@ -696,7 +697,9 @@ def test_driver_on_the_rendered_head_budgets_the_whole_cluster(monkeypatch: Any)
 
 def test_render_sets_the_budget_of_the_sized_worker_group(monkeypatch: Any) -> None:
     """`render` sizes the worker group from the spec's plan and the head's budget follows the same numbers."""
-    sized = deploy.WorkerGroupSize(replicas=3, min_replicas=1, max_replicas=3, gpus_per_pod=0, workers_per_pod=1)
+    sized = deploy.WorkerGroupSize(
+        replicas=3, min_replicas=1, max_replicas=3, gpus_per_pod=0, workers_per_pod=1, cpus_per_pod=2
+    )
     monkeypatch.setattr(deploy, "size_worker_group", lambda *args: sized)
     docs = render(ROOT / "sweeps/tiny.yaml", "local")
     assert cluster(docs)["workerGroupSpecs"][0]["maxReplicas"] == 3
@@ -934,6 +937,34 @@ def test_worker_group_sizing() -> None:
     with pytest.raises(DeployError, match="holds only 1"):
         small = cpu.model_copy(update={"resources": cpu.resources.model_copy(update={"cluster_cpus": 3})})
         size_worker_group(small, expand(small), pod_cpus=3, pod_gpus=0)
+
+
+def test_gpu_pods_get_the_cpus_their_input_pipelines_need() -> None:
+    # ResNet-50 with PGD-1 consumes images fast: the plan asks for 3 CPUs per worker (2 decoding + the loop), so
+    # pods of 8 GPUs need 8 x 3 + 1 (Ray) = 25 CPUs, more than the 16 given; the spec's own 1 CPU per worker fits.
+    spec = parse_spec(
+        "name: g\nworkload: {data: {url: s3://b/d}, model: {depth: 50}, attack: {steps: 1},"
+        " recipe: {batch_size: 256, per_worker_batch: 32}}\n"
+        "resources: {use_gpu: true, cpus_per_worker: 1, cluster_gpus: 16, gpus_per_node: 8}\n"
+    )
+    cells = expand(spec)
+    need = deploy.input_cpus_per_worker(plan_spec(spec, cells).cells)
+    assert need == 3
+    assert size_worker_group(spec, cells, 16, 8, need).cpus_per_pod == 8 * need + deploy.RAY_CPU_HEADROOM
+    # Pods that already have more keep what they have; without an input need, the spec's CPUs per worker count.
+    assert size_worker_group(spec, cells, 64, 8, need).cpus_per_pod == 64
+    assert size_worker_group(spec, cells, 16, 8).cpus_per_pod == 16
+
+
+def test_render_raises_the_worker_pods_cpus_and_the_budget_with_them(monkeypatch: Any, capsys: Any) -> None:
+    monkeypatch.setattr(deploy, "input_cpus_per_worker", lambda plans: 10)
+    docs = render(ROOT / "sweeps/ablation.yaml", "gpu-cluster")
+    resources = worker(docs)["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "81"  # 8 workers x 10 + 1 for Ray
+    group = _group(docs)
+    assert autoscaler_budget(ray_doc(docs))["CPU"] == group["maxReplicas"] * 81
+    assert check_manifests(docs) == []
+    assert "of 8 GPUs and 81 CPUs each" in deploy.worker_group_summary(docs)
 
 
 def test_render_refuses_a_cluster_that_cannot_hold_the_largest_cell(tmp_path: Path, monkeypatch: Any) -> None:

@@ -309,6 +309,11 @@ def test_cheap_cells_need_more_input_cpus_and_the_plan_says_so() -> None:
     assert payload["cells"][0]["images_per_second"] > 0
 
 
-def test_cpu_specs_get_no_input_warning() -> None:
+def test_cpu_specs_get_no_input_warning_nor_input_sizing() -> None:
+    # A CPU worker trains far slower than it decodes (and the smoke sweep's digits are decoded already).
     spec = load_spec(SWEEPS / "smoke.yaml")
-    assert plan_spec(spec).warnings == ()
+    plan = plan_spec(spec)
+    assert plan.warnings == ()
+    text = format_plan(plan)
+    assert "CPUs per worker to keep the GPUs fed" not in text
+    assert all(line.endswith(" -") for line in text.splitlines()[2 : 2 + len(plan.cells)])
