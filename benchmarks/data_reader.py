@@ -65,6 +65,7 @@ from workloads.config import (
     TrainConfig,
     TrainingConfig,
 )
+from workloads.execution import to_unit_range
 from workloads.fs import open_fs
 from workloads.models import ResNet, build_model
 from workloads.sessions import Session
@@ -104,6 +105,7 @@ def trainer(cfg: TrainConfig, base: ResNet, steps_per_epoch: int) -> Callable[[i
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg.recipe, index / steps_per_epoch)
         optimizer.zero_grad(set_to_none=True)
+        images = to_unit_range(images)  # the reader's uint8 pixels, scaled as on_device does on CPU
         loss, _ = adversarial_loss(cfg, model, model, images, labels, NUM_CLASSES, generator)
         loss.backward()
         float(loss.detach())

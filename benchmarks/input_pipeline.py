@@ -14,7 +14,7 @@ seconds are those of the whole process tree (this process, decoding processes, R
 - **same work, one loop**: `workloads.augment.decode_batch` in this process: the pipeline's per-image work alone
   (the loop above plus the colour jitter, per-image seeding and the CHW copy).
 - **reader, N processes**: `workloads.data.iter_batches` (Parquet shards, shuffle buffer, batches of 32 sent to N
-  decoding processes, float32 tensors out), N = 1 and 2.
+  decoding processes, uint8 tensors out), N = 1 and 2.
 - **Ray Data, N CPUs**: `ray.init(num_cpus=N)`; `read_parquet` -> `map_batches` (the same `decode_batch`, batches
   of 32, CPU tasks) -> `iter_torch_batches(batch_size=32)`, the path a Train worker would take through
   `get_dataset_shard`. Ray's start-up is not timed; its daemons' CPU during an epoch is.
@@ -180,6 +180,7 @@ def _training_wait(url: str, epochs: int) -> dict[str, Any]:
     from workloads import data
     from workloads.augment import AugmentConfig
     from workloads.config import ModelConfig
+    from workloads.execution import to_unit_range
     from workloads.models import build_model
 
     set_torch_threads(1)
@@ -200,7 +201,7 @@ def _training_wait(url: str, epochs: int) -> dict[str, Any]:
                 except StopIteration:
                     break
                 wait += time.perf_counter() - t0
-                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss = torch.nn.functional.cross_entropy(model(to_unit_range(x)), y)  # as on_device does on CPU
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -410,7 +411,7 @@ def details_markdown(result: dict[str, Any]) -> str:
             "difference is the colour jitter and lighting the loop does not do (one 3 x 4 colour matrix per image, "
             "`Image.convert(matrix=...)`, plus the contrast mean), and the reader costs "
             f"{result['reader_vs_same_work']:.2f}x of that work done in one loop (Parquet reads, the shuffle "
-            "buffer, pickling batches to and from the decoding processes, float conversion). Wall-clock scaling "
+            "buffer, pickling batches to and from the decoding processes). Wall-clock scaling "
             f"from 1 to 2 decoding processes: {result['scaling_1_to_2']:.2f}x (goal >= 1.8x; the training "
             f"process's own share of the work runs on the same 2 cores); Ray Data 1 -> 2 CPUs: "
             f"{result['ray_scaling_1_to_2']:.2f}x.",

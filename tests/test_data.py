@@ -31,7 +31,9 @@ def _indexed_images(n: int) -> np.ndarray:
 
 
 def _ids(images: torch.Tensor) -> list[int]:
-    raw = (images * 255).round().to(torch.uint8).reshape(len(images), 4).numpy()
+    if images.dtype != torch.uint8:  # load_split scales to [0, 1]; the reader's batches are the stored pixels
+        images = (images * 255).round().to(torch.uint8)
+    raw = images.reshape(len(images), 4).numpy()
     return [int(i) for i in raw.copy().view(">u4").reshape(-1)]
 
 
@@ -53,7 +55,7 @@ def _epoch_ids(info: data.DatasetInfo, world_size: int, batch_size: int, **kwarg
         for images, labels in iter_batches(
             info, "train", batch_size=batch_size, rank=rank, world_size=world_size, **kwargs
         ):
-            assert images.shape == (batch_size, 1, 2, 2) and images.dtype == torch.float32
+            assert images.shape == (batch_size, 1, 2, 2) and images.dtype == torch.uint8
             assert labels.dtype == torch.int64
             batch_ids = _ids(images)
             assert labels.tolist() == [i % 10 for i in batch_ids]  # labels travel with their images

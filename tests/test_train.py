@@ -644,6 +644,15 @@ def test_the_cpu_path_keeps_contiguous_weights_and_passes_batches_through(
     batches = [(torch.rand(2, 1, 4, 4), torch.tensor([0, 1])) for _ in range(3)]
     passed = list(execution.on_device(iter(batches), resolve_execution(PerformanceConfig(), CPU)))
     assert all(a is c and b is d for (a, b), (c, d) in zip(passed, batches, strict=True))  # no copies, no pinning
+    # The reader's uint8 pixels are scaled to [0, 1] on the device, exactly as a float32 division by 255.
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 8, 8)
+    ((scaled, labels),) = execution.on_device(
+        iter([(pixels, torch.arange(4))]), resolve_execution(PerformanceConfig(), CPU)
+    )
+    assert scaled.dtype == torch.float32 and torch.equal(
+        scaled, torch.from_numpy(pixels.numpy().astype("float32") / 255)
+    )
+    assert torch.equal(labels, torch.arange(4))
 
     built = spy_on_models(monkeypatch)
     run(cell(synthetic_url, recipe={"epochs": 1, "batch_size": 32}), LocalSession(tmp_path))

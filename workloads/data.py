@@ -485,6 +485,15 @@ def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, t
     return torch.from_numpy(images).to(torch.float32).div_(255.0), torch.from_numpy(labels).to(torch.int64, copy=True)
 
 
+def _pixel_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch as stored: uint8 pixels and int64 labels, copied (callers reuse their buffers).
+
+    Scaling to [0, 1] happens on the worker's device (`workloads.execution.on_device`): a quarter of the bytes
+    cross to a GPU, and the input processes spend no CPU on a float copy of every image.
+    """
+    return torch.from_numpy(images).clone(), torch.from_numpy(labels).to(torch.int64, copy=True)
+
+
 def _decode(table: pa.Table, shape: tuple[int, int, int], where: str) -> tuple[np.ndarray, np.ndarray]:
     item = math.prod(shape)
     out = np.empty((table.num_rows, item), dtype=np.uint8)
@@ -703,7 +712,8 @@ def iter_batches(
     prefetch: int = 2,
     augment: AugmentConfig | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Stream this rank's share of a split as (float32 (B, C, H, W) in [0, 1], int64 (B,)) batches.
+    """Stream this rank's share of a split as (uint8 (B, C, H, W), int64 (B,)) batches; the training loop scales
+    the pixels to [0, 1] on its device (`workloads.execution.on_device`).
 
     The shard order is a permutation drawn from (seed, epoch), the same on every rank; each rank reads only a
     contiguous range of about num_images / world_size rows of that order (disjoint across ranks, together the
@@ -776,7 +786,7 @@ def _batches(
                 fill += k
                 pos += k
                 if fill == batch_size:
-                    yield _to_tensors(batch_images, batch_labels)
+                    yield _pixel_tensors(batch_images, batch_labels)
                     emitted += 1
                     fill = 0
                     if emitted == num_batches:
@@ -996,7 +1006,7 @@ def _augmented_batches(
     emitted = 0
     try:
         for images, labels in labelled:
-            yield _to_tensors(images, labels)
+            yield _pixel_tensors(images, labels)
             emitted += 1
         if emitted < num_batches:
             raise RuntimeError(f"{info.url}: rank {rank} ran out of images after {emitted} of {num_batches} batches")

@@ -120,18 +120,26 @@ def data_parallel(network: ResNet, grad_accum_steps: int, compiled: bool = False
     return compile_model(ddp) if compiled else ddp
 
 
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [0, 1] (the reader's batches); float batches pass through."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    return pixels.to(torch.float32).div_(255.0)
+
+
 def on_device(
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]], execution: Execution
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The training batches on the worker's device, in its memory format.
+    """The training batches on the worker's device, in its memory format, pixels scaled from uint8 to [0, 1].
 
-    On a GPU, batch k+1 is copied into pinned memory and sent on a side stream while batch k trains, so the copy
-    overlaps compute and never blocks the host; the compute stream waits for it only when it uses the batch.
-    On the CPU the batches pass through untouched.
+    On a GPU, batch k+1 is copied into pinned memory and sent, still uint8 (a quarter of float32's bytes), on a
+    side stream while batch k trains, and scaled there, so the copy overlaps compute and never blocks the host;
+    the compute stream waits for it only when it uses the batch. On the CPU the batches are only scaled.
     """
     device = execution.device
     if device.type != "cuda":
-        yield from batches
+        for images, labels in batches:
+            yield to_unit_range(images), labels
         return
     stream = torch.cuda.Stream(device=device)
 
@@ -141,7 +149,7 @@ def on_device(
         images, labels = batch
         with torch.cuda.stream(stream):
             images = images.pin_memory().to(device, non_blocking=True)
-            images = images.contiguous(memory_format=execution.memory_format)
+            images = to_unit_range(images).contiguous(memory_format=execution.memory_format)
             labels = labels.pin_memory().to(device, non_blocking=True)
         return images, labels
 
