@@ -27,6 +27,7 @@ from ray.util.metrics import Gauge
 from orchestrator.grid import Cell
 from orchestrator.redact import redact
 from orchestrator.results import epoch_row, merge_epochs
+from orchestrator.runner import CELL_FAILED
 from orchestrator.storage import HISTORY_FILE, SweepStorage
 
 STATES = ("pending", "running", "finished", "failed")
@@ -169,6 +170,7 @@ class SweepProgress(Callback):
             "finished": already_finished,
             "failed": 0,
         }
+        self._state: dict[str, str] = {}  # cell id -> its state, once Tune has started its trial
         self.started = time.monotonic()
         self._latest: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Gauge, float, dict[str, str]]] = {}
         self._published = self.started
@@ -198,20 +200,38 @@ class SweepProgress(Callback):
         summary = f"{c['finished']} finished, {c['running']} running, {c['pending']} pending, {c['failed']} failed"
         print(f"[sweep {self.sweep} +{elapsed:6.0f}s] {text}  ({summary})", file=sys.stdout, flush=True)
 
-    def _move(self, source: str, target: str) -> None:
+    def _move(self, cell_id: str, target: str) -> None:
+        """Put a cell in `target`, whatever Tune's sequence of calls: a retried trial starts twice, and a cell
+        counts once."""
+        source = self._state.get(cell_id, "pending")
+        if source == target:
+            return
+        self._state[cell_id] = target
         self.counts[source] -= 1
         self.counts[target] += 1
         self._publish_counts()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._move("pending", "running")
         cell: Cell = trial.config["cell"]
+        self._move(cell.cell_id, "running")
         self._last_heard[cell.cell_id] = time.monotonic()
         self._say(f"cell {cell.cell_id} started: {cell.describe()}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Tune runs the trial again (orchestrator.sweep's tune.FailureConfig): its node or controller was lost."""
+        cell_id = trial.config["cell"].cell_id
+        self._last_heard.pop(cell_id, None)
+        self._move(cell_id, "pending")
+        attempt = trial.run_metadata.num_failures
+        self._say(
+            f"cell {cell_id} lost its trial (a node or process died); retrying from its checkpoint ({attempt} lost)"
+        )
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         cell: Cell = trial.config["cell"]
         cell_id = cell.cell_id
+        if CELL_FAILED in result:
+            return  # said by on_trial_complete
         self._last_heard[cell_id] = time.monotonic()
         self.history.add(cell_id, cell.axes, result)
         tags = {"sweep": self.sweep, "cell_id": cell_id}
@@ -253,13 +273,17 @@ class SweepProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cell_id = trial.config["cell"].cell_id
         self._last_heard.pop(cell_id, None)
-        self._move("running", "finished")
+        if CELL_FAILED in (trial.last_result or {}):
+            self._move(cell_id, "failed")
+            self._say(f"cell {cell_id} FAILED: {trial.last_result[CELL_FAILED]}")
+            return
+        self._move(cell_id, "finished")
         self._say(f"cell {cell_id} finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cell_id = trial.config["cell"].cell_id
         self._last_heard.pop(cell_id, None)
-        self._move("running", "failed")
+        self._move(cell_id, "failed")
         self._say(f"cell {cell_id} FAILED (see error.json in its storage folder)")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:

@@ -41,11 +41,25 @@ def check_ray_version(installed: str | None = None) -> str | None:
     )
 
 
+# Ray Train 2.60 fails a worker group that has not started within 60 s, and counts that against the cell's
+# max_failures. A cell's trial starts its worker group only once the cluster can hold it
+# (orchestrator.placement.wait_until_placeable), but the group's workers still have to start there: on a node the
+# autoscaler has just added (a GPU pod pulling its image), or on a node that replaced a lost one, or on a 2-core
+# machine running four raylets (tests/test_multinode_ray.py), that takes longer than 60 s. A user's own setting
+# wins.
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_GROUP_START_TIMEOUT_S = 600
+
+
 def driver_environment() -> dict[str, str]:
     """Set the driver's Ray switches in its environment, before `ray.init`; return them for the job's runtime
-    environment, so that a local Ray instance's processes get them too."""
-    os.environ.update(TRAIN_STATE_TRACKING)
-    return dict(TRAIN_STATE_TRACKING)
+    environment, so that a local Ray instance's processes (trials, Train controllers) get them too."""
+    switches = dict(TRAIN_STATE_TRACKING)
+    switches[WORKER_GROUP_START_TIMEOUT_ENV] = os.environ.get(
+        WORKER_GROUP_START_TIMEOUT_ENV, str(WORKER_GROUP_START_TIMEOUT_S)
+    )
+    os.environ.update(switches)
+    return switches
 
 
 def prepare_driver(node_count: int, autoscaled: bool) -> None:

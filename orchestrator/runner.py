@@ -18,6 +18,32 @@ from orchestrator.redact import redact
 from orchestrator.storage import ERROR_FILE, RESULT_FILE, SweepStorage
 
 TRIAL_CPU = 0.01  # not 0: Tune rejects a trial with no resources (DESIGN section 6)
+# The last result of a trial whose cell failed for reasons of its own (orchestrator.progress counts it as failed).
+CELL_FAILED = "cell_failed"
+
+
+def lost_to_the_cluster(err: BaseException) -> bool:
+    """Whether `err` says a process or node of the cluster died under the cell (a spot node gone, a raylet
+    killed, an OOM-killed actor) rather than the cell failing on its own: such a cell is worth another trial.
+
+    Ray raises these as ray.exceptions types, chained under whatever Train or Tune wraps them in.
+    """
+    from ray import exceptions
+
+    lost = (
+        exceptions.RayActorError,
+        exceptions.NodeDiedError,
+        exceptions.WorkerCrashedError,
+        exceptions.ObjectLostError,
+    )
+    seen: set[int] = set()
+    inner: BaseException | None = err
+    while inner is not None and id(inner) not in seen:
+        if isinstance(inner, lost):
+            return True
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__
+    return False
 
 
 def resource_demand(cell: Cell) -> dict[str, float]:
@@ -27,9 +53,13 @@ def resource_demand(cell: Cell) -> dict[str, float]:
 
 def run_cell(config: dict[str, Any], sweep_url: str) -> None:
     """Tune function trainable (`config["cell"]` is the `Cell`; `sweep_url` comes through `tune.with_parameters`):
-    fit the cell's TorchTrainer and publish result.json (or error.json)."""
+    fit the cell's TorchTrainer and publish result.json (or error.json).
+
+    A cell that fails on its own ends its trial normally with a `CELL_FAILED` result, so Tune does not run it
+    again; only a cell lost to the cluster (`lost_to_the_cluster`) raises, and Tune retries its trial."""
     import ray.train
     import torch  # here, not at the top: the sweep's driver imports this module and never needs torch
+    from ray import tune
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -65,17 +95,16 @@ def run_cell(config: dict[str, Any], sweep_url: str) -> None:
         wait_until_placeable(cell, storage)
         result = trainer.fit()
     except Exception as err:
+        reason = redact(str(err) if isinstance(err, UnschedulableError) else _root_cause(err))
         storage.write_json(
             storage.cell_path(cell.cell_id, ERROR_FILE),
-            {
-                "cell_id": cell.cell_id,
-                "axes": cell.axes,
-                "status": "failed",
-                "error": redact(str(err) if isinstance(err, UnschedulableError) else _root_cause(err)),
-                "failed_at": time.time(),
-            },
+            {"cell_id": cell.cell_id, "axes": cell.axes, "status": "failed", "error": reason, "failed_at": time.time()},
         )
-        raise
+        if lost_to_the_cluster(err):
+            raise  # Tune retries the trial (tune.FailureConfig in orchestrator.sweep); it resumes from storage
+        # The cell's own outcome (unschedulable, diverged, Train's worker restarts spent): recorded, not retried.
+        tune.report({CELL_FAILED: reason})
+        return
     metrics = dict(result.metrics or {})
     storage.write_json(storage.cell_path(cell.cell_id, RESULT_FILE), finished_record(cell, metrics, started))
     storage.remove(storage.cell_path(cell.cell_id, ERROR_FILE))

@@ -23,6 +23,7 @@ if __name__ == "__main__":
 
 from orchestrator.grid import Cell, describe_axes, expand  # noqa: E402
 from orchestrator.lease import DriverLease, LeaseHeldError  # noqa: E402
+from orchestrator.placement import NodeType  # noqa: E402
 from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json  # noqa: E402
 from orchestrator.redact import redact  # noqa: E402
 from orchestrator.report import build_report  # noqa: E402
@@ -144,12 +145,38 @@ def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepSt
 AUTOSCALER_MAX_ENV = {"CPU": "SWEEP_AUTOSCALER_MAX_CPUS", "GPU": "SWEEP_AUTOSCALER_MAX_GPUS"}
 
 
-def _resource_budget(cluster: dict[str, float]) -> dict[str, float]:
+def _resource_budget(
+    cluster: dict[str, float],
+    node_types: list[NodeType] | None = None,
+    head: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """The most the sweep may plan on: the live cluster, or what it can grow to. The deployment's
+    SWEEP_AUTOSCALER_MAX_* say it where set; otherwise the autoscaler's own node types do (`node_types`, from
+    Ray's GCS: the head's resources plus each type's node resources x its most nodes), unless a type has no limit
+    (-1), where only the live cluster counts."""
+    bounded = bool(node_types) and all(most >= 0 for _, _, most in node_types or [])
     budget = {}
     for resource, variable in AUTOSCALER_MAX_ENV.items():
         ceiling = os.environ.get(variable, "").strip()
-        budget[resource] = max(float(cluster.get(resource, 0.0)), float(ceiling) if ceiling else 0.0)
+        if ceiling:
+            most = float(ceiling)
+        elif bounded:
+            most = (head or {}).get(resource, 0.0) + sum(r.get(resource, 0.0) * n for _, r, n in node_types or [])
+        else:
+            most = 0.0
+        budget[resource] = max(float(cluster.get(resource, 0.0)), most)
     return budget
+
+
+def _head_resources() -> dict[str, float]:
+    """The head node's resources (the node holding Ray's `node:__internal_head__` marker)."""
+    import ray
+
+    for node in ray.nodes():
+        resources = dict(node.get("Resources") or {})
+        if node.get("Alive") and "node:__internal_head__" in resources:
+            return resources
+    return {}
 
 
 BUILTIN_DATA = "builtin://"
@@ -195,7 +222,7 @@ def _run_cells(
     from ray import tune
 
     from orchestrator import ray_compat
-    from orchestrator.placement import live_nodes
+    from orchestrator.placement import autoscaler_node_types, live_nodes
     from orchestrator.progress import SweepProgress
     from orchestrator.runner import TRIAL_CPU, resource_demand, run_cell
     from orchestrator.scheduler import ResourceBudgetSearcher
@@ -205,11 +232,12 @@ def _run_cells(
     if not ray.is_initialized():
         context = ray.init(runtime_env={"env_vars": env})
         dashboard = f"dashboard: http://{context.dashboard_url}" if context.dashboard_url else "no dashboard"
-    autoscaled = any(os.environ.get(variable, "").strip() for variable in AUTOSCALER_MAX_ENV.values())
+    node_types = autoscaler_node_types()
+    autoscaled = node_types is not None or any(os.environ.get(v, "").strip() for v in AUTOSCALER_MAX_ENV.values())
     ray_compat.prepare_driver(len(live_nodes()), autoscaled)
     data_urls = _materialise_data(storage, todo)
     runnable = [cell.with_data_url(data_urls.get(cell.config.data.url, cell.config.data.url)) for cell in todo]
-    budget = _resource_budget(ray.cluster_resources())
+    budget = _resource_budget(ray.cluster_resources(), node_types, _head_resources() if node_types else None)
     cost = {c.cell_id: c.device_hours for c in plan.cells}
     try:
         searcher = ResourceBudgetSearcher(
@@ -230,7 +258,14 @@ def _run_cells(
             tune.with_resources(tune.with_parameters(run_cell, sweep_url=storage.url), {"CPU": TRIAL_CPU}),
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo), reuse_actors=False),
             run_config=tune.RunConfig(
-                name=f"{spec.name}-{int(time.time())}", storage_path=scratch, callbacks=[progress], verbose=0
+                name=f"{spec.name}-{int(time.time())}",
+                storage_path=scratch,
+                callbacks=[progress],
+                verbose=0,
+                # A trial lost with its node (or its Train controller lost with one) is run again and resumes
+                # from the cell's checkpoints in storage; cells that fail on their own end their trials
+                # normally (orchestrator.runner), so this retries only what the cluster lost.
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             ),
         )
         try:

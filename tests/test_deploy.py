@@ -695,6 +695,23 @@ def test_driver_on_the_rendered_head_budgets_the_whole_cluster(monkeypatch: Any)
     assert sweep._resource_budget({"CPU": 64.0, "GPU": 8.0}) == {"CPU": 1024.0, "GPU": 128.0}
 
 
+def test_without_the_variables_the_autoscalers_node_types_set_the_budget(monkeypatch: Any) -> None:
+    """A cluster started by `ray start --autoscaling-config` (no KubeRay manifests, so no SWEEP_AUTOSCALER_MAX_*)
+    is budgeted from what Ray's GCS says its autoscaler may add; tests/test_autoscaling_ray.py runs one."""
+    from orchestrator import sweep
+
+    for variable in sweep.AUTOSCALER_MAX_ENV.values():
+        monkeypatch.delenv(variable, raising=False)
+    head = {"CPU": 2.0, "node:__internal_head__": 1.0}
+    types = [("gpu", {"CPU": 4.0, "GPU": 2.0}, 3), ("cpu", {"CPU": 8.0}, 1)]
+    assert sweep._resource_budget(head, types, head) == {"CPU": 2 + 12 + 8, "GPU": 6.0}
+    # A type without a limit (-1) gives no ceiling to plan on: only the live cluster counts.
+    assert sweep._resource_budget(head, [*types, ("any", {"GPU": 1.0}, -1)], head) == {"CPU": 2.0, "GPU": 0.0}
+    assert sweep._resource_budget(head) == {"CPU": 2.0, "GPU": 0.0}  # no autoscaler
+    monkeypatch.setenv("SWEEP_AUTOSCALER_MAX_GPUS", "4")  # the deployment's word wins
+    assert sweep._resource_budget(head, types, head)["GPU"] == 4.0
+
+
 def test_render_sets_the_budget_of_the_sized_worker_group(monkeypatch: Any) -> None:
     """`render` sizes the worker group from the spec's plan and the head's budget follows the same numbers."""
     sized = deploy.WorkerGroupSize(

@@ -64,3 +64,14 @@ def test_driver_set_up_keeps_credentials_out_of_trials_and_passes_the_warning_fi
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_trials_get_a_worker_group_start_timeout_a_new_node_can_meet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ray_compat.WORKER_GROUP_START_TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_STATE_TRACKING", raising=False)
+    switches = ray_compat.driver_environment()
+    assert switches[ray_compat.WORKER_GROUP_START_TIMEOUT_ENV] == "600"
+    assert os.environ[ray_compat.WORKER_GROUP_START_TIMEOUT_ENV] == "600"  # the driver's own Ray processes too
+    assert switches["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"
+    monkeypatch.setenv(ray_compat.WORKER_GROUP_START_TIMEOUT_ENV, "90")  # the user's choice wins
+    assert ray_compat.driver_environment()[ray_compat.WORKER_GROUP_START_TIMEOUT_ENV] == "90"
