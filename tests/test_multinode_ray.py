@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import subprocess
 import time
@@ -34,15 +33,7 @@ from orchestrator.grid import expand
 from orchestrator.spec import load_spec
 from tests.multinode import LocalCluster, actor_node, dump, running_attempt, train_attempts, wait_for
 
-# Opt-in until the module passes twice in a row on a quiet 2-core machine: its clusters of four raylets start
-# against Ray's fixed 30 s registration limit, and losing a trial's node needs Tune to retry trials (the sweep does
-# not yet). Run with SWEEP_MULTINODE_TESTS=1.
-pytestmark = [
-    pytest.mark.ray,
-    pytest.mark.slow,
-    pytest.mark.fault,
-    pytest.mark.skipif(os.environ.get("SWEEP_MULTINODE_TESTS") != "1", reason="opt-in: SWEEP_MULTINODE_TESTS=1"),
-]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.fault]
 
 T = TypeVar("T")
 WORKER_NODES = ("w1", "w2", "w3")
@@ -242,8 +233,11 @@ def lose_a_node_mid_epoch(
         "lost at s": round(lost_at),
         "attempts": [(a.status, placed(cluster, a.ranks)) for a in attempts],
         "seconds": round(seconds),
+        "trial retried": f"cell {cell} lost its trial" in output,
     }
     print(f"\n{name}: {dump(summary)}")
+    # The progress counts stay whole through a retried trial (each line ends "(F finished, R running, ...)").
+    assert not re.search(r"-\d+ (finished|running|pending|failed)", output), tail(log)
     assert code == 0, tail(log)
     result = bucket.json(f"{cell_dir}/result.json")
     assert result is not None and result["status"] == "finished" and result["epochs"] == 3, result
@@ -266,24 +260,19 @@ def test_losing_the_node_of_rank_1_mid_epoch_resumes_on_the_nodes_left(
 ) -> None:
     summary = lose_a_node_mid_epoch(clusters, bucket, tmp_path, "lose-rank1", 51, lambda seen: seen["ranks"][1])
     # Rank 1's node went with its raylet; the trial and its controller lived on and restarted the worker group.
-    assert summary["controller"] not in summary["lost"]
+    assert summary["controller"] not in summary["lost"] and not summary["trial retried"]
     assert [status for status, _ in summary["attempts"]][-1] == "FINISHED"
 
 
-# The trial dies with its node and Tune 2.60 retries a trial only when the Tuner's RunConfig asks for it
-# (tune.FailureConfig(max_failures=...), default 0), which orchestrator/sweep.py does not yet do: the cell then
-# fails ("no result recorded") and the sweep exits 1. With the retry asked for, the second trial resumes the cell
-# from S3, after orchestrator.placement has removed the dead controller's placement group (ray_compat says why).
-@pytest.mark.xfail(
-    strict=True,
-    reason="orchestrator/sweep.py: tune.RunConfig needs failure_config=tune.FailureConfig(max_failures=...) so "
-    "that Tune retries a trial lost with its node",
-)
+# The trial dies with its node; Tune retries it (orchestrator/sweep.py's tune.FailureConfig) and the second trial
+# resumes the cell from S3, after orchestrator.placement has removed the dead controller's placement group
+# (ray_compat says why).
 def test_losing_the_node_of_the_trial_and_its_train_controller_resumes_the_cell(
     clusters: Clusters, bucket: Bucket, tmp_path: Path
 ) -> None:
     summary = lose_a_node_mid_epoch(clusters, bucket, tmp_path, "lose-trial", 52, lambda seen: seen["controller"])
     assert summary["lost"] not in summary["first attempt"].values()
+    assert summary["trial retried"], summary
 
 
 def test_cells_span_nodes_and_a_new_cluster_finishes_the_sweep_as_one_node_would(
