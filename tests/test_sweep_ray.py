@@ -347,15 +347,20 @@ def test_sweep_to_s3_storage(ray_local: None, s3_bucket: str, tmp_path: Path) ->
 def test_a_failing_cell_is_reported_and_the_others_finish(
     ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # max_failures 0: the injected error fires on every attempt anyway; retrying would only cost time.
-    spec = write_spec(tmp_path, spec_dict("faulty", {"seed": [0, FAULT_SEED]}, max_failures=0))
+    # max_failures 1: Train restarts the worker group once (the injected error fires on every attempt), and Tune
+    # would run a raising trial once more: the count of "started" lines below shows it does not.
+    spec = write_spec(tmp_path, spec_dict("faulty", {"seed": [0, FAULT_SEED]}, max_failures=1))
     cells = {cell.axes["seed"]: cell for cell in expand(load_spec(spec))}
     bad, good = cells[FAULT_SEED].cell_id, cells[0].cell_id
 
     code = sweep.main([str(spec), "--storage", str(tmp_path / "runs")])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
 
     assert code == sweep.EXIT_FAILED
+    # A cell failing on its own ends its trial normally: counted failed once, never run again by Tune (which
+    # retries only trials lost with their node, up to max_failures times).
+    assert out.count(f"cell {bad} started") == 1 and f"cell {bad} FAILED: " in out, out[-3000:]
+    assert "lost its trial" not in out and "1 finished, 0 running, 0 pending, 1 failed" in out
     folder = tmp_path / "runs" / "faulty" / "cells"
     assert json.loads((folder / good / "result.json").read_text())["status"] == "finished"
     assert not (folder / bad / "result.json").exists()
