@@ -42,6 +42,9 @@ NODE_ENV = "SWEEP_NODE_ROOT"
 CLUSTER_ENV = "SWEEP_CLUSTER_NODES"
 FOREIGN_LOG = "foreign-opens.log"
 START_ATTEMPTS = 3
+# The Train state actor answers in milliseconds, but a 2-core machine running four raylets and a sweep can keep it
+# from being scheduled for tens of seconds.
+STATE_TIMEOUT_S = 120
 
 # Runs at start-up in every Python process of the cluster (Ray workers, actors, the driver), before any user code.
 SITECUSTOMIZE = f'''
@@ -334,8 +337,8 @@ def train_attempts() -> list[Attempt]:
     actor = get_state_actor()
     if actor is None:
         return []
-    runs: Any = ray.get(actor.get_train_runs.remote(), timeout=30)
-    attempts: Any = ray.get(actor.get_train_run_attempts.remote(), timeout=30)
+    runs: Any = ray.get(actor.get_train_runs.remote(), timeout=STATE_TIMEOUT_S)
+    attempts: Any = ray.get(actor.get_train_run_attempts.remote(), timeout=STATE_TIMEOUT_S)
     found: list[Attempt] = []
     for run_id, by_attempt in attempts.items():
         run = runs.get(run_id)
