@@ -142,7 +142,10 @@ MECHANISMS = """## What makes these pass
   with it and Ray Train restarts the worker group on the nodes left, up to `max_failures` times. A Train
   controller lost with its node leaves its worker placement group reserved on a cluster without a dashboard
   (Ray Train's own cleaner needs the State API, ray-project/ray#58515): before a cell's workers are placed, the
-  trial removes placement groups whose Train controller is dead (`orchestrator/ray_compat.py`).
+  trial removes placement groups whose Train controller is dead (`orchestrator/ray_compat.py`). A lost *trial*
+  (its node gone, and the cell's Train controller with it) is run again by Tune, up to `max_failures` times,
+  and resumes from the cell's checkpoints in storage; a cell that fails on its own (unschedulable, a non-finite
+  loss, its worker restarts spent) ends its trial with the failure recorded and is never run again.
 - **Secrets.** Credentials come from the environment or the pod's Secret only; the spec rejects inline
   credentials; stored and printed errors are redacted; Ray Tune's habit of copying `AWS_*` variables into trial
   runtime environments (which Ray's runtime-env agent logs) is switched off.
