@@ -14,7 +14,7 @@ seconds are those of the whole process tree (this process, decoding processes, R
 - **same work, one loop**: `workloads.augment.decode_batch` in this process: the pipeline's per-image work alone
   (the loop above plus the colour jitter, per-image seeding and the CHW copy).
 - **reader, N processes**: `workloads.data.iter_batches` (Parquet shards, shuffle buffer, batches of 32 sent to N
-  decoding processes, uint8 tensors out), N = 1 and 2.
+  decoding processes, which write them into shared-memory slots, `workloads.slots`; uint8 tensors out), N = 1 and 2.
 - **Ray Data, N CPUs**: `ray.init(num_cpus=N)`; `read_parquet` -> `map_batches` (the same `decode_batch`, batches
   of 32, CPU tasks) -> `iter_torch_batches(batch_size=32)`, the path a Train worker would take through
   `get_dataset_shard`. Ray's start-up is not timed; its daemons' CPU during an epoch is.

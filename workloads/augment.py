@@ -291,14 +291,18 @@ def decode_batch(
     channels: int,
     seed: int,
     epoch: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Decode (and for training augment) encoded images into one (N, C, size, size) uint8 array.
+    """Decode (and for training augment) encoded images into one (N, C, size, size) uint8 array: the first N
+    rows of ``out`` when given (a shared-memory slot, `workloads.slots`).
 
     Runs in decoding processes; what it returns depends only on its arguments.
     """
     import numpy as np
 
-    out = np.empty((len(payloads), channels, size, size), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(payloads), channels, size, size), dtype=np.uint8)
+    out = out[: len(payloads)]
     for i, (payload, index) in enumerate(zip(payloads, indices, strict=True)):
         img = open_image(payload)
         view = train_view(img, name, cfg, size, image_rng(seed, epoch, index)) if train else eval_view(img, cfg, size)

@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 import torch
 
 from workloads import augment as aug
+from workloads import slots
 from workloads.augment import AugmentConfig
 from workloads.fs import open_fs, with_retries, write_atomic
 
@@ -876,34 +877,57 @@ def _pool(processes: int) -> ProcessPoolExecutor:
     """One pool per process and size, kept across epochs (starting processes every epoch would cost seconds)."""
     pool = _POOLS.get(processes)
     if pool is None or getattr(pool, "_broken", False):
-        # forkserver: decoding processes import only workloads.augment (no torch, no CUDA context, no Ray threads).
+        # forkserver: decoding processes import only workloads.augment and workloads.slots (no torch, no CUDA
+        # context, no Ray threads).
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["workloads.augment", "PIL.Image", "PIL.JpegImagePlugin", "numpy"])
+        ctx.set_forkserver_preload(
+            ["workloads.augment", "workloads.slots", "PIL.Image", "PIL.JpegImagePlugin", "numpy"]
+        )
         pool = _POOLS[processes] = ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
     return pool
 
 
 def _ordered_map(
-    fn: Callable[..., Any], tasks: Iterator[tuple[tuple[Any, ...], Any]], processes: int, window: int
+    fn: Callable[..., Any],
+    tasks: Iterator[tuple[tuple[Any, ...], Any]],
+    processes: int,
+    window: int,
+    ring: slots.SlotRing | None = None,
 ) -> Generator[tuple[Any, Any], None, None]:
-    """(fn(*args), extra) for every task (args, extra), in task order, at most ``window`` tasks in flight."""
+    """(fn(*args), extra) for every task (args, extra), in task order, at most ``window`` tasks in flight.
+
+    With a ``ring`` of ``window`` slots, decoding processes write fn's result (``fn(*args, out=...)``) into slot
+    k % window and the result yielded is a view of that slot: the caller must copy it before asking for the next
+    one, when the slot is handed to task k + window.
+    """
     if processes == 0:
         # One thread: PIL releases the GIL while decoding and resampling, so this still overlaps the step.
         yield from _prefetched(((fn(*args), extra) for args, extra in tasks), window)
         return
+    if ring is not None and ring.slots < window:
+        raise ValueError(f"a ring of {ring.slots} slots cannot hold {window} batches in flight")
     pool = _pool(processes)
-    futures: deque[tuple[Future[Any], Any]] = deque()
+    futures: deque[tuple[Future[Any], int, Any]] = deque()
+
+    def submit(k: int, args: tuple[Any, ...]) -> Future[Any]:
+        if ring is None:
+            return pool.submit(fn, *args)
+        return pool.submit(slots.fill_slot, ring.name, k % window, ring.shape, fn, *args)
+
+    def collect() -> tuple[Any, Any]:
+        future, k, extra = futures.popleft()
+        result = future.result()
+        return (result if ring is None else ring.view(k % window)[:result]), extra
+
     try:
-        for args, extra in tasks:
-            futures.append((pool.submit(fn, *args), extra))
+        for k, (args, extra) in enumerate(tasks):
+            futures.append((submit(k, args), k, extra))
             if len(futures) >= window:
-                future, first = futures.popleft()
-                yield future.result(), first
+                yield collect()
         while futures:
-            future, first = futures.popleft()
-            yield future.result(), first
+            yield collect()
     finally:
-        for future, _ in futures:
+        for future, _, _ in futures:
             future.cancel()
 
 
@@ -996,17 +1020,23 @@ def _augmented_batches(
         else chunks
     )
     processes = decode_processes() if info.encoded else 0
+    window = max(2, 2 * processes, prefetch)
+    # Decoding processes write batches into shared memory (workloads.slots); decoding threads return them.
+    ring = slots.SlotRing(window, (batch_size, shape[0], view.size, view.size)) if processes else None
     batches = _row_batches(shuffled, batch_size, num_batches)
     labelled = _ordered_map(
         view.task_fn(),
         ((view.task_args(stored, indices), labels) for stored, labels, indices in batches),
         processes,
-        max(2, 2 * processes, prefetch),
+        window,
+        ring,
     )
     emitted = 0
     try:
         for images, labels in labelled:
-            yield _pixel_tensors(images, labels)
+            batch = _pixel_tensors(images, labels)  # copies the slot, which the next task may overwrite
+            del images
+            yield batch
             emitted += 1
         if emitted < num_batches:
             raise RuntimeError(f"{info.url}: rank {rank} ran out of images after {emitted} of {num_batches} batches")
@@ -1015,6 +1045,8 @@ def _augmented_batches(
         batches.close()
         shuffled.close()
         chunks.close()
+        if ring is not None:
+            ring.close()
 
 
 class ShardedStream:
