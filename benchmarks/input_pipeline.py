@@ -411,7 +411,8 @@ def details_markdown(result: dict[str, Any]) -> str:
             "difference is the colour jitter and lighting the loop does not do (one 3 x 4 colour matrix per image, "
             "`Image.convert(matrix=...)`, plus the contrast mean), and the reader costs "
             f"{result['reader_vs_same_work']:.2f}x of that work done in one loop (Parquet reads, the shuffle "
-            "buffer, pickling batches to and from the decoding processes). Wall-clock scaling "
+            "buffer, pickling the JPEG bytes to the decoding processes, one copy of each decoded batch out of its "
+            "shared-memory slot). Wall-clock scaling "
             f"from 1 to 2 decoding processes: {result['scaling_1_to_2']:.2f}x (goal >= 1.8x; the training "
             f"process's own share of the work runs on the same 2 cores); Ray Data 1 -> 2 CPUs: "
             f"{result['ray_scaling_1_to_2']:.2f}x.",

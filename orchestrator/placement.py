@@ -13,8 +13,10 @@ node is up. A cell that even the autoscaler's largest cluster cannot hold fails 
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from orchestrator import ray_compat
 from orchestrator.grid import Cell
@@ -103,6 +105,36 @@ def release_dead_controllers_resources() -> None:
         return
     for group in ray_compat.remove_placement_groups_of_dead_train_controllers():
         print(f"removed placement group {group}, left by a Train controller lost with its node", flush=True)
+
+
+@contextlib.contextmanager
+def releasing_dead_controllers_resources(interval_s: float = PLACEMENT_POLL_S) -> Iterator[None]:
+    """Run :func:`release_dead_controllers_resources` every ``interval_s`` in the driver while the block runs.
+
+    Once at a trial's start is not enough: Tune retries a trial lost with its node at once, but the GCS calls the
+    node's Train controller dead only after it has missed the node's health checks (tens of seconds), so the
+    retried worker group would wait for the dead one's resources until Train's start timeout (600 s here, see
+    ray_compat.driver_environment). Found by tests/test_multinode_ray.py (losing the node of a trial).
+    """
+    stop = threading.Event()
+
+    def keep_releasing() -> None:
+        warned = False
+        while not stop.wait(interval_s):
+            try:
+                release_dead_controllers_resources()
+            except Exception as err:  # the GCS briefly unreachable: try again next time, say so once
+                if not warned:
+                    print(f"warning: could not check for dead Train controllers' placement groups: {err}", flush=True)
+                    warned = True
+
+    thread = threading.Thread(target=keep_releasing, name="dead-controller-groups", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=interval_s + 30)
 
 
 def wait_until_placeable(

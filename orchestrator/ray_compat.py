@@ -151,12 +151,13 @@ def remove_placement_groups_of_dead_train_controllers() -> list[str]:
     cluster started without a dashboard every poll fails ("State API may be temporarily unavailable. Continuing
     to monitor.") and the group keeps the cell's CPUs and GPUs reserved on the nodes that survived. The retried
     trial's new worker group then waits for resources that never free up and fails after
-    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s). Found by tests/test_multinode_ray.py (losing the node of a
-    trial and its controller).
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S. Found by tests/test_multinode_ray.py (losing the node of a trial and
+    its controller).
 
     The GCS records who created each placement group and whether that actor is dead; a group created by a
     Train controller that is dead can never be used again, so removing it does what the cleaner would have done.
-    Called before a cell's worker group is placed (orchestrator.placement.wait_until_placeable).
+    Called before a cell's worker group is placed (orchestrator.placement.wait_until_placeable), and every few
+    seconds by the driver while cells run (orchestrator.placement.releasing_dead_controllers_resources).
     """
     import ray
     from ray._private.state import actors, state

@@ -222,7 +222,7 @@ def _run_cells(
     from ray import tune
 
     from orchestrator import ray_compat
-    from orchestrator.placement import autoscaler_node_types, live_nodes
+    from orchestrator.placement import autoscaler_node_types, live_nodes, releasing_dead_controllers_resources
     from orchestrator.progress import SweepProgress
     from orchestrator.runner import TRIAL_CPU, resource_demand, run_cell
     from orchestrator.scheduler import ResourceBudgetSearcher
@@ -269,7 +269,8 @@ def _run_cells(
             ),
         )
         try:
-            grid = tuner.fit()
+            with releasing_dead_controllers_resources():
+                grid = tuner.fit()
         finally:
             if autoscaled:
                 request_capacity([])  # the sweep needs nothing more: let the autoscaler scale down

@@ -102,8 +102,13 @@ MATRIX = (
     ),
     Row(
         "cell larger than the autoscaler can ever offer",
-        "fails at once naming the node types (per node), or is refused before any trial (in all)",
-        (f"{AUTOSCALING}::test_a_cell_larger_than_the_autoscaler_can_ever_offer_fails_at_once",),
+        "refused before any trial (more than the autoscaler's total, on the fake provider); fails at once naming "
+        "the node types when no node type holds one worker (the trial's check, given node types as data)",
+        (
+            f"{AUTOSCALING}::test_a_cell_needing_more_gpus_than_the_autoscaler_ever_has_is_refused_before_any_trial",
+            f"{AUTOSCALING}::test_a_cell_the_autoscaler_can_serve_waits_and_one_it_cannot_fails_at_once",
+            f"{AUTOSCALING}::test_beyond_autoscaler",
+        ),
     ),
     Row(
         "every bad-input case",

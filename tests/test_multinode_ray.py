@@ -28,10 +28,12 @@ from typing import Any, TypeVar
 import pytest
 import torch
 import yaml
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
 from tests.multinode import LocalCluster, actor_node, dump, running_attempt, train_attempts, wait_for
+from workloads.faults import FAULT_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.fault]
 
@@ -182,14 +184,11 @@ def placed(cluster: LocalCluster, ranks: dict[int, str]) -> dict[int, str]:
     return {rank: cluster.name_of(node_id) for rank, node_id in sorted(ranks.items())}
 
 
-def mid_epoch(driver: subprocess.Popen[bytes], log: Path, bucket: Bucket, cell_dir: str, after: int) -> None:
-    """Return halfway through epoch `after` + 1: once epoch `after`'s checkpoint is registered (the epoch after it
-    has begun) and half an epoch (as long as epoch `after` took) has passed since."""
-    metrics = running(driver, log, f"epoch {after}'s checkpoint", lambda: bucket.registered(cell_dir))
-    assert metrics["epoch"] == after, metrics
-    halfway = time.monotonic() + float(metrics["epoch_seconds"]) / 2
-    running(driver, log, f"the middle of epoch {after + 1}", lambda: time.monotonic() >= halfway)
-    assert bucket.registered(cell_dir)["epoch"] == after, f"epoch {after + 1} ended before the middle was reached"
+def held_mid_epoch(driver: subprocess.Popen[bytes], log: Path, bucket: Bucket, cell_dir: str, marker: Path) -> None:
+    """Return once rank 1 holds halfway through epoch 2 (the "hold" fault of workloads.faults, which creates
+    `marker`), with epoch 1's checkpoint registered: the node can be lost mid-epoch however fast epochs run."""
+    running(driver, log, "rank 1 held halfway through epoch 2", marker.exists)
+    assert bucket.registered(cell_dir)["epoch"] == 1
 
 
 def lose_a_node_mid_epoch(
@@ -202,8 +201,14 @@ def lose_a_node_mid_epoch(
     (cell,) = cell_ids(spec).values()
     cell_dir = f"study/{name}/cells/{cell}"
     log = tmp_path / "driver.log"
+    # Rank 1 holds halfway through epoch 2 until its process dies; the marker file (test instrumentation on this
+    # machine's disk, not data the nodes share) says it got there, and keeps a retried attempt from holding.
+    marker = tmp_path / "held"
+    fault = {"seed": seed, "epoch": 2, "kind": "hold", "rank": 1, "once_file": str(marker)}
+    # What `ray job submit --runtime-env-json` hands a driver: the job's runtime env, which its workers inherit.
+    job = {RAY_JOB_CONFIG_JSON_ENV_VAR: json.dumps({"runtime_env": {"env_vars": {FAULT_ENV: json.dumps(fault)}}})}
     started = time.monotonic()
-    driver = cluster.driver([str(spec), "--storage", f"{bucket.url}/study"], log)
+    driver = cluster.driver([str(spec), "--storage", f"{bucket.url}/study"], log, env=job)
     try:
         first = running(driver, log, "the cell's workers", lambda: running_attempt(cell, 2))
         ranks = placed(cluster, first.ranks)
@@ -213,7 +218,7 @@ def lose_a_node_mid_epoch(
         assert len(set(ranks.values())) == 2 and "head" not in ranks.values(), ranks
         assert controller not in {*ranks.values(), "head"}, (controller, ranks)
         victim = victim_of({"ranks": ranks, "controller": controller})
-        mid_epoch(driver, log, bucket, cell_dir, after=1)
+        held_mid_epoch(driver, log, bucket, cell_dir, marker)
         lost_at = time.monotonic() - started
         killed = cluster.kill(victim)
         cluster.add(f"{victim}r", num_cpus=1)  # short: Ray's socket paths under the node's folder must stay < 108 bytes

@@ -3,10 +3,12 @@ is declared unschedulable. Node lists are plain data here (the Ray path is teste
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
+from orchestrator import placement
 from orchestrator.grid import Cell
 from orchestrator.placement import UnschedulableError, placement_problem, wait_until_placeable
 from orchestrator.storage import UNSCHEDULABLE_FILE, SweepStorage
@@ -89,3 +91,28 @@ def test_a_placeable_cell_writes_nothing(tmp_path: Path) -> None:
     storage = SweepStorage.for_sweep(str(tmp_path), "s")
     wait_until_placeable(_cell(timeout=60), storage, nodes=lambda: [GPU_NODE], poll_s=0.01)
     assert not Path(storage.path()).exists()
+
+
+def test_the_driver_keeps_releasing_dead_controllers_groups_while_cells_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trial retried at once after its node was lost asks for a worker group before the GCS knows the old
+    controller is dead: the release must happen again later, while the cells run, and stop with them."""
+    calls: list[int] = []
+    enough = threading.Event()
+
+    def release() -> list[str]:
+        calls.append(len(calls))
+        if len(calls) >= 4:
+            enough.set()
+        if len(calls) in (2, 3):
+            raise ConnectionError("GCS unreachable")
+        return []
+
+    monkeypatch.setattr(placement, "release_dead_controllers_resources", release)
+    with placement.releasing_dead_controllers_resources(interval_s=0.01):
+        assert enough.wait(timeout=30), calls
+    # The thread has been joined: no call after the block; two failures, reported once, did not stop it.
+    assert not any(t.name == "dead-controller-groups" for t in threading.enumerate())
+    assert len(calls) >= 4
+    assert capsys.readouterr().out.count("GCS unreachable") == 1

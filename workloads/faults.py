@@ -1,10 +1,12 @@
 """Fault injection for the test suite's fault matrix: a real failure in a real worker, not a mock.
 
 `SWEEP_INJECT_FAULT` holds JSON, one fault or a list: {"seed": S, "epoch": E, "kind": "raise" | "nan" |
-"sigkill", "rank": R?, "once_file": PATH?}. In cells with seed S, halfway through epoch E (1-based), on rank R
-(default: every rank): raise an error, make the loss non-finite from there on, or SIGKILL the worker's own
-process (what the kernel's OOM killer or a lost node does to it). With `once_file` the fault fires only if it
-can create that file, so a retry can succeed. Unset (every real run), the hook does nothing.
+"sigkill" | "hold", "rank": R?, "once_file": PATH?}. In cells with seed S, halfway through epoch E (1-based), on
+rank R (default: every rank): raise an error, make the loss non-finite from there on, SIGKILL the worker's own
+process (what the kernel's OOM killer or a lost node does to it), or hold there until something kills the process
+from outside (a test that loses a whole node mid-epoch waits for `once_file` to appear, so the node is lost at a
+known point and never after the epoch has ended). With `once_file` the fault fires only if it can create that
+file, so a retry can succeed. Unset (every real run), the hook does nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import signal
+import threading
 
 FAULT_ENV = "SWEEP_INJECT_FAULT"
 
@@ -43,4 +46,6 @@ def mid_epoch(seed: int, epoch: int, rank: int) -> float:
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "nan":
             return math.nan
+        if kind == "hold":
+            threading.Event().wait()  # until the process is killed
     return 1.0
