@@ -299,7 +299,8 @@ def test_a_gpu_cell_gets_a_node_from_the_autoscaler_and_the_idle_node_goes_away(
 def test_a_cell_needing_more_gpus_than_the_autoscaler_ever_has_is_refused_before_any_trial(
     head: AutoscalingHead, s3_bucket: str, tmp_path: Path
 ) -> None:
-    budget = {"SWEEP_AUTOSCALER_MAX_GPUS": str(MAX_GPU_NODES)}
+    # The head's CPU and at most MAX_GPU_NODES nodes of {1 CPU, 1 GPU}, as a user of this config would declare it.
+    budget = {"SWEEP_AUTOSCALER_MAX_GPUS": str(MAX_GPU_NODES), "SWEEP_AUTOSCALER_MAX_CPUS": str(1 + MAX_GPU_NODES)}
     # Three workers of 1 GPU: more GPUs than the autoscaler's maximum. The driver refuses before any trial.
     spec = write_spec(tmp_path, gpu_spec("too-many", gpus_per_worker=1, workers=3, cluster_gpus=3))
     log = tmp_path / "too-many.log"

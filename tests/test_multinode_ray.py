@@ -187,8 +187,12 @@ def placed(cluster: LocalCluster, ranks: dict[int, str]) -> dict[int, str]:
 def held_mid_epoch(driver: subprocess.Popen[bytes], log: Path, bucket: Bucket, cell_dir: str, marker: Path) -> None:
     """Return once rank 1 holds halfway through epoch 2 (the "hold" fault of workloads.faults, which creates
     `marker`), with epoch 1's checkpoint registered: the node can be lost mid-epoch however fast epochs run."""
-    running(driver, log, "rank 1 held halfway through epoch 2", marker.exists)
-    assert bucket.registered(cell_dir)["epoch"] == 1
+
+    def held() -> bool:
+        # Train registers a checkpoint after the workers have gone on: wait for epoch 1's to be registered too.
+        return marker.exists() and bucket.registered(cell_dir).get("epoch") == 1
+
+    running(driver, log, "rank 1 held halfway through epoch 2, epoch 1's checkpoint registered", held)
 
 
 def lose_a_node_mid_epoch(
