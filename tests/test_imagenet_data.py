@@ -16,9 +16,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from workloads import augment as aug
-from workloads import data, imagenet
+from workloads import data, execution, imagenet
 from workloads.augment import AugmentConfig
-from workloads.config import DataConfig, TrainConfig
+from workloads.config import DataConfig, PerformanceConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +239,46 @@ def test_colour_jitter_matches_the_float_pipeline() -> None:
     assert aug.colour_jitter(grey, cfg, aug.image_rng(0, 0, 1)).mode == "L"
 
 
+def test_colour_maps_applied_on_a_device_match_the_float_pipeline() -> None:
+    cfg = AugmentConfig()
+    images = [_photos()[i % 2].resize((224, 224)).rotate(9 * i) for i in range(16)]
+    pixels = torch.from_numpy(np.stack([np.asarray(img).transpose(2, 0, 1) for img in images]))
+    maps = torch.from_numpy(np.stack([aug.colour_map(True, cfg, aug.image_rng(0, 0, i)) for i in range(16)]))
+    ours = execution.apply_colour(pixels, maps).numpy().transpose(0, 2, 3, 1)
+    ref = np.stack([_tensorpack_jitter(img, aug.image_rng(0, 0, i)) for i, img in enumerate(images)])
+    # The exact mean grey and one rounding, in float32.
+    assert np.abs(ours - ref).max() <= 0.501
+    # A greyscale image: brightness and contrast only, whether the dataset has one channel or three.
+    grey = _photos()[0].resize((224, 224)).convert("L")
+    pil = np.asarray(aug.colour_jitter(grey, cfg, aug.image_rng(0, 0, 1)), dtype=np.float32)
+    one = aug.colour_map(False, cfg, aug.image_rng(0, 0, 1))[None]
+    flat = torch.from_numpy(np.array(grey))[None, None]
+    for channels in (1, 3):
+        device = execution.apply_colour(flat.repeat(1, channels, 1, 1), torch.from_numpy(one))[0].numpy()
+        assert all(np.abs(plane - pil).max() <= 1 for plane in device)  # PIL's mean is from 8 x 8 box averages
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_a_reader_leaving_colour_to_the_device_feeds_the_same_images(
+    dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch, processes: int
+) -> None:
+    monkeypatch.setattr(data, "decode_processes", lambda: processes)
+    kwargs = {"batch_size": 4, "epoch": 1, "seed": 3, "shuffle_buffer": 6, "augment": AugmentConfig(size=48)}
+    applied = list(data.iter_batches(dataset, "train", **kwargs))  # type: ignore[arg-type]
+    deferred = list(data.iter_batches(dataset, "train", colour_on_device=True, **kwargs))  # type: ignore[arg-type]
+    assert len(deferred) == len(applied) == 8 and all(len(batch) == 3 for batch in deferred)
+    assert deferred[0][2].shape == (4, aug.COLOUR_PARAMS) and not torch.equal(deferred[0][0], applied[0][0])
+    cpu = execution.resolve_execution(PerformanceConfig(), torch.device("cpu"))
+    for (x, y), (scaled, labels) in zip(applied, execution.on_device(iter(deferred), cpu), strict=True):
+        assert torch.equal(labels, y)
+        diff = (scaled * 255 - x.to(torch.float32)).abs()
+        # Same crops, flips and draws; the decoding processes' mean grey comes from 8 x 8 box averages.
+        assert float(diff.max()) <= 1.001 and float(diff.mean()) < 0.05
+    # Transforms without colour yield pairs whatever the device.
+    plain = AugmentConfig(name="none", size=32)
+    assert len(next(data.iter_batches(dataset, "train", batch_size=4, augment=plain, colour_on_device=True))) == 2
+
+
 @pytest.mark.parametrize("box", [(0, 0, 1920, 1280), (100, 50, 1300, 1250), (500, 200, 1500, 1200)])
 def test_reduced_decoding_matches_full_decoding(box: tuple[int, int, int, int]) -> None:
     # Stated tolerance: mean absolute difference < 1 level, 99th percentile <= 4 levels (0-255).
@@ -261,6 +301,12 @@ def test_same_draws_for_the_same_seed_epoch_and_index() -> None:
     c = aug.decode_batch(payloads, [0, 1, 2, 3, 4, 5], epoch=3, **kwargs)  # type: ignore[arg-type]
     assert not np.array_equal(a, c)
     assert not np.array_equal(a[0], a[2])  # same image, different index: different draws
+    # The batch holds each image's train_view, its flip folded into the copy into the batch.
+    views = [
+        aug.train_view(aug.open_image(p), "paper", AugmentConfig(), 64, aug.image_rng(7, 2, i))
+        for i, p in enumerate(payloads)
+    ]
+    np.testing.assert_array_equal(a, np.stack([aug.to_chw(v, 3) for v in views]))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_batches_through_shared_memory_equal_decoding_in_the_training_process(
     assert len({bytes(x.numpy()) for x in shared}) == len(shared)
 
 
-def test_a_reader_closed_early_unlinks_its_ring(dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+def _recording_rings(monkeypatch: pytest.MonkeyPatch) -> list[slots.SlotRing]:
     made: list[slots.SlotRing] = []
     original = slots.SlotRing
 
@@ -74,16 +74,62 @@ def test_a_reader_closed_early_unlinks_its_ring(dataset: data.DatasetInfo, monke
         return ring
 
     monkeypatch.setattr(slots, "SlotRing", recording)
+    slots.close_idle_rings()  # rings lent to earlier tests' readers
+    return made
+
+
+def test_readers_reuse_a_ring_and_one_stopped_early_waits_for_its_decoding_processes(
+    dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = _recording_rings(monkeypatch)
     monkeypatch.setattr(data, "decode_processes", lambda: 1)
     batches = data.iter_batches(dataset, "train", batch_size=4, augment=AugmentConfig(size=40))
     first, _ = next(batches)
+    # Stopped with a batch still being decoded into the ring: close() waits for it, so the ring can be lent again.
     batches.close()  # type: ignore[attr-defined]
-    assert len(made) == 1 and _gone(made[0].name)
+    assert len(made) == 1 and made[0].reusable and not _gone(made[0].name)
     assert first.shape == (4, 3, 40, 40) and first.dtype == torch.uint8 and int(first.max()) > 0
-    # The processes attached to the old segment write into the next epoch's new one.
+    # The next epoch's reader borrows the same segment, and a late write into it would have shown up here.
     again = list(data.iter_batches(dataset, "train", batch_size=4, augment=AugmentConfig(size=40)))
-    assert len(made) == 2 and _gone(made[1].name)
+    assert len(made) == 1
     assert torch.equal(again[0][0], first)
+    threaded = _batches(dataset, 0, monkeypatch)
+    monkeypatch.setattr(data, "decode_processes", lambda: 1)
+    assert all(torch.equal(a, b) for a, b in zip(_batches(dataset, 1, monkeypatch), threaded, strict=True))
+    slots.close_idle_rings()
+    assert _gone(made[0].name)
+
+
+def _wait_for(path: str, value: int, out: np.ndarray) -> np.ndarray:
+    """A task that fills its slot only once ``path`` exists (or after a minute)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 60
+    while value and not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out[:] = value
+    return out
+
+
+def test_a_ring_still_being_written_after_its_reader_stopped_is_never_lent_again(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = _recording_rings(monkeypatch)
+    monkeypatch.setattr(data, "STRAGGLER_WAIT_S", 0.2)
+    release = str(tmp_path / "release")  # type: ignore[operator]
+    with slots.lent_ring(2, (2, 3)) as ring:
+        # Task 0 returns at once, task 1 blocks in the decoding process until released.
+        results = data._ordered_map(_wait_for, iter([((release, 0), None), ((release, 1), None)]), 1, 2, ring)
+        first, _ = next(results)
+        assert first.tolist() == [[0, 0, 0]] * 2
+        del first
+        results.close()
+        assert not ring.reusable
+    assert _gone(made[0].name)  # closed and unlinked, not kept for the next reader
+    open(release, "w").close()  # let the decoding process finish (it writes into its own, now nameless, mapping)
+    with slots.lent_ring(2, (2, 3)) as fresh:
+        assert len(made) == 2 and fresh.reusable
 
 
 def test_fill_slot_writes_only_its_slot() -> None:
@@ -94,7 +140,10 @@ def test_fill_slot_writes_only_its_slot() -> None:
             out[:2] = value
             return out[:2]
 
-        assert slots.fill_slot(ring.name, 1, (3, 2), fill, 5) == 2
+        assert slots.fill_slot(ring.name, 1, (3, 2), fill, 5) == (2, None)
         assert ring.view(0).tolist() == [[7, 7]] * 3
         assert ring.view(1).tolist() == [[5, 5], [5, 5], [0, 0]]
+        # Something small beside the rows comes back with their count.
+        assert slots.fill_slot(ring.name, 0, (3, 2), lambda out: (fill(4, out), "maps")) == (2, "maps")
+        assert ring.view(0).tolist() == [[4, 4], [4, 4], [7, 7]]
     assert _gone(ring.name)

@@ -138,14 +138,21 @@ def centre_square(width: int, height: int, fraction: float = 1.0) -> tuple[float
 # Colour
 
 
-def colour_jitter(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
-    """Brightness, contrast, saturation and lighting in a random order (tensorpack's ``RandomOrderAug``).
+# A colour map's parameters: x -> a x + b (g . x) 1 + u + v m, with g the grey weights and m the image's mean grey
+# before the map: a, b, u (3), v (3); for a greyscale image u and v repeat one value.
+COLOUR_PARAMS = 8
 
-    Each of the four is an affine map of the pixel's colour, so the four compose exactly into one map x -> M x + t,
-    applied in a single pass with one rounding and clip at the end: what tensorpack computes in float with
-    ``clip=False``. Contrast blends towards the current image's mean grey, and the mean of an affine map of the
-    image is that map of its mean. Brightness, contrast and saturation keep M of the form a I + b 1 g^T (g the grey
-    weights, which sum to 1), so the composition is tracked as two scalars and a shift. Greyscale images get
+
+def colour_map(colour: bool, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast, saturation and lighting in a random order (tensorpack's ``RandomOrderAug``), composed
+    into one map of the pixel's colour: its :data:`COLOUR_PARAMS` parameters, float64.
+
+    Each of the four is affine in the colour, so the four compose exactly into x -> M x + t, applied in a single
+    pass with one rounding and clip at the end: what tensorpack computes in float with ``clip=False``. Brightness,
+    contrast and saturation keep M of the form a I + b 1 g^T (g sums to 1), tracked as two scalars. Contrast
+    blends towards the current image's mean grey, which is the composed map applied to the original mean m, so t
+    is affine in m: t = u + v m, and the map needs nothing of the image until it is applied (:func:`apply_colour`
+    here, `workloads.execution.apply_colour` on a training device). ``colour`` False (a greyscale image):
     brightness and contrast only.
     """
     import numpy as np
@@ -156,31 +163,56 @@ def colour_jitter(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator
     contrast = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
     sat = float(rng.uniform(1 - cfg.saturation, 1 + cfg.saturation))
     alpha = (rng.standard_normal(3) * cfg.lighting).tolist()
-    colour = img.mode == "RGB"
-    a, b = 1.0, 0.0  # M = a I + b 1 g^T
-    t = [0.0, 0.0, 0.0] if colour else [0.0]
+    grey = _grey if colour else (lambda values: values[0])
+    a, b = 1.0, 0.0
+    u = [0.0, 0.0, 0.0] if colour else [0.0]
+    v = list(u)
     for op in order:
         if op == 0 and cfg.brightness:
-            a, b, t = a * bright, b * bright, [v * bright for v in t]
+            a, b, u, v = a * bright, b * bright, [x * bright for x in u], [x * bright for x in v]
         elif op == 1 and cfg.contrast:
-            # Mean of the 8 x 8 box averages: the image's mean up to their rounding, from 64x fewer pixels.
-            small = img.reduce(8) if min(img.size) >= 64 else img
-            means = np.asarray(small, dtype=np.float64).reshape(-1, len(t)).mean(axis=0).tolist()
-            grey_mean = _grey(means) if colour else means[0]
-            mean = (a + b) * grey_mean + (_grey(t) if colour else t[0])
-            a, b, t = a * contrast, b * contrast, [contrast * v + (1 - contrast) * mean for v in t]
+            # The current mean grey is (a + b) m + g.u + (g.v) m.
+            mean_u, mean_v = grey(u), a + b + grey(v)
+            u = [contrast * x + (1 - contrast) * mean_u for x in u]
+            v = [contrast * x + (1 - contrast) * mean_v for x in v]
+            a, b = a * contrast, b * contrast
         elif op == 2 and cfg.saturation and colour:
             # S = s I + (1 - s) 1 g^T; S M = s a I + (s b + (1 - s)(a + b)) 1 g^T, S t = s t + (1 - s)(g . t) 1.
-            shift = (1 - sat) * _grey(t)
-            a, b, t = sat * a, sat * b + (1 - sat) * (a + b), [sat * v + shift for v in t]
+            shift_u, shift_v = (1 - sat) * grey(u), (1 - sat) * grey(v)
+            a, b = sat * a, sat * b + (1 - sat) * (a + b)
+            u, v = [sat * x + shift_u for x in u], [sat * x + shift_v for x in v]
         elif op == 3 and cfg.lighting and colour:
             for c in range(3):
-                t[c] += 255.0 * sum(PCA_EIGVEC[c][k] * alpha[k] * PCA_EIGVAL[k] for k in range(3))
+                u[c] += 255.0 * sum(PCA_EIGVEC[c][k] * alpha[k] * PCA_EIGVAL[k] for k in range(3))
+    if not colour:
+        u, v = u * 3, v * 3
+    return np.array([a, b, *u, *v], dtype=np.float64)
+
+
+def apply_colour(img: Image.Image, params: np.ndarray) -> Image.Image:
+    """A :func:`colour_map` applied to an RGB or greyscale image, rounded and clipped to uint8."""
+    import numpy as np
+
+    colour = img.mode == "RGB"
+    a, b = float(params[0]), float(params[1])
+    u, v = params[2:5], params[5:8]
+    mean = 0.0
+    if np.any(v):
+        # Mean of the 8 x 8 box averages: the image's mean up to their rounding, from 64x fewer pixels.
+        small = img.reduce(8) if min(img.size) >= 64 else img
+        means = np.asarray(small, dtype=np.float64).reshape(-1, 3 if colour else 1).mean(axis=0).tolist()
+        mean = _grey(means) if colour else means[0]
+    t = (u + v * mean).tolist()
     if colour:
-        matrix = tuple(v for c in range(3) for v in (*(a * (c == j) + b * GREY[j] for j in range(3)), t[c]))
+        matrix = tuple(x for c in range(3) for x in (*(a * (c == j) + b * GREY[j] for j in range(3)), t[c]))
         return img.convert("RGB", matrix=matrix)
     levels = np.clip(np.rint((a + b) * np.arange(256) + t[0]), 0, 255).astype(np.uint8)
     return img.point(levels.tolist())
+
+
+def colour_jitter(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
+    """The paper's colour augmentation of one image, drawn from ``rng`` and applied."""
+    return apply_colour(img, colour_map(img.mode == "RGB", cfg, rng))
 
 
 def _grey(rgb: list[float]) -> float:
@@ -234,17 +266,41 @@ def _resized(img: Image.Image, box: tuple[float, float, float, float], size: int
     return img.resize((size, size), PILImage.Resampling.BICUBIC, box=box)
 
 
-def train_view(img: Image.Image, name: str, cfg: AugmentConfig, size: int, rng: np.random.Generator) -> Image.Image:
-    """One augmented training view of ``img`` (``name``: a resolved transform, "paper" or "none")."""
+def train_view(
+    img: Image.Image,
+    name: str,
+    cfg: AugmentConfig,
+    size: int,
+    rng: np.random.Generator,
+    colour: np.ndarray | None = None,
+) -> Image.Image:
+    """One augmented training view of ``img`` (``name``: a resolved transform, "paper" or "none"). With a
+    ``colour`` row, the view's colour map is written there instead of applied (the flip that follows commutes
+    with it, and leaves the mean grey it depends on unchanged)."""
     from PIL import Image as PILImage
 
+    out, flip = _unflipped_train_view(img, name, cfg, size, rng, colour)
+    return out.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+def _unflipped_train_view(
+    img: Image.Image,
+    name: str,
+    cfg: AugmentConfig,
+    size: int,
+    rng: np.random.Generator,
+    colour: np.ndarray | None,
+) -> tuple[Image.Image, bool]:
+    """:func:`train_view` but for its last step: (the view before the flip, whether to flip it)."""
     if name == "none":
-        return eval_view(img, cfg, size)
+        return eval_view(img, cfg, size), False
     out = _resized(img, random_crop_box(*img.size, cfg, rng), size)
-    out = colour_jitter(out, cfg, rng)
-    if cfg.flip and rng.random() < 0.5:
-        out = out.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
-    return out
+    params = colour_map(out.mode == "RGB", cfg, rng)
+    if colour is None:
+        out = apply_colour(out, params)
+    else:
+        colour[:] = params
+    return out, bool(cfg.flip and rng.random() < 0.5)
 
 
 def eval_view(img: Image.Image, cfg: AugmentConfig, size: int) -> Image.Image:
@@ -268,8 +324,9 @@ def pad_crop_flip(images: np.ndarray, cfg: AugmentConfig, rngs: list[np.random.G
     return out
 
 
-def to_chw(img: Image.Image, channels: int) -> np.ndarray:
-    """(C, H, W) uint8; greyscale images are repeated to 3 channels when the dataset is colour."""
+def to_chw(img: Image.Image, channels: int, flip: bool = False) -> np.ndarray:
+    """(C, H, W) uint8, a view (mirrored left to right with ``flip``: the copy that stores it then flips it for
+    free); greyscale images are repeated to 3 channels when the dataset is colour."""
     import numpy as np
 
     pixels = np.asarray(img)
@@ -277,7 +334,8 @@ def to_chw(img: Image.Image, channels: int) -> np.ndarray:
         pixels = pixels[:, :, None]
     if pixels.shape[2] != channels:
         pixels = np.repeat(pixels[:, :, :1], channels, axis=2)
-    return pixels.transpose(2, 0, 1)
+    chw = pixels.transpose(2, 0, 1)
+    return chw[:, :, ::-1] if flip else chw
 
 
 def decode_batch(
@@ -292,9 +350,11 @@ def decode_batch(
     seed: int,
     epoch: int,
     out: np.ndarray | None = None,
+    colour: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode (and for training augment) encoded images into one (N, C, size, size) uint8 array: the first N
-    rows of ``out`` when given (a shared-memory slot, `workloads.slots`).
+    rows of ``out`` when given (a shared-memory slot, `workloads.slots`). With ``colour`` ((N, COLOUR_PARAMS)), the
+    "paper" transform's colour maps are written there instead of applied (see :func:`train_view`).
 
     Runs in decoding processes; what it returns depends only on its arguments.
     """
@@ -305,15 +365,37 @@ def decode_batch(
     out = out[: len(payloads)]
     for i, (payload, index) in enumerate(zip(payloads, indices, strict=True)):
         img = open_image(payload)
-        view = train_view(img, name, cfg, size, image_rng(seed, epoch, index)) if train else eval_view(img, cfg, size)
-        out[i] = to_chw(view, channels)
+        if train:
+            rng = image_rng(seed, epoch, index)
+            view, flip = _unflipped_train_view(img, name, cfg, size, rng, None if colour is None else colour[i])
+        else:
+            view, flip = eval_view(img, cfg, size), False
+        out[i] = to_chw(view, channels, flip)
     return out
 
 
+def deferring_colour(fn: Any, stored: Any, *args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``fn(stored, *args, colour=maps, **kwargs)`` (:func:`decode_batch` or :func:`augment_decoded`) and the
+    (N, COLOUR_PARAMS) float32 colour maps it left unapplied, for the training device to apply."""
+    import numpy as np
+
+    maps = np.zeros((len(stored), COLOUR_PARAMS), dtype=np.float32)
+    return fn(stored, *args, colour=maps, **kwargs), maps
+
+
 def augment_decoded(
-    images: np.ndarray, indices: Any, *, name: str, cfg: AugmentConfig, size: int, seed: int, epoch: int
+    images: np.ndarray,
+    indices: Any,
+    *,
+    name: str,
+    cfg: AugmentConfig,
+    size: int,
+    seed: int,
+    epoch: int,
+    colour: np.ndarray | None = None,
 ) -> np.ndarray:
-    """A requested transform ("paper" or "crop_flip") on images stored decoded, (N, C, H, W) uint8."""
+    """A requested transform ("paper" or "crop_flip") on images stored decoded, (N, C, H, W) uint8; ``colour`` as
+    for :func:`decode_batch`."""
     import numpy as np
     from PIL import Image as PILImage
 
@@ -324,5 +406,5 @@ def augment_decoded(
     out = np.empty((len(images), c, size, size), dtype=np.uint8)
     for k, (image, rng) in enumerate(zip(images, rngs, strict=True)):
         pil = PILImage.fromarray(image[0] if c == 1 else image.transpose(1, 2, 0))
-        out[k] = to_chw(train_view(pil, name, cfg, size, rng), c)
+        out[k] = to_chw(train_view(pil, name, cfg, size, rng, None if colour is None else colour[k]), c)
     return out

@@ -43,7 +43,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -492,7 +492,9 @@ def _pixel_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor
     Scaling to [0, 1] happens on the worker's device (`workloads.execution.on_device`): a quarter of the bytes
     cross to a GPU, and the input processes spend no CPU on a float copy of every image.
     """
-    return torch.from_numpy(images).clone(), torch.from_numpy(labels).to(torch.int64, copy=True)
+    # numpy's copy, not Tensor.clone(): torch maps a fresh 4.8 MB block for every 224 px batch of 32 and faults in
+    # each page (1.2 ms a batch on this machine), numpy's allocator reuses freed blocks (0.3 ms).
+    return torch.from_numpy(np.array(images, copy=True)), torch.from_numpy(labels).to(torch.int64, copy=True)
 
 
 def _decode(table: pa.Table, shape: tuple[int, int, int], where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -712,7 +714,8 @@ def iter_batches(
     shuffle_buffer: int = 0,
     prefetch: int = 2,
     augment: AugmentConfig | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    colour_on_device: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """Stream this rank's share of a split as (uint8 (B, C, H, W), int64 (B,)) batches; the training loop scales
     the pixels to [0, 1] on its device (`workloads.execution.on_device`).
 
@@ -726,6 +729,11 @@ def iter_batches(
     ``augment`` (a cell's ``data.augment``; None is its default) transforms each image with draws seeded by
     (seed, epoch, the image's index in the split): encoded datasets are decoded and augmented in processes
     beside this one (:func:`decode_processes`), decoded ones read as stored unless a transform is asked for.
+
+    ``colour_on_device`` (a GPU worker): the "paper" transform's colour jitter and lighting, an eighth of the
+    decoding processes' work, are left to the device; each batch then carries a third element, the images'
+    (B, COLOUR_PARAMS) float32 colour maps (`workloads.augment.colour_map`), which `workloads.execution.on_device`
+    applies there. Other transforms ignore it and yield pairs.
     """
     info = _as_info(source)
     split_info = info.split(split)
@@ -745,7 +753,7 @@ def iter_batches(
         return _batches(
             info, split_info, rank, world_size, batch_size, epoch, seed, shuffle_buffer, prefetch, num_batches
         )
-    view = _View(info, cfg, name, train=True, seed=seed, epoch=epoch)
+    view = _View(info, cfg, name, train=True, seed=seed, epoch=epoch, colour_on_device=colour_on_device)
     view.check()
     return _augmented_batches(view, split_info, rank, world_size, batch_size, shuffle_buffer, prefetch, num_batches)
 
@@ -812,6 +820,12 @@ class _View:
     train: bool
     seed: int = 0
     epoch: int = 0
+    colour_on_device: bool = False
+
+    @property
+    def defers_colour(self) -> bool:
+        """Whether the colour maps travel with the batch, for the training device to apply."""
+        return self.colour_on_device and self.train and self.name == "paper"
 
     @property
     def size(self) -> int:
@@ -830,9 +844,10 @@ class _View:
                 "encoded images: use 'paper' (or 'auto') or 'none'"
             )
 
-    def task_fn(self) -> Callable[..., np.ndarray]:
-        """fn(*task_args(stored, indices)) -> (N, C, size, size) uint8. For encoded images a function of
-        workloads.augment alone with small arguments: it is pickled to decoding processes, which import no torch."""
+    def task_fn(self) -> Callable[..., Any]:
+        """fn(*task_args(stored, indices)) -> (N, C, size, size) uint8, and the (N, COLOUR_PARAMS) colour maps with
+        them when :attr:`defers_colour`. For encoded images a function of workloads.augment alone with small
+        arguments: it is pickled to decoding processes, which import no torch."""
         common: dict[str, Any] = {
             "name": self.name,
             "cfg": self.cfg,
@@ -841,10 +856,14 @@ class _View:
             "epoch": self.epoch,
         }
         if self.info.encoded:
-            return partial(aug.decode_batch, train=self.train, channels=self.info.image_shape[0], **common)
-        if self.train and self.name != "none":
-            return partial(aug.augment_decoded, **common)
-        return _stored
+            fn: Callable[..., Any] = partial(
+                aug.decode_batch, train=self.train, channels=self.info.image_shape[0], **common
+            )
+        elif self.train and self.name != "none":
+            fn = partial(aug.augment_decoded, **common)
+        else:
+            return _stored
+        return partial(aug.deferring_colour, fn) if self.defers_colour else fn
 
     def task_args(self, stored: np.ndarray, indices: np.ndarray) -> tuple[Any, ...]:
         return (list(stored), indices.tolist()) if self.info.encoded else (stored, indices)
@@ -871,6 +890,8 @@ def decode_processes() -> int:
 
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}
+# How long a reader stopped early waits for batches its decoding processes are still writing (one batch each).
+STRAGGLER_WAIT_S = 30.0
 
 
 def _pool(processes: int) -> ProcessPoolExecutor:
@@ -898,7 +919,7 @@ def _ordered_map(
 
     With a ``ring`` of ``window`` slots, decoding processes write fn's result (``fn(*args, out=...)``) into slot
     k % window and the result yielded is a view of that slot: the caller must copy it before asking for the next
-    one, when the slot is handed to task k + window.
+    one, when the slot is handed to task k + window. An fn returning (rows, extra) yields (view, extra).
     """
     if processes == 0:
         # One thread: PIL releases the GIL while decoding and resampling, so this still overlaps the step.
@@ -917,7 +938,10 @@ def _ordered_map(
     def collect() -> tuple[Any, Any]:
         future, k, extra = futures.popleft()
         result = future.result()
-        return (result if ring is None else ring.view(k % window)[:result]), extra
+        if ring is not None:
+            rows, sent = result
+            result = ring.view(k % window)[:rows] if sent is None else (ring.view(k % window)[:rows], sent)
+        return result, extra
 
     try:
         for k, (args, extra) in enumerate(tasks):
@@ -927,8 +951,13 @@ def _ordered_map(
         while futures:
             yield collect()
     finally:
-        for future, _, _ in futures:
-            future.cancel()
+        running = [future for future, _, _ in futures if not future.cancel()]
+        if ring is not None and running:
+            # Stopped early: a decoding process may be writing into a slot. Wait for it, or the ring must not be
+            # lent again (the late write would land in the next reader's batch).
+            _, late = wait(running, timeout=STRAGGLER_WAIT_S)
+            if late:
+                ring.reusable = False
 
 
 def _shuffled_rows(
@@ -989,7 +1018,7 @@ def _augmented_batches(
     shuffle_buffer: int,
     prefetch: int,
     num_batches: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """The reader for transformed images: the same rows in the same order as :func:`_batches` would yield them
     (shard order, rank ranges, a shuffle buffer from the same seed), each carrying its index in the split, which
     seeds its transform; whole batches go to the decoding processes, and come back in order."""
@@ -1022,7 +1051,10 @@ def _augmented_batches(
     processes = decode_processes() if info.encoded else 0
     window = max(2, 2 * processes, prefetch)
     # Decoding processes write batches into shared memory (workloads.slots); decoding threads return them.
-    ring = slots.SlotRing(window, (batch_size, shape[0], view.size, view.size)) if processes else None
+    lent = contextlib.ExitStack()
+    ring = (
+        lent.enter_context(slots.lent_ring(window, (batch_size, shape[0], view.size, view.size))) if processes else None
+    )
     batches = _row_batches(shuffled, batch_size, num_batches)
     labelled = _ordered_map(
         view.task_fn(),
@@ -1033,10 +1065,11 @@ def _augmented_batches(
     )
     emitted = 0
     try:
-        for images, labels in labelled:
+        for result, labels in labelled:
+            images, colour = result if isinstance(result, tuple) else (result, None)
             batch = _pixel_tensors(images, labels)  # copies the slot, which the next task may overwrite
-            del images
-            yield batch
+            del images, result
+            yield batch if colour is None else (*batch, torch.from_numpy(colour))
             emitted += 1
         if emitted < num_batches:
             raise RuntimeError(f"{info.url}: rank {rank} ran out of images after {emitted} of {num_batches} batches")
@@ -1045,8 +1078,7 @@ def _augmented_batches(
         batches.close()
         shuffled.close()
         chunks.close()
-        if ring is not None:
-            ring.close()
+        lent.close()  # after labelled.close(), which waits for a batch still being written
 
 
 class ShardedStream:
@@ -1083,7 +1115,7 @@ class ShardedStream:
     def __len__(self) -> int:
         return batches_per_epoch(self.info, self.split, self.world_size, self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         return iter_batches(
             self.info,
             self.split,

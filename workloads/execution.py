@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from workloads.augment import GREY
 from workloads.config import PerformanceConfig
 from workloads.models import ResNet
 
@@ -120,17 +121,42 @@ def data_parallel(network: ResNet, grad_accum_steps: int, compiled: bool = False
     return compile_model(ddp) if compiled else ddp
 
 
-def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels as float32 in [0, 1] (the reader's batches); float batches pass through."""
+def apply_colour(pixels: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Colour maps (`workloads.augment.colour_map`, one row per image) applied to uint8 (B, C, H, W) pixels where
+    they are: x -> a x + b (g . x) + u + v m, m the image's mean grey, rounded and clipped to 0-255 as the
+    decoding processes' PIL path does (float32, still on the 0-255 scale). The mean is exact here; the PIL path
+    takes it from 8 x 8 box averages."""
+    x = pixels.to(torch.float32)
+    maps = maps.to(device=x.device, dtype=torch.float32)
+    channels = x.shape[1]
+    if channels == 3:
+        weights = torch.tensor(GREY, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        grey = (x * weights).sum(dim=1, keepdim=True)
+    else:
+        grey = x
+    mean = grey.mean(dim=(1, 2, 3))
+    shift = maps[:, 2 : 2 + channels] + maps[:, 5 : 5 + channels] * mean[:, None]
+    a, b = maps[:, 0, None, None, None], maps[:, 1, None, None, None]
+    # A greyscale image is its own grey: a x + b x.
+    out = x * a + grey * b if channels == 3 else x * (a + b)
+    return out.add_(shift[:, :, None, None]).round_().clamp_(0, 255)
+
+
+def to_unit_range(pixels: torch.Tensor, colour: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 pixels as float32 in [0, 1] (the reader's batches), after their ``colour`` maps when the reader left
+    those to the device; float batches pass through."""
     if pixels.dtype != torch.uint8:
         return pixels
+    if colour is not None:
+        return apply_colour(pixels, colour).div_(255.0)
     return pixels.to(torch.float32).div_(255.0)
 
 
 def on_device(
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], execution: Execution
+    batches: Iterator[tuple[torch.Tensor, ...]], execution: Execution
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The training batches on the worker's device, in its memory format, pixels scaled from uint8 to [0, 1].
+    """The training batches on the worker's device, in its memory format, pixels scaled from uint8 to [0, 1]
+    (after their colour maps, for a reader that left them to the device: batches of three).
 
     On a GPU, batch k+1 is copied into pinned memory and sent, still uint8 (a quarter of float32's bytes), on a
     side stream while batch k trains, and scaled there, so the copy overlaps compute and never blocks the host;
@@ -138,18 +164,19 @@ def on_device(
     """
     device = execution.device
     if device.type != "cuda":
-        for images, labels in batches:
-            yield to_unit_range(images), labels
+        for images, labels, *colour in batches:
+            yield to_unit_range(images, *colour), labels
         return
     stream = torch.cuda.Stream(device=device)
 
-    def upload(batch: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def upload(batch: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         if batch is None:
             return None
-        images, labels = batch
+        images, labels, *colour = batch
         with torch.cuda.stream(stream):
             images = images.pin_memory().to(device, non_blocking=True)
-            images = to_unit_range(images).contiguous(memory_format=execution.memory_format)
+            colour = [maps.pin_memory().to(device, non_blocking=True) for maps in colour]
+            images = to_unit_range(images, *colour).contiguous(memory_format=execution.memory_format)
             labels = labels.pin_memory().to(device, non_blocking=True)
         return images, labels
 

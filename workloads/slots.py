@@ -6,14 +6,19 @@ training process, whose cores should train. Instead the reader owns a ring of sl
 a decoding process writes its batch straight into the slot the reader names, and the reader copies it out once.
 
 With at most ``slots`` batches in flight, and each slot copied out before the batch ``slots`` places later is sent
-to it, a slot is never written while it is read. Decoding processes import this module, which imports neither torch
-nor ray.
+to it, a slot is never written while it is read. Rings are lent (:func:`lent_ring`) and kept between readers of the
+same geometry: a reader lives one epoch, and the pages of a new segment are faulted in afresh on both sides (in the
+reader alone 2.5 ms to copy out a new 4.8 MB slot against 0.3 ms for one already mapped). Decoding processes import
+this module, which imports neither torch nor ray.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -34,6 +39,13 @@ class SlotRing:
         # Unlinked by close(), or by multiprocessing's resource tracker if this process dies first.
         self._memory: SharedMemory | None = SharedMemory(create=True, size=slots * self.slot_bytes)
         self.name = self._memory.name
+        # False once a decoding process may still write into a slot after its reader stopped: such a ring is never
+        # lent again, or that late write could land in the next reader's batch.
+        self.reusable = True
+
+    @property
+    def closed(self) -> bool:
+        return self._memory is None
 
     def view(self, slot: int) -> np.ndarray:
         """Slot ``slot`` as an array; valid until the ring is closed, its contents until the slot is reused."""
@@ -59,6 +71,41 @@ class SlotRing:
         self.close()
 
 
+_idle: dict[tuple[int, tuple[int, ...]], list[SlotRing]] = {}
+_idle_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def lent_ring(slots: int, shape: tuple[int, ...]) -> Iterator[SlotRing]:
+    """A ring of ``slots`` x ``shape`` for one reader: an idle one of this process if there is one, else a new one;
+    kept afterwards for the next reader unless it was marked not ``reusable`` (then closed and unlinked)."""
+    key = (slots, tuple(shape))
+    with _idle_lock:
+        idle = _idle.get(key)
+        ring = idle.pop() if idle else None
+    if ring is None:
+        ring = SlotRing(slots, shape)
+    try:
+        yield ring
+    finally:
+        if ring.reusable and not ring.closed:
+            with _idle_lock:
+                _idle.setdefault(key, []).append(ring)
+        else:
+            ring.close()
+
+
+@atexit.register
+def close_idle_rings() -> None:
+    """Close and unlink every idle ring of this process (at exit; a process killed first leaves them to
+    multiprocessing's resource tracker, which unlinks them when the process tree is gone)."""
+    with _idle_lock:
+        rings = [ring for idle in _idle.values() for ring in idle]
+        _idle.clear()
+    for ring in rings:
+        ring.close()
+
+
 def _array(memory: SharedMemory, slot: int, shape: tuple[int, ...]) -> np.ndarray:
     # frombuffer holds a buffer export while the array lives, so closing the segment under it raises instead of
     # leaving a dangling array (np.ndarray(buffer=...) holds none: reading it after close crashes the process).
@@ -68,27 +115,32 @@ def _array(memory: SharedMemory, slot: int, shape: tuple[int, ...]) -> np.ndarra
     return np.frombuffer(buffer, np.uint8, count=size, offset=slot * size).reshape(shape)
 
 
-# In a decoding process: the segment it last wrote to. A reader makes a new ring per epoch, so one is kept open.
+# In a decoding process: the segments it last wrote to, most recent last (a reader's train and evaluation rings
+# alternate; one retired by its reader is dropped once ATTACHED_MAX newer ones were used).
 _attached: dict[str, SharedMemory] = {}
+ATTACHED_MAX = 4
 
 
 def _attach(name: str) -> SharedMemory:
-    memory = _attached.get(name)
+    memory = _attached.pop(name, None)
     if memory is None:
-        for old in _attached.values():
-            old.close()
-        _attached.clear()
+        while len(_attached) >= ATTACHED_MAX:
+            _attached.pop(next(iter(_attached))).close()
         # Attaching registers the name with the resource tracker again; decoding processes share their parent's
         # tracker (forkserver passes it on), whose registry is a set, so the creator's unlink still settles it.
-        memory = _attached[name] = SharedMemory(name=name)
+        memory = SharedMemory(name=name)
+    _attached[name] = memory
     return memory
 
 
-def fill_slot(name: str, slot: int, shape: tuple[int, ...], fn: Callable[..., np.ndarray], *args: Any) -> int:
-    """In a decoding process: ``fn(*args, out=<slot>)`` written into slot ``slot`` of the ring ``name``; returns
-    how many rows it filled."""
+def fill_slot(name: str, slot: int, shape: tuple[int, ...], fn: Callable[..., Any], *args: Any) -> tuple[int, Any]:
+    """In a decoding process: ``fn(*args, out=<slot>)`` written into slot ``slot`` of the ring ``name``. fn
+    returns the rows it filled, or (those rows, something small to send back); fill_slot returns (how many rows,
+    that something or None)."""
     memory = _attach(name)
     out = _array(memory, slot, shape)
-    filled = len(fn(*args, out=out))
-    del out  # no view may outlive the call: closing the segment later would fail on an exported buffer
-    return filled
+    result = fn(*args, out=out)
+    rows, extra = result if isinstance(result, tuple) else (result, None)
+    filled = len(rows)
+    del out, rows, result  # no view may outlive the call: closing the segment later would fail on an exported buffer
+    return filled, extra
