@@ -12,6 +12,11 @@ The paper trains every model with the public pipeline of Xie et al. (2019b), FAI
 
 Eval: shorter side to ``size / eval_crop`` (256 for 224), bicubic, centre crop ``size``.
 
+Step 2 is one affine map of each pixel's colour (:func:`colour_map`). Decoding processes apply it on CPU workers;
+for a GPU worker they only draw it and send it with the batch, and the GPU applies it
+(`workloads.execution.apply_colour`): an eighth of the decoding work off the CPUs, the same images up to one
+level of rounding (the device takes the exact mean grey, the CPU path one from 8 x 8 box averages).
+
 Every random draw of one image comes from a generator seeded by (seed, epoch, sample index), so an image looks
 the same whichever process decodes it, in whatever order, and a run resumed at an epoch boundary sees exactly
 the images an uninterrupted one would have seen.
