@@ -129,11 +129,8 @@ def apply_colour(pixels: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     x = pixels.to(torch.float32)
     maps = maps.to(device=x.device, dtype=torch.float32)
     channels = x.shape[1]
-    if channels == 3:
-        weights = torch.tensor(GREY, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        grey = (x * weights).sum(dim=1, keepdim=True)
-    else:
-        grey = x
+    # Python-number weights: no tensor to copy to the device on every batch.
+    grey = x[:, 0:1] * GREY[0] + x[:, 1:2] * GREY[1] + x[:, 2:3] * GREY[2] if channels == 3 else x
     mean = grey.mean(dim=(1, 2, 3))
     shift = maps[:, 2 : 2 + channels] + maps[:, 5 : 5 + channels] * mean[:, None]
     a, b = maps[:, 0, None, None, None], maps[:, 1, None, None, None]
