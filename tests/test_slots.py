@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,26 +79,52 @@ def _recording_rings(monkeypatch: pytest.MonkeyPatch) -> list[slots.SlotRing]:
     return made
 
 
-def test_readers_reuse_a_ring_and_one_stopped_early_waits_for_its_decoding_processes(
+def test_readers_reuse_a_ring_and_keep_at_most_two_idle(
     dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made = _recording_rings(monkeypatch)
     monkeypatch.setattr(data, "decode_processes", lambda: 1)
     batches = data.iter_batches(dataset, "train", batch_size=4, augment=AugmentConfig(size=40))
     first, _ = next(batches)
-    # Stopped with a batch still being decoded into the ring: close() waits for it, so the ring can be lent again.
     batches.close()  # type: ignore[attr-defined]
     assert len(made) == 1 and made[0].reusable and not _gone(made[0].name)
     assert first.shape == (4, 3, 40, 40) and first.dtype == torch.uint8 and int(first.max()) > 0
-    # The next epoch's reader borrows the same segment, and a late write into it would have shown up here.
+    # The next epoch's reader borrows the same segment and reads the same images through it.
     again = list(data.iter_batches(dataset, "train", batch_size=4, augment=AugmentConfig(size=40)))
-    assert len(made) == 1
-    assert torch.equal(again[0][0], first)
+    assert len(made) == 1 and torch.equal(again[0][0], first)
     threaded = _batches(dataset, 0, monkeypatch)
-    monkeypatch.setattr(data, "decode_processes", lambda: 1)
     assert all(torch.equal(a, b) for a, b in zip(_batches(dataset, 1, monkeypatch), threaded, strict=True))
+    # Readers of two more geometries: the least recently used idle ring is let go.
+    for size in (40, 44):
+        list(data.iter_batches(dataset, "train", batch_size=2, augment=AugmentConfig(size=size)))
+    assert len(made) == 3 and _gone(made[0].name) and not _gone(made[2].name)
     slots.close_idle_rings()
-    assert _gone(made[0].name)
+    assert all(_gone(ring.name) for ring in made)
+
+
+def _slow_fill(value: int, seconds: float, out: np.ndarray) -> np.ndarray:
+    """A decoding task that takes ``seconds`` (a slow image), then fills its slot with ``value``."""
+    import time
+
+    time.sleep(seconds)
+    out[:] = value
+    return out
+
+
+def test_a_reader_stopped_early_waits_for_the_batches_still_being_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _recording_rings(monkeypatch)
+    with slots.lent_ring(2, (2, 3)) as ring:
+        # Two decoding processes: task 1 is still being written when the reader stops after task 0.
+        tasks = iter([((0, 0.0), None), ((9, 1.0), None)])
+        results = data._ordered_map(_slow_fill, tasks, 2, 2, ring)
+        first, _ = next(results)
+        assert first.tolist() == [[0, 0, 0]] * 2
+        del first
+        results.close()
+        # Nothing writes into the ring once its reader has closed: the next reader may have it.
+        assert ring.view(1).tolist() == [[9, 9, 9]] * 2 and ring.reusable
+    assert len(made) == 1 and not _gone(made[0].name)
+    slots.close_idle_rings()
 
 
 def _wait_for(path: str, value: int, out: np.ndarray) -> np.ndarray:
@@ -113,23 +140,26 @@ def _wait_for(path: str, value: int, out: np.ndarray) -> np.ndarray:
 
 
 def test_a_ring_still_being_written_after_its_reader_stopped_is_never_lent_again(
-    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made = _recording_rings(monkeypatch)
     monkeypatch.setattr(data, "STRAGGLER_WAIT_S", 0.2)
-    release = str(tmp_path / "release")  # type: ignore[operator]
-    with slots.lent_ring(2, (2, 3)) as ring:
-        # Task 0 returns at once, task 1 blocks in the decoding process until released.
-        results = data._ordered_map(_wait_for, iter([((release, 0), None), ((release, 1), None)]), 1, 2, ring)
-        first, _ = next(results)
-        assert first.tolist() == [[0, 0, 0]] * 2
-        del first
-        results.close()
-        assert not ring.reusable
-    assert _gone(made[0].name)  # closed and unlinked, not kept for the next reader
-    open(release, "w").close()  # let the decoding process finish (it writes into its own, now nameless, mapping)
+    release = str(tmp_path / "release")
+    try:
+        with slots.lent_ring(2, (2, 3)) as ring:
+            # Task 0 returns at once, task 1 blocks in the decoding process until released.
+            results = data._ordered_map(_wait_for, iter([((release, 0), None), ((release, 1), None)]), 1, 2, ring)
+            first, _ = next(results)
+            assert first.tolist() == [[0, 0, 0]] * 2
+            del first
+            results.close()
+            assert not ring.reusable
+        assert _gone(made[0].name)  # closed and unlinked, not kept for the next reader
+    finally:
+        open(release, "w").close()  # let the decoding process finish (into its own, now nameless, mapping)
     with slots.lent_ring(2, (2, 3)) as fresh:
         assert len(made) == 2 and fresh.reusable
+    slots.close_idle_rings()
 
 
 def test_fill_slot_writes_only_its_slot() -> None:

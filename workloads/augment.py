@@ -384,7 +384,9 @@ def deferring_colour(fn: Any, stored: Any, *args: Any, **kwargs: Any) -> tuple[n
     (N, COLOUR_PARAMS) float32 colour maps it left unapplied, for the training device to apply."""
     import numpy as np
 
+    # Identity maps until fn writes them: a row it skipped leaves the image as it is, not black.
     maps = np.zeros((len(stored), COLOUR_PARAMS), dtype=np.float32)
+    maps[:, 0] = 1
     return fn(stored, *args, colour=maps, **kwargs), maps
 
 

@@ -824,8 +824,10 @@ class _View:
 
     @property
     def defers_colour(self) -> bool:
-        """Whether the colour maps travel with the batch, for the training device to apply."""
-        return self.colour_on_device and self.train and self.name == "paper"
+        """Whether the colour maps travel with the batch, for the training device to apply. Only for 3-channel
+        datasets: a 1-channel one keeps one plane of colour images, too little for the device to apply an RGB
+        map to."""
+        return self.colour_on_device and self.train and self.name == "paper" and self.info.image_shape[0] == 3
 
     @property
     def size(self) -> int:
@@ -1074,11 +1076,13 @@ def _augmented_batches(
         if emitted < num_batches:
             raise RuntimeError(f"{info.url}: rank {rank} ran out of images after {emitted} of {num_batches} batches")
     finally:
-        labelled.close()
-        batches.close()
-        shuffled.close()
-        chunks.close()
-        lent.close()  # after labelled.close(), which waits for a batch still being written
+        try:
+            labelled.close()  # waits for a batch still being written into the ring
+            batches.close()
+            shuffled.close()
+            chunks.close()
+        finally:
+            lent.close()
 
 
 class ShardedStream:

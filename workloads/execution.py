@@ -124,11 +124,13 @@ def data_parallel(network: ResNet, grad_accum_steps: int, compiled: bool = False
 def apply_colour(pixels: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """Colour maps (`workloads.augment.colour_map`, one row per image) applied to uint8 (B, C, H, W) pixels where
     they are: x -> a x + b (g . x) + u + v m, m the image's mean grey, rounded and clipped to 0-255 as the
-    decoding processes' PIL path does (float32, still on the 0-255 scale). The mean is exact here; the PIL path
-    takes it from 8 x 8 box averages."""
+    decoding processes' PIL path does (float32, still on the 0-255 scale). The mean is exact here, the PIL path
+    takes it from 8 x 8 box averages; ties round to even here, up there."""
+    channels = pixels.shape[1]
+    if channels not in (1, 3):
+        raise ValueError(f"colour maps apply to 1- or 3-channel images, not {channels}")
     x = pixels.to(torch.float32)
     maps = maps.to(device=x.device, dtype=torch.float32)
-    channels = x.shape[1]
     # Python-number weights: no tensor to copy to the device on every batch.
     grey = x[:, 0:1] * GREY[0] + x[:, 1:2] * GREY[1] + x[:, 2:3] * GREY[2] if channels == 3 else x
     mean = grey.mean(dim=(1, 2, 3))
@@ -143,6 +145,8 @@ def to_unit_range(pixels: torch.Tensor, colour: torch.Tensor | None = None) -> t
     """uint8 pixels as float32 in [0, 1] (the reader's batches), after their ``colour`` maps when the reader left
     those to the device; float batches pass through."""
     if pixels.dtype != torch.uint8:
+        if colour is not None:
+            raise ValueError("colour maps come with uint8 pixels; these are already scaled")
         return pixels
     if colour is not None:
         return apply_colour(pixels, colour).div_(255.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
 from multiprocessing.shared_memory import SharedMemory
@@ -71,28 +72,37 @@ class SlotRing:
         self.close()
 
 
-_idle: dict[tuple[int, tuple[int, ...]], list[SlotRing]] = {}
+# Idle rings of this process, least recently returned first; at most IDLE_MAX are kept (a process reads with one
+# geometry per cell, so more would only hold memory).
+_idle: list[SlotRing] = []
 _idle_lock = threading.Lock()
+_exiting = False
+IDLE_MAX = 2
 
 
 @contextlib.contextmanager
 def lent_ring(slots: int, shape: tuple[int, ...]) -> Iterator[SlotRing]:
     """A ring of ``slots`` x ``shape`` for one reader: an idle one of this process if there is one, else a new one;
     kept afterwards for the next reader unless it was marked not ``reusable`` (then closed and unlinked)."""
-    key = (slots, tuple(shape))
+    shape = tuple(shape)
     with _idle_lock:
-        idle = _idle.get(key)
-        ring = idle.pop() if idle else None
+        ring = next((r for r in reversed(_idle) if r.slots == slots and r.shape == shape), None)
+        if ring is not None:
+            _idle.remove(ring)
     if ring is None:
         ring = SlotRing(slots, shape)
     try:
         yield ring
     finally:
+        retired = [ring]
         if ring.reusable and not ring.closed:
             with _idle_lock:
-                _idle.setdefault(key, []).append(ring)
-        else:
-            ring.close()
+                if not _exiting:
+                    _idle.append(ring)
+                    retired = _idle[:-IDLE_MAX]
+                    del _idle[:-IDLE_MAX]
+        for old in retired:
+            old.close()
 
 
 @atexit.register
@@ -100,10 +110,18 @@ def close_idle_rings() -> None:
     """Close and unlink every idle ring of this process (at exit; a process killed first leaves them to
     multiprocessing's resource tracker, which unlinks them when the process tree is gone)."""
     with _idle_lock:
-        rings = [ring for idle in _idle.values() for ring in idle]
+        rings = list(_idle)
         _idle.clear()
     for ring in rings:
         ring.close()
+
+
+@atexit.register
+def _no_more_idle_rings() -> None:
+    # Registered after close_idle_rings, so it runs first (atexit runs last-registered first): a reader finished
+    # during shutdown closes its ring instead of keeping it.
+    global _exiting
+    _exiting = True
 
 
 def _array(memory: SharedMemory, slot: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -115,17 +133,29 @@ def _array(memory: SharedMemory, slot: int, shape: tuple[int, ...]) -> np.ndarra
     return np.frombuffer(buffer, np.uint8, count=size, offset=slot * size).reshape(shape)
 
 
-# In a decoding process: the segments it last wrote to, most recent last (a reader's train and evaluation rings
-# alternate; one retired by its reader is dropped once ATTACHED_MAX newer ones were used).
+# In a decoding process: the segments it last wrote to, most recent last (its reader's rings, kept across epochs).
 _attached: dict[str, SharedMemory] = {}
 ATTACHED_MAX = 4
+_SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory, by name
+
+
+def _detach(name: str) -> None:
+    memory = _attached.pop(name)
+    try:
+        memory.close()
+    except BufferError:  # a view outlived a failed task: keep the mapping rather than fail this one
+        _outlived.append(memory)
 
 
 def _attach(name: str) -> SharedMemory:
+    # Segments their reader unlinked (retired rings) are let go at once, not kept mapped until evicted.
+    if os.path.isdir(_SHM_DIR):
+        for old in [n for n in _attached if n != name and not os.path.exists(os.path.join(_SHM_DIR, n))]:
+            _detach(old)
     memory = _attached.pop(name, None)
     if memory is None:
         while len(_attached) >= ATTACHED_MAX:
-            _attached.pop(next(iter(_attached))).close()
+            _detach(next(iter(_attached)))
         # Attaching registers the name with the resource tracker again; decoding processes share their parent's
         # tracker (forkserver passes it on), whose registry is a set, so the creator's unlink still settles it.
         memory = SharedMemory(name=name)
