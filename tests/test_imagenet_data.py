@@ -248,6 +248,10 @@ def test_colour_maps_applied_on_a_device_match_the_float_pipeline() -> None:
     ref = np.stack([_tensorpack_jitter(img, aug.image_rng(0, 0, i)) for i, img in enumerate(images)])
     # The exact mean grey and one rounding, in float32.
     assert np.abs(ours - ref).max() <= 0.501
+    with pytest.raises(ValueError, match="1- or 3-channel"):
+        execution.apply_colour(pixels[:, :2], maps)
+    with pytest.raises(ValueError, match="already scaled"):
+        execution.to_unit_range(pixels.float(), maps)
     # A greyscale image: brightness and contrast only, whether the dataset has one channel or three.
     grey = _photos()[0].resize((224, 224)).convert("L")
     pil = np.asarray(aug.colour_jitter(grey, cfg, aug.image_rng(0, 0, 1)), dtype=np.float32)
