@@ -321,36 +321,17 @@ def run(images: int = 256, epochs: int = 3, repeats: int = 3) -> dict[str, Any]:
         }
         for name in samples
     }
+
+    def paired(case: str, against: str, clock: str) -> float:
+        """Median over rounds of case's rate / against's rate in the same round."""
+        return median([a / b for a, b in zip(rate(case, clock), rate(against, clock), strict=True)])
+
     base = "library loop (1 process)"
-    vs_loop = [a / b for a, b in zip(rate("reader, 1 decoding process", "cpu"), rate(base, "cpu"), strict=True)]
-    gpu_vs_loop = [
-        a / b for a, b in zip(rate("reader, colour on the device, 1 process", "cpu"), rate(base, "cpu"), strict=True)
-    ]
-    gpu_scaling = [
-        a / b
-        for a, b in zip(
-            rate("reader, colour on the device, 2 processes", "wall"),
-            rate("reader, colour on the device, 1 process", "wall"),
-            strict=True,
-        )
-    ]
-    same_vs_loop = [a / b for a, b in zip(rate("same work, one loop", "cpu"), rate(base, "cpu"), strict=True)]
-    reader_vs_same = [
-        a / b
-        for a, b in zip(rate("reader, 1 decoding process", "cpu"), rate("same work, one loop", "cpu"), strict=True)
-    ]
-    scaling = [
-        a / b
-        for a, b in zip(
-            rate("reader, 2 decoding processes", "wall"), rate("reader, 1 decoding process", "wall"), strict=True
-        )
-    ]
+    one, two = "reader, 1 decoding process", "reader, 2 decoding processes"
+    gpu_one, gpu_two = "reader, colour on the device, 1 process", "reader, colour on the device, 2 processes"
     ray_one = median(rate("Ray Data, 1 CPU", "wall"))
     ray_scaling = median(rate("Ray Data, 2 CPUs", "wall")) / ray_one if ray_one else float("nan")
-    ray_vs_reader = (
-        summary["Ray Data, 1 CPU"]["images_per_cpu_second"]
-        / summary["reader, 1 decoding process"]["images_per_cpu_second"]
-    )
+    ray_vs_reader = summary["Ray Data, 1 CPU"]["images_per_cpu_second"] / summary[one]["images_per_cpu_second"]
     stored = _stored_bytes(url, "train") / n
     decoded = _stored_bytes(decoded_url, "train") / n
     result: dict[str, Any] = {
@@ -364,13 +345,13 @@ def run(images: int = 256, epochs: int = 3, repeats: int = 3) -> dict[str, Any]:
             "cores": len(os.sched_getaffinity(0)),
         },
         "cases": summary,
-        "reader_vs_loop": median(vs_loop),
-        "gpu_reader_vs_loop": median(gpu_vs_loop),
-        "gpu_scaling_1_to_2": median(gpu_scaling),
+        "reader_vs_loop": paired(one, base, "cpu"),
+        "gpu_reader_vs_loop": paired(gpu_one, base, "cpu"),
+        "gpu_scaling_1_to_2": paired(gpu_two, gpu_one, "wall"),
         "colour_cpu_ms_per_image": 1000 * colour_cpu,
-        "same_work_vs_loop": median(same_vs_loop),
-        "reader_vs_same_work": median(reader_vs_same),
-        "scaling_1_to_2": median(scaling),
+        "same_work_vs_loop": paired("same work, one loop", base, "cpu"),
+        "reader_vs_same_work": paired(one, "same work, one loop", "cpu"),
+        "scaling_1_to_2": paired(two, one, "wall"),
         "ray_scaling_1_to_2": ray_scaling,
         "ray_vs_reader_cpu": ray_vs_reader,
         "stored_bytes_per_image": stored,

@@ -215,11 +215,6 @@ def apply_colour(img: Image.Image, params: np.ndarray) -> Image.Image:
     return img.point(levels.tolist())
 
 
-def colour_jitter(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
-    """The paper's colour augmentation of one image, drawn from ``rng`` and applied."""
-    return apply_colour(img, colour_map(img.mode == "RGB", cfg, rng))
-
-
 def _grey(rgb: list[float]) -> float:
     return GREY[0] * rgb[0] + GREY[1] * rgb[1] + GREY[2] * rgb[2]
 

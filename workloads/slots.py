@@ -57,13 +57,8 @@ class SlotRing:
     def close(self) -> None:
         memory, self._memory = self._memory, None
         if memory is not None:
-            try:
-                memory.close()
-            except BufferError:
-                # A view is still held: its mapping stays for the life of this process (closing it would leave
-                # the view dangling); the name goes now, so no other process can attach.
-                _outlived.append(memory)
-            memory.unlink()
+            _unmap(memory)
+            memory.unlink()  # the name goes now, so no other process can attach
 
     def __enter__(self) -> SlotRing:
         return self
@@ -74,6 +69,15 @@ class SlotRing:
 
 # Idle rings of this process, least recently returned first; at most IDLE_MAX are kept (a process reads with one
 # geometry per cell, so more would only hold memory).
+def _unmap(memory: SharedMemory) -> None:
+    """Close this process's mapping of ``memory``, unless an array still views it: then the mapping stays for the
+    life of the process (closing it would leave the array dangling)."""
+    try:
+        memory.close()
+    except BufferError:
+        _outlived.append(memory)
+
+
 _idle: list[SlotRing] = []
 _idle_lock = threading.Lock()
 _exiting = False
@@ -105,10 +109,8 @@ def lent_ring(slots: int, shape: tuple[int, ...]) -> Iterator[SlotRing]:
             old.close()
 
 
-@atexit.register
 def close_idle_rings() -> None:
-    """Close and unlink every idle ring of this process (at exit; a process killed first leaves them to
-    multiprocessing's resource tracker, which unlinks them when the process tree is gone)."""
+    """Close and unlink every idle ring of this process."""
     with _idle_lock:
         rings = list(_idle)
         _idle.clear()
@@ -117,11 +119,12 @@ def close_idle_rings() -> None:
 
 
 @atexit.register
-def _no_more_idle_rings() -> None:
-    # Registered after close_idle_rings, so it runs first (atexit runs last-registered first): a reader finished
-    # during shutdown closes its ring instead of keeping it.
+def _at_exit() -> None:
+    # A reader finished from here on closes its ring instead of keeping it. A process killed before this runs
+    # leaves its rings to multiprocessing's resource tracker, which unlinks them once the process tree is gone.
     global _exiting
     _exiting = True
+    close_idle_rings()
 
 
 def _array(memory: SharedMemory, slot: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -140,11 +143,7 @@ _SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory, by name
 
 
 def _detach(name: str) -> None:
-    memory = _attached.pop(name)
-    try:
-        memory.close()
-    except BufferError:  # a view outlived a failed task: keep the mapping rather than fail this one
-        _outlived.append(memory)
+    _unmap(_attached.pop(name))  # a view that outlived a failed task keeps its mapping, and this task goes on
 
 
 def _attach(name: str) -> SharedMemory:
