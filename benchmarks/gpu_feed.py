@@ -1,0 +1,391 @@
+"""GPU machine: can its CPUs feed its GPU? The input pipeline's images/s next to the GPU's training demand.
+
+`python -m benchmarks.gpu_feed [--images 2048] [--processes 4 8] [--depth 50] [--pgd 10] [--batch 64]`
+
+Runs only where CUDA is available; elsewhere it says so and exits 0. Everything is measured in one run on one
+machine, on JPEGs made from scikit-learn's sample photographs at ImageNet-like sizes (`workloads.imagenet.
+sample_tree`, longer side 300-800 px) and converted with `workloads.data.folder_to_parquet` on every core:
+
+- **per-core rate**: the plain one-process library loop (PIL decode, the paper's random crop, bicubic resize to
+  224, flip; `benchmarks.input_pipeline`'s baseline) against the reader with one decoding process delivering to
+  the GPU, interleaved rounds, images per CPU-second of the whole process tree (goal >= 0.9x);
+- **feed rate**: `workloads.data.iter_batches(colour_on_device=True)` -> `workloads.execution.on_device` (pinned
+  upload on a side stream, the colour maps applied on the GPU), with 1, 2, 4, ... decoding processes and with the
+  default (the machine's cores less one), images per wall-second delivered to the GPU;
+- **demand**: a training step of ResNet-`depth`, ImageNet stem, targeted PGD-`pgd`, bf16, batch `batch`, exactly
+  as `workloads.train` takes it, on one fixed batch already on the GPU (images per second: what the GPU eats);
+- **fed training**: the same model trained by `workloads.train.train_epoch` on the JPEG shards (the reader with
+  its default decoding processes), whole epochs after a warm-up epoch: images per second against the demand,
+  and the training loop's time blocked in `next()` on the data.
+
+The machine's cores per GPU needed at the measured per-process rate, demand / rate, is what `orchestrator.plan`
+reports per cell (`input_cpus_per_worker`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import Check, format_table, machine_info, markdown_table, median, print_checks
+from benchmarks.input_pipeline import BATCH, GOAL_SCALING, GOAL_VS_LOOP, _column, _library_loop, _measure
+from benchmarks.input_pipeline import decoding_processes as with_decoding_processes
+
+NAME = "gpu_feed"
+CLASSES = 8
+DEVICE = "cuda"  # a dry run of the code path on the CPU patches this
+
+
+def _synchronize() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _dataset(work: Path, images: int) -> tuple[str, dict[str, float]]:
+    from workloads import data, imagenet
+
+    src = imagenet.sample_tree(
+        work / "src",
+        classes=CLASSES,
+        per_class=max(1, images // CLASSES),
+        val_per_class=1,
+        sizes=(300, 800),
+        odd_files=False,
+    )
+    url = str(work / "ds")
+    started = time.perf_counter()
+    info = data.folder_to_parquet(src, url, shard_size=256, val_labels=work / "src_val_labels.txt")
+    wall = time.perf_counter() - started
+    converted = info.split("train").num_images + info.split("val").num_images
+    meta = __import__("json").loads((Path(url) / "meta.json").read_text())
+    return url, {
+        "images": info.split("train").num_images,
+        "convert_images_per_wall_second": converted / wall,
+        "convert_images_per_core_second": converted / meta["conversion"]["cpu_seconds"],
+    }
+
+
+def _to_gpu(url: str, epochs: int, processes: int | None) -> int:
+    """Epochs of the reader, colour maps left to the GPU, through `on_device`; None: the default processes."""
+    import torch
+
+    from workloads import data
+    from workloads.config import PerformanceConfig
+    from workloads.execution import on_device, resolve_execution
+
+    execution = resolve_execution(PerformanceConfig(precision="bf16"), torch.device(DEVICE))
+    n = 0
+    with with_decoding_processes(processes) if processes is not None else contextlib.nullcontext():
+        for epoch in range(epochs):
+            batches = data.iter_batches(url, "train", batch_size=BATCH, epoch=epoch, colour_on_device=True)
+            for images, _ in on_device(batches, execution):
+                n += len(images)
+    _synchronize()
+    return n
+
+
+def _paired(samples: dict[str, list[dict[str, float]]], case: str, against: str, clock: str) -> float:
+    return median(
+        [
+            a["images"] / a[clock] / (b["images"] / b[clock])
+            for a, b in zip(samples[case], samples[against], strict=True)
+        ]
+    )
+
+
+def _interleaved(cases: dict[str, Callable[[], int]], rounds: int) -> dict[str, list[dict[str, float]]]:
+    for fn in cases.values():  # warm-up: pools start, pinned memory and rings are allocated
+        fn()
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    names = list(cases)
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(_measure(cases[name]))
+    return samples
+
+
+def _training(url: str, depth: int, pgd: int, batch: int, epochs: int, synthetic_steps: int) -> dict[str, Any]:
+    """Demand (one fixed batch on the GPU) and fed training (train_epoch on the shards), same model and config."""
+    import torch
+
+    from workloads import train
+    from workloads.config import (
+        AttackConfig,
+        DataConfig,
+        ModelConfig,
+        PerformanceConfig,
+        RecipeConfig,
+        TrainConfig,
+        TrainingConfig,
+    )
+    from workloads.sessions import LocalSession
+
+    cfg = TrainConfig(
+        data=DataConfig(url=url, eval_split="val"),
+        model=ModelConfig(depth=depth, norm="bn", stem="imagenet"),
+        attack=AttackConfig(steps=pgd),
+        training=TrainingConfig(strategy="mixture", clean_ratio=0.0),
+        recipe=RecipeConfig(batch_size=batch, per_worker_batch=batch, epochs=epochs + 1),
+        performance=PerformanceConfig(precision="bf16"),
+        use_gpu=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="gpu-feed-run-") as out:
+        run = train.set_up(cfg, LocalSession(Path(out), use_gpu=True))
+        images = torch.rand(batch, 3, 224, 224, device=DEVICE).contiguous(memory_format=run.execution.memory_format)
+        labels = torch.randint(0, CLASSES, (batch,), device=DEVICE)
+
+        def step() -> None:
+            run.optimizer.zero_grad(set_to_none=True)
+            loss, _ = train.adversarial_loss(
+                cfg,
+                run.models.trained,
+                run.models.attacked(),
+                images,
+                labels,
+                CLASSES,
+                run.generator,
+                amp_dtype=run.execution.amp_dtype,
+            )
+            loss.backward()
+            run.optimizer.step()
+
+        for _ in range(3):  # cuDNN's algorithm search
+            step()
+        _synchronize()
+        started = time.perf_counter()
+        for _ in range(synthetic_steps):
+            step()
+        _synchronize()
+        demand = synthetic_steps * batch / (time.perf_counter() - started)
+
+        blocked = [0.0]
+        original = train.on_device
+
+        def timed_on_device(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            batches = original(*args, **kwargs)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    item = next(batches)
+                except StopIteration:
+                    return
+                blocked[0] += time.perf_counter() - t0
+                yield item
+
+        train.on_device = timed_on_device
+        try:
+            epochs_seen = []
+            for epoch in range(epochs + 1):  # the first epoch starts the decoding processes
+                blocked[0] = 0.0
+                metrics = train.train_epoch(run, epoch)
+                _synchronize()
+                epochs_seen.append({**metrics, "blocked_seconds": blocked[0]})
+        finally:
+            train.on_device = original
+    timed = epochs_seen[1:]
+    fed = median([e["images_per_sec"] for e in timed])
+    return {
+        "depth": depth,
+        "pgd_steps": pgd,
+        "batch": batch,
+        "precision": run.execution.precision,
+        "steps_per_epoch": run.steps_per_epoch,
+        "demand_images_per_second": demand,
+        "fed_images_per_second": fed,
+        "fed_vs_demand": fed / demand,
+        "blocked_fraction": median([e["blocked_seconds"] / e["epoch_seconds"] for e in timed]),
+        "epochs": [
+            {k: e[k] for k in ("epoch", "images_per_sec", "epoch_seconds", "blocked_seconds", "loss")}
+            for e in epochs_seen
+        ],
+    }
+
+
+def run(
+    images: int = 2048,
+    processes: tuple[int, ...] = (4, 8),
+    depth: int = 50,
+    pgd: int = 10,
+    batch: int = 64,
+    rounds: int = 3,
+    epochs: int = 2,
+) -> dict[str, Any]:
+    import torch
+
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        message = "no CUDA GPU on this machine: nothing to feed"
+        return {"name": NAME, "skipped": message, "checks": [Check(NAME, "GPU feed", f"skipped ({message})", "", None)]}
+    from workloads import data
+
+    cores = len(os.sched_getaffinity(0))
+    work = Path(tempfile.mkdtemp(prefix="gpu-feed-"))
+    url, dataset = _dataset(work, images)
+    payloads = [p for shard in data.read_info(url).split("train").shards for p in _column(url, shard.path)]
+    print(
+        f"{dataset['images']} images, converted at {dataset['convert_images_per_core_second']:.0f} img/core-s",
+        flush=True,
+    )
+
+    base, one = "library loop (1 process, CPU only)", "reader -> GPU, 1 decoding process"
+    per_core = _interleaved({base: lambda: _library_loop(payloads), one: lambda: _to_gpu(url, 1, 1)}, rounds)
+    print(
+        format_table(
+            ["case", "img/CPU-s"],
+            [[k, f"{median([s['images'] / s['cpu'] for s in v]):.0f}"] for k, v in per_core.items()],
+        ),
+        flush=True,
+    )
+    scaling = _interleaved({f"{p}": partial(_to_gpu, url, 1, p) for p in (1, 2)}, rounds)
+    feed = {
+        p: {clock: median([s["images"] / s[key] for s in v]) for clock, key in (("wall", "wall"), ("cpu", "cpu"))}
+        for p, v in scaling.items()
+    }
+    for p in (*(p for p in processes if p > 2), None):
+        name = f"default ({data.decode_processes()})" if p is None else str(p)
+        _to_gpu(url, 1, p)  # warm-up: this pool size starts
+        sample = _measure(partial(_to_gpu, url, 2, p))
+        feed[name] = {"wall": sample["images"] / sample["wall"], "cpu": sample["images"] / sample["cpu"]}
+        print(f"feed, {name} decoding processes: {feed[name]['wall']:.0f} img/s", flush=True)
+    training = _training(url, depth, pgd, batch, epochs, synthetic_steps=20)
+    print(
+        f"demand {training['demand_images_per_second']:.0f} img/s, fed {training['fed_images_per_second']:.0f} "
+        f"img/s, blocked {training['blocked_fraction']:.1%}",
+        flush=True,
+    )
+
+    per_process = median([s["images"] / s["wall"] for s in scaling["1"]])
+    result: dict[str, Any] = {
+        "name": NAME,
+        "setup": {
+            "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+            "cores": cores,
+            "rounds": rounds,
+            "machine": machine_info(),
+            "torch": torch.__version__,
+            **dataset,
+        },
+        "per_core": {
+            k: {
+                "images_per_cpu_second": median([s["images"] / s["cpu"] for s in v]),
+                "images_per_wall_second": median([s["images"] / s["wall"] for s in v]),
+            }
+            for k, v in per_core.items()
+        },
+        "reader_vs_loop": _paired(per_core, one, base, "cpu"),
+        "scaling_1_to_2": _paired(scaling, "2", "1", "wall"),
+        "per_process_images_per_second": per_process,
+        "feed": feed,
+        "training": training,
+        "cores_per_gpu_needed": training["demand_images_per_second"] / per_process,
+    }
+    gpu = result["setup"]["gpu"]
+    best = max(f["wall"] for f in feed.values())
+    result["checks"] = [
+        Check(
+            NAME,
+            f"{gpu} machine: reader -> GPU img/CPU-s vs library loop (1 process)",
+            f"{result['reader_vs_loop']:.2f}x",
+            f">= {GOAL_VS_LOOP}x",
+            result["reader_vs_loop"] >= GOAL_VS_LOOP,
+        ),
+        Check(
+            NAME,
+            f"{gpu} machine: scaling 1 -> 2 decoding processes (wall)",
+            f"{result['scaling_1_to_2']:.2f}x",
+            f">= {GOAL_SCALING}x",
+            result["scaling_1_to_2"] >= GOAL_SCALING,
+        ),
+        Check(
+            NAME,
+            f"{gpu} machine ({cores} cores): images/s delivered to the GPU, best of the process counts",
+            f"{best:.0f}",
+            "",
+            None,
+        ),
+        Check(
+            NAME,
+            f"{gpu}: ResNet-{depth} PGD-{pgd} bf16 batch {batch} demand; cores it needs at the per-process rate",
+            f"{training['demand_images_per_second']:.0f} img/s; {result['cores_per_gpu_needed']:.1f} cores",
+            "",
+            None,
+        ),
+        Check(
+            NAME,
+            f"{gpu}: training fed from JPEG shards vs the same step on a batch already on the GPU",
+            f"{training['fed_vs_demand']:.2f}x (blocked on data {training['blocked_fraction']:.1%})",
+            ">= 0.95x",
+            training["fed_vs_demand"] >= 0.95,
+        ),
+    ]
+    return result
+
+
+def details_markdown(result: dict[str, Any]) -> str:
+    """The benchmark's section of docs/benchmarks.md."""
+    if "skipped" in result:
+        return f"Skipped: {result['skipped']}. Run it on a GPU machine: `.venv/bin/python -m benchmarks.{NAME}`."
+    s, t = result["setup"], result["training"]
+    return "\n\n".join(
+        [
+            f"GPU machine: {s['gpu']}, {s['cores']} cores ({s['machine']['cpu_model']}), torch {s['torch']}. "
+            f"{s['images']} train JPEGs (sample photographs, longer side 300-800 px), converted at "
+            f"{s['convert_images_per_core_second']:.0f} images per core-second "
+            f"({s['convert_images_per_wall_second']:.0f} per wall-second on all cores).",
+            markdown_table(
+                ["case", "img/CPU-s", "img/wall-s"],
+                [
+                    [k, f"{v['images_per_cpu_second']:.0f}", f"{v['images_per_wall_second']:.0f}"]
+                    for k, v in result["per_core"].items()
+                ],
+            ),
+            f"Reader delivering to the GPU against the library loop, per CPU-second: {result['reader_vs_loop']:.2f}x "
+            f"(goal >= {GOAL_VS_LOOP}x); 1 -> 2 decoding processes {result['scaling_1_to_2']:.2f}x (goal >= "
+            f"{GOAL_SCALING}x). {s['rounds']} interleaved rounds, medians.",
+            markdown_table(
+                ["decoding processes", "img/s delivered to the GPU", "img/CPU-s"],
+                [[k, f"{v['wall']:.0f}", f"{v['cpu']:.0f}"] for k, v in result["feed"].items()],
+            ),
+            f"Demand: ResNet-{t['depth']} (ImageNet stem), targeted PGD-{t['pgd_steps']}, {t['precision']}, batch "
+            f"{t['batch']}, one fixed batch on the GPU: {t['demand_images_per_second']:.0f} images/s, "
+            f"{result['cores_per_gpu_needed']:.1f} decoding processes at {result['per_process_images_per_second']:.0f} "
+            f"images/s each. The same training fed from the JPEG shards (`train_epoch`, default decoding processes, "
+            f"{t['steps_per_epoch']} steps per epoch, median of the epochs after a warm-up epoch): "
+            f"{t['fed_images_per_second']:.0f} images/s, {t['fed_vs_demand']:.2f}x the demand; the loop was blocked "
+            f"in `next()` on data {t['blocked_fraction']:.1%} of the epoch.",
+        ]
+    )
+
+
+def print_result(result: dict[str, Any]) -> None:
+    if "skipped" in result:
+        print(result["skipped"])
+        return
+    print(details_markdown(result))
+    print_checks(NAME, result["checks"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--processes", type=int, nargs="+", default=[4, 8], help="beyond 1 and 2")
+    parser.add_argument("--depth", type=int, default=50)
+    parser.add_argument("--pgd", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args(argv)
+    result = run(args.images, tuple(args.processes), args.depth, args.pgd, args.batch)
+    print_result(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The CUDA path of the input pipeline and of a training epoch. Skipped on machines without a CUDA GPU (CI has
+none); `scripts/gpu_checks.sh` runs this module on a GPU machine.
+
+What only a GPU exercises: `execution.on_device` uploads uint8 batches and their colour maps through pinned
+memory on a side stream and applies the maps there, and `train.train_epoch` asks the reader to leave the colour to
+the device when the device is CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from workloads import data, execution, imagenet, train
+from workloads.augment import AugmentConfig
+from workloads.config import (
+    AttackConfig,
+    DataConfig,
+    ModelConfig,
+    PerformanceConfig,
+    RecipeConfig,
+    TrainConfig,
+    TrainingConfig,
+)
+from workloads.sessions import LocalSession
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_checks.sh)")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> data.DatasetInfo:
+    src = imagenet.sample_tree(tmp_path_factory.mktemp("src") / "imagenet", per_class=6, val_per_class=2)
+    url = str(tmp_path_factory.mktemp("ds") / "imagenet")
+    return data.folder_to_parquet(src, url, shard_size=8, val_labels=src.parent / "imagenet_val_labels.txt")
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_colour_maps_applied_on_the_gpu_match_the_cpu(
+    dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch, processes: int
+) -> None:
+    monkeypatch.setattr(data, "decode_processes", lambda: processes)
+    batches = list(
+        data.iter_batches(dataset, "train", batch_size=8, epoch=2, seed=5, shuffle_buffer=16, colour_on_device=True)
+    )
+    assert batches and all(len(batch) == 3 for batch in batches)
+    gpu = execution.resolve_execution(PerformanceConfig(precision="bf16"), torch.device("cuda"))
+    cpu = execution.resolve_execution(PerformanceConfig(), torch.device("cpu"))
+    assert gpu.channels_last
+    pairs = list(zip(execution.on_device(iter(batches), gpu), execution.on_device(iter(batches), cpu), strict=True))
+    assert len(pairs) == len(batches)
+    for (x_gpu, y_gpu), (x_cpu, y_cpu) in pairs:
+        assert x_gpu.is_cuda and x_gpu.dtype == torch.float32
+        assert x_gpu.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y_gpu.cpu(), y_cpu)
+        diff = (x_gpu.cpu() - x_cpu).abs() * 255
+        # The same float32 arithmetic; the GPU sums the mean grey in another order, which can move a rounding.
+        assert float(diff.max()) <= 1.001 and float(diff.mean()) < 1e-3
+    # The maps changed the pixels: a batch scaled without its maps differs.
+    plain = execution.to_unit_range(batches[0][0]).cuda()
+    assert not torch.allclose(plain, pairs[0][0][0])
+
+
+def test_a_training_epoch_on_the_gpu_reads_jpeg_shards(
+    dataset: data.DatasetInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = TrainConfig(
+        data=DataConfig(url=dataset.url, eval_split="val", augment=AugmentConfig(size=64)),
+        model=ModelConfig(depth=18, width=0.25, stem="imagenet"),
+        attack=AttackConfig(steps=2),
+        training=TrainingConfig(strategy="mixture", clean_ratio=0.5),
+        recipe=RecipeConfig(batch_size=8, per_worker_batch=8, epochs=2),
+        use_gpu=True,
+    )
+    run = train.set_up(cfg, LocalSession(tmp_path, use_gpu=True))
+    assert run.execution.device.type == "cuda" and run.execution.precision == "bf16"
+    seen: list[int] = []
+    original = train.on_device
+
+    def counting(batches, ex):  # type: ignore[no-untyped-def]
+        for images, labels in original(batches, ex):
+            assert images.is_cuda and images.shape[1:] == (3, 64, 64)
+            seen.append(len(labels))
+            yield images, labels
+
+    monkeypatch.setattr(train, "on_device", counting)
+    first = train.train_epoch(run, 0)
+    second = train.train_epoch(run, 1)
+    assert sum(seen) == 2 * run.steps_per_epoch * 8
+    assert math.isfinite(first["loss"]) and math.isfinite(second["loss"])
+    assert 0 <= second["train_acc_adv"] <= 1 and 0 <= second["train_acc_clean"] <= 1
