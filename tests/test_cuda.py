@@ -2,8 +2,8 @@
 none); `scripts/gpu_checks.sh` runs this module on a GPU machine.
 
 What only a GPU exercises: `execution.on_device` uploads uint8 batches and their colour maps through pinned
-memory on a side stream and applies the maps there, and `train.train_epoch` asks the reader to leave the colour to
-the device when the device is CUDA.
+memory on a side stream and applies the maps there; the reader copies batches out into pinned memory; and
+`train.train_epoch` asks the reader for both when the device is CUDA.
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ def test_colour_maps_applied_on_the_gpu_match_the_cpu(
     dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
     monkeypatch.setattr(data, "decode_processes", lambda: processes)
-    batches = list(
-        data.iter_batches(dataset, "train", batch_size=8, epoch=2, seed=5, shuffle_buffer=16, colour_on_device=True)
-    )
+    kwargs = {"batch_size": 8, "epoch": 2, "seed": 5, "shuffle_buffer": 16, "colour_on_device": True}
+    batches = list(data.iter_batches(dataset, "train", pinned=True, **kwargs))  # type: ignore[arg-type]
     assert batches and all(len(batch) == 3 for batch in batches)
+    # What a CUDA worker reads: batches copied out into page-locked memory, the same pixels as pageable ones.
+    assert all(images.is_pinned() and labels.is_pinned() for images, labels, _ in batches)
+    pageable = list(data.iter_batches(dataset, "train", **kwargs))  # type: ignore[arg-type]
+    assert all(torch.equal(a[0], b[0]) and not b[0].is_pinned() for a, b in zip(batches, pageable, strict=True))
     gpu = execution.resolve_execution(PerformanceConfig(precision="bf16"), torch.device("cuda"))
     cpu = execution.resolve_execution(PerformanceConfig(), torch.device("cpu"))
     assert gpu.channels_last
@@ -80,7 +83,12 @@ def test_a_training_epoch_on_the_gpu_reads_jpeg_shards(
     original = train.on_device
 
     def counting(batches, ex):  # type: ignore[no-untyped-def]
-        for images, labels in original(batches, ex):
+        def read():  # type: ignore[no-untyped-def]
+            for batch in batches:  # the reader's batches: pinned, with colour maps for the device
+                assert len(batch) == 3 and batch[0].is_pinned()
+                yield batch
+
+        for images, labels in original(read(), ex):
             assert images.is_cuda and images.shape[1:] == (3, 64, 64)
             seen.append(len(labels))
             yield images, labels

@@ -148,9 +148,11 @@ def train_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
     started = time.perf_counter()
     # Summed on the device and read once per epoch (float64: the same sums as Python floats on the CPU).
     sums = {key: torch.zeros((), dtype=torch.float64, device=session.device) for key in EPOCH_SUMS}
-    # A GPU applies the colour augmentation itself: an eighth of the decoding work, a few element-wise ops there.
-    colour_on_device = run.execution.device.type == "cuda"
-    batches = on_device(micro_batches(cfg, run.info, session, epoch, colour_on_device), run.execution)
+    # A GPU applies the colour augmentation itself (an eighth of the decoding work, a few element-wise ops there)
+    # and reads its batches from pinned memory.
+    batches = on_device(
+        micro_batches(cfg, run.info, session, epoch, run.execution.device.type == "cuda"), run.execution
+    )
     loss_scale = 1.0
     attacks = cfg.training.strategy != "standard"  # standard training attacks nothing: no folded copy to refresh
     for step in range(run.steps_per_epoch):
@@ -264,10 +266,10 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def micro_batches(
-    cfg: TrainConfig, info: data.DatasetInfo, session: Session, epoch: int, colour_on_device: bool = False
+    cfg: TrainConfig, info: data.DatasetInfo, session: Session, epoch: int, cuda: bool = False
 ) -> Iterator[Any]:
     """This rank's training micro-batches of `epoch`, a deterministic function of (seed, epoch, rank)
-    (`data.iter_batches`; ``colour_on_device`` as there)."""
+    (`data.iter_batches`); for a ``cuda`` device, in pinned memory with the colour maps left to the device."""
     return data.iter_batches(
         info,
         cfg.data.train_split,
@@ -278,7 +280,8 @@ def micro_batches(
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
         augment=cfg.data.augment,
-        colour_on_device=colour_on_device,
+        colour_on_device=cuda,
+        pinned=cuda,
     )
 
 
