@@ -476,8 +476,8 @@ def details_markdown(result: dict[str, Any]) -> str:
                 if result.get("ray_error")
                 else ""
             ),
-            "GPU numbers: no GPU machine was lent to this session; the per-core rate above is what `orchestrator.plan` "
-            "uses to size a cell's CPUs.",
+            "On a GPU machine, `benchmarks.gpu_feed` measures the same reader feeding the GPU, against the GPU's "
+            "demand; the per-core rate is what `orchestrator.plan` uses to size a cell's CPUs.",
         ]
     )
 

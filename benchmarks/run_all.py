@@ -20,6 +20,7 @@ from typing import Any
 from benchmarks import (
     checkpoint_io,
     data_reader,
+    gpu_feed,
     gpu_throughput,
     input_pipeline,
     orchestration_overhead,
@@ -51,7 +52,8 @@ MODULES: dict[str, ModuleType] = {
     "data_reader": data_reader,
     "input_pipeline": input_pipeline,
     "orchestration_overhead": orchestration_overhead,
-    # Last: tens of minutes on a GPU; on a machine without CUDA it reports "skipped" at once.
+    # Last: minutes on a GPU; on a machine without CUDA they report "skipped" at once.
+    "gpu_feed": gpu_feed,
     "gpu_throughput": gpu_throughput,
 }
 
@@ -241,6 +243,7 @@ DETAILS: dict[str, Callable[[dict[str, Any]], str]] = {
     "data_reader": data_reader.details_markdown,
     "input_pipeline": input_pipeline.details_markdown,
     "orchestration_overhead": _orchestration_details,
+    "gpu_feed": gpu_feed.details_markdown,
     "gpu_throughput": gpu_throughput.details_markdown,
 }
 

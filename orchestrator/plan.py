@@ -77,9 +77,9 @@ PGD_ITER_FORWARDS = 2.0  # forward + input-gradient backward (no weight gradient
 EVAL_FORWARDS = 1.0  # the final forward that scores an image
 # Images one CPU core decodes and augments per second with the paper's pipeline (ImageNet-sized JPEGs stored at
 # <= 512 px, random-resized crop to 224, colour jitter, flip). benchmarks/input_pipeline.py measured 422 per
-# CPU-second for the whole reader on this project's 2-core machine, 434 with the colour maps left to a GPU
-# (docs/benchmarks.md); planning takes the low end of DESIGN.md's 150-200 budget, headroom for larger source
-# images, slower cores and the training process's own work.
+# CPU-second for the whole reader on this project's 2-core machine, 434 with the colour maps left to a GPU, and
+# benchmarks/gpu_feed.py 285 on an H200 machine's 16 Xeon cores (docs/benchmarks.md); planning takes the low end
+# of DESIGN.md's 150-200 budget, headroom for larger source images, slower cores and the training process's work.
 DECODE_IMAGES_PER_CORE_SECOND = 150.0
 
 
