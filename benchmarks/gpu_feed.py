@@ -124,26 +124,19 @@ def _training(url: str, depth: int, pgd: int, batch: int, epochs: int, synthetic
     """Demand (one fixed batch on the GPU) and fed training (train_epoch on the shards), same model and config."""
     import torch
 
+    from benchmarks.gpu_throughput import config
     from workloads import train
-    from workloads.config import (
-        AttackConfig,
-        DataConfig,
-        ModelConfig,
-        PerformanceConfig,
-        RecipeConfig,
-        TrainConfig,
-        TrainingConfig,
-    )
+    from workloads.config import DataConfig, TrainConfig
     from workloads.sessions import LocalSession
 
-    cfg = TrainConfig(
-        data=DataConfig(url=url, eval_split="val"),
-        model=ModelConfig(depth=depth, norm="bn", stem="imagenet"),
-        attack=AttackConfig(steps=pgd),
-        training=TrainingConfig(strategy="mixture", clean_ratio=0.0),
-        recipe=RecipeConfig(batch_size=batch, per_worker_batch=batch, epochs=epochs + 1),
-        performance=PerformanceConfig(precision="bf16"),
-        use_gpu=True,
+    # gpu_throughput's cell (the paper's settings, bf16), reading the shards and training whole epochs.
+    paper = config(depth, pgd, batch, "bf16").model_dump()
+    cfg = TrainConfig.model_validate(
+        paper
+        | {
+            "data": DataConfig(url=url, eval_split="val").model_dump(),
+            "recipe": paper["recipe"] | {"epochs": epochs + 1},
+        }
     )
     with tempfile.TemporaryDirectory(prefix="gpu-feed-run-") as out:
         run = train.set_up(cfg, LocalSession(Path(out), use_gpu=True))

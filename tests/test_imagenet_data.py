@@ -287,6 +287,12 @@ def test_a_reader_leaving_colour_to_the_device_feeds_the_same_images(
     assert len(next(data.iter_batches(dataset, "train", batch_size=4, augment=plain, colour_on_device=True))) == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests/test_cuda.py reads pinned batches on a GPU")
+def test_pinned_batches_without_cuda_are_refused_before_reading(dataset: data.DatasetInfo) -> None:
+    with pytest.raises(ValueError, match="CUDA GPU, and this process sees none"):
+        data.iter_batches(dataset, "train", batch_size=4, pinned=True)
+
+
 @pytest.mark.parametrize("box", [(0, 0, 1920, 1280), (100, 50, 1300, 1250), (500, 200, 1500, 1200)])
 def test_reduced_decoding_matches_full_decoding(box: tuple[int, int, int, int]) -> None:
     # Stated tolerance: mean absolute difference < 1 level, 99th percentile <= 4 levels (0-255).

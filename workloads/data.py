@@ -751,6 +751,8 @@ def iter_batches(
         raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
     if seed < 0 or epoch < 0 or shuffle_buffer < 0:
         raise ValueError("seed, epoch and shuffle_buffer must be >= 0")
+    if pinned and not torch.cuda.is_available():
+        raise ValueError("pinned batches are for uploads to a CUDA GPU, and this process sees none: pinned=False")
     num_batches = batches_per_epoch(info, split, world_size, batch_size)
     if num_batches == 0:
         raise ValueError(
