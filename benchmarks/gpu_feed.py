@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -66,7 +67,7 @@ def _dataset(work: Path, images: int) -> tuple[str, dict[str, float]]:
     info = data.folder_to_parquet(src, url, shard_size=256, val_labels=work / "src_val_labels.txt")
     wall = time.perf_counter() - started
     converted = info.split("train").num_images + info.split("val").num_images
-    meta = __import__("json").loads((Path(url) / "meta.json").read_text())
+    meta = json.loads((Path(url) / "meta.json").read_text())
     return url, {
         "images": info.split("train").num_images,
         "convert_images_per_wall_second": converted / wall,
@@ -236,48 +237,48 @@ def run(
     from workloads import data
 
     cores = len(os.sched_getaffinity(0))
-    work = Path(tempfile.mkdtemp(prefix="gpu-feed-"))
-    url, dataset = _dataset(work, images)
-    payloads = [p for shard in data.read_info(url).split("train").shards for p in _column(url, shard.path)]
-    print(
-        f"{dataset['images']} images, converted at {dataset['convert_images_per_core_second']:.0f} img/core-s",
-        flush=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="gpu-feed-") as work:
+        url, dataset = _dataset(Path(work), images)
+        payloads = [b for shard in data.read_info(url).split("train").shards for b in _column(url, shard.path)]
+        print(
+            f"{dataset['images']} images, converted at {dataset['convert_images_per_core_second']:.0f} img/core-s",
+            flush=True,
+        )
 
-    base, one = "library loop (1 process, CPU only)", "reader -> GPU, 1 decoding process"
-    pageable = "reader -> GPU, 1 decoding process, pageable batches"
-    per_core = _interleaved(
-        {
-            base: lambda: _library_loop(payloads),
-            one: partial(_to_gpu, url, 1, 1),
-            pageable: partial(_to_gpu, url, 1, 1, pinned=False),
-        },
-        rounds,
-    )
-    print(
-        format_table(
-            ["case", "img/CPU-s"],
-            [[k, f"{median([s['images'] / s['cpu'] for s in v]):.0f}"] for k, v in per_core.items()],
-        ),
-        flush=True,
-    )
-    scaling = _interleaved({f"{p}": partial(_to_gpu, url, 1, p) for p in (1, 2)}, rounds)
-    feed = {
-        p: {clock: median([s["images"] / s[key] for s in v]) for clock, key in (("wall", "wall"), ("cpu", "cpu"))}
-        for p, v in scaling.items()
-    }
-    for p in (*(p for p in processes if p > 2), None):
-        name = f"default ({data.decode_processes()})" if p is None else str(p)
-        _to_gpu(url, 1, p)  # warm-up: this pool size starts
-        sample = _measure(partial(_to_gpu, url, 2, p))
-        feed[name] = {"wall": sample["images"] / sample["wall"], "cpu": sample["images"] / sample["cpu"]}
-        print(f"feed, {name} decoding processes: {feed[name]['wall']:.0f} img/s", flush=True)
-    training = _training(url, depth, pgd, batch, epochs, synthetic_steps=20)
-    print(
-        f"demand {training['demand_images_per_second']:.0f} img/s, fed {training['fed_images_per_second']:.0f} "
-        f"img/s, blocked {training['blocked_fraction']:.1%}",
-        flush=True,
-    )
+        base, one = "library loop (1 process, CPU only)", "reader -> GPU, 1 decoding process"
+        pageable = "reader -> GPU, 1 decoding process, pageable batches"
+        per_core = _interleaved(
+            {
+                base: lambda: _library_loop(payloads),
+                one: partial(_to_gpu, url, 1, 1),
+                pageable: partial(_to_gpu, url, 1, 1, pinned=False),
+            },
+            rounds,
+        )
+        print(
+            format_table(
+                ["case", "img/CPU-s"],
+                [[k, f"{median([s['images'] / s['cpu'] for s in v]):.0f}"] for k, v in per_core.items()],
+            ),
+            flush=True,
+        )
+        scaling = _interleaved({f"{p}": partial(_to_gpu, url, 1, p) for p in (1, 2)}, rounds)
+        feed = {
+            p: {clock: median([s["images"] / s[clock] for s in v]) for clock in ("wall", "cpu")}
+            for p, v in scaling.items()
+        }
+        for p in (*(p for p in processes if p > 2), None):
+            name = f"default ({data.decode_processes()})" if p is None else str(p)
+            _to_gpu(url, 1, p)  # warm-up: this pool size starts
+            sample = _measure(partial(_to_gpu, url, 2, p))
+            feed[name] = {"wall": sample["images"] / sample["wall"], "cpu": sample["images"] / sample["cpu"]}
+            print(f"feed, {name} decoding processes: {feed[name]['wall']:.0f} img/s", flush=True)
+        training = _training(url, depth, pgd, batch, epochs, synthetic_steps=20)
+        print(
+            f"demand {training['demand_images_per_second']:.0f} img/s, fed {training['fed_images_per_second']:.0f} "
+            f"img/s, blocked {training['blocked_fraction']:.1%}",
+            flush=True,
+        )
 
     per_process = median([s["images"] / s["wall"] for s in scaling["1"]])
     result: dict[str, Any] = {
