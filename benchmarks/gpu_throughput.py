@@ -346,7 +346,39 @@ def details_markdown(result: dict[str, Any]) -> str:
             markdown_table(
                 ["GPU", "model", "PGD-N", "batch", "mode", "img/s", "model TFLOPS", "MFU", "MFU vs bf16", "GiB"], rows
             ),
+            _comparisons(result["rows"]),
         ]
+    )
+
+
+def paper_gpu_images_per_second(depth: int, pgd_steps: int) -> float:
+    """orchestrator.plan's images/s for one of the paper's GPUs (its cost model, calibrated on the paper's 52 h
+    on 128 GPUs for ResNet-152 PGD-30: an estimate, not a measurement)."""
+    from orchestrator.plan import HOURS_PER_MAC
+
+    return 2.0 / (HOURS_PER_MAC * 3600 * model_flops_per_image(config(depth, pgd_steps, 32, "fp32")))
+
+
+def _comparisons(rows: list[dict[str, Any]]) -> str:
+    """bf16 and compile against eager fp32 / bf16 of the same model and batch, and each row against the plan's
+    estimate of the paper's GPU (what `planning.relative_speed` asks for)."""
+    rate = {
+        (r["depth"], r["pgd_steps"], r["batch"], r["mode"]): r["images_per_second"] for r in rows if "error" not in r
+    }
+    parts = []
+    for (depth, n, batch, mode), value in rate.items():
+        against = {"bf16": "fp32", "bf16+compile": "bf16"}.get(mode)
+        base = rate.get((depth, n, batch, against)) if against else None
+        if base:
+            parts.append(f"ResNet-{depth} PGD-{n} batch {batch}: {mode} / {against} {value / base:.2f}x")
+    speeds = [
+        f"ResNet-{d} PGD-{n} batch {b} {m} {v / paper_gpu_images_per_second(d, n):.1f}"
+        for (d, n, b, m), v in rate.items()
+    ]
+    return (
+        (f"{'; '.join(parts)}. " if parts else "")
+        + "Against orchestrator.plan's estimate of one of the paper's GPUs (`planning.relative_speed` of a cell): "
+        + ("; ".join(speeds) + ".")
     )
 
 

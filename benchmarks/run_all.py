@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import time
 import traceback
 from collections.abc import Callable
@@ -41,6 +42,10 @@ from benchmarks._common import (
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
+# The GPU benchmarks' last results from a GPU machine (`python -m benchmarks.gpu_machine OUT`, OUT/*.json copied
+# here): where this machine has no GPU, their sections are rendered from these files instead of "skipped".
+GPU_RESULTS = ROOT / "benchmarks" / "gpu_results"
+GPU_MODULES = ("gpu_feed", "gpu_throughput")
 COMMAND = ".venv/bin/python -m benchmarks.run_all"
 # Cheapest first: a broken environment shows up in seconds, not after the long orchestration runs.
 MODULES: dict[str, ModuleType] = {
@@ -248,6 +253,23 @@ DETAILS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+def saved_gpu_result(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` of a GPU benchmark, or, where it was skipped for want of a GPU, its saved result if any."""
+    path = GPU_RESULTS / f"{name}.json"
+    if name not in GPU_MODULES or "skipped" not in result or not path.exists():
+        return result
+    saved = json.loads(path.read_text())
+    return saved | {"checks": [Check(**c) for c in saved["checks"]], "saved_from": str(path.relative_to(ROOT))}
+
+
+def _saved_note(result: dict[str, Any]) -> str:
+    commit = f" at commit {result['commit']}" if result.get("commit") else ""
+    return (
+        f"Measured on {result['setup']['gpu']} on {result['measured_at']}{commit} with `python -m "
+        f"benchmarks.gpu_machine`; rendered from `{result['saved_from']}`, as this machine has no GPU."
+    )
+
+
 def render(results: dict[str, Any], machine: dict[str, Any], started: dt.datetime, seconds: dict[str, float]) -> str:
     checks: list[Check] = []
     for name, result in results.items():
@@ -289,8 +311,11 @@ def render(results: dict[str, Any], machine: dict[str, Any], started: dt.datetim
         "nothing: its numbers are deterministic.",
     ]
     for name, result in results.items():
-        out.append(f"## {name} ({seconds[name]:.0f} s)")
+        took = result["seconds"] if "saved_from" in result else seconds[name]  # saved: as long as it took there
+        out.append(f"## {name} ({took:.0f} s)")
         out.append(f"`.venv/bin/python -m benchmarks.{name}`")
+        if "saved_from" in result:
+            out.append(_saved_note(result))
         if "error" in result:
             out.append("Failed:\n\n```\n" + result["error"].rstrip() + "\n```")
         else:
@@ -309,7 +334,7 @@ def run(only: list[str] | None = None, write: bool = True) -> dict[str, Any]:
         print(f"\n### {name}", flush=True)
         t0 = time.perf_counter()
         try:
-            results[name] = module.run()
+            results[name] = saved_gpu_result(name, module.run())
             module.print_result(results[name])
         except Exception:
             results[name] = {"name": name, "error": traceback.format_exc()}

@@ -159,9 +159,10 @@ def on_device(
     """The training batches on the worker's device, in its memory format, pixels scaled from uint8 to [0, 1]
     (after their colour maps, for a reader that left them to the device: batches of three).
 
-    On a GPU, batch k+1 is copied into pinned memory and sent, still uint8 (a quarter of float32's bytes), on a
-    side stream while batch k trains, and scaled there, so the copy overlaps compute and never blocks the host;
-    the compute stream waits for it only when it uses the batch. On the CPU the batches are only scaled.
+    On a GPU, batch k+1 is sent from pinned memory (where the reader put it, `data.iter_batches(pinned=True)`;
+    a pageable batch is copied there first), still uint8 (a quarter of float32's bytes), on a side stream while
+    batch k trains, and scaled there, so the copy overlaps compute and never blocks the host; the compute stream
+    waits for it only when it uses the batch. On the CPU the batches are only scaled.
     """
     device = execution.device
     if device.type != "cuda":

@@ -148,11 +148,7 @@ def train_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
     started = time.perf_counter()
     # Summed on the device and read once per epoch (float64: the same sums as Python floats on the CPU).
     sums = {key: torch.zeros((), dtype=torch.float64, device=session.device) for key in EPOCH_SUMS}
-    # A GPU applies the colour augmentation itself (an eighth of the decoding work, a few element-wise ops there)
-    # and reads its batches from pinned memory.
-    batches = on_device(
-        micro_batches(cfg, run.info, session, epoch, run.execution.device.type == "cuda"), run.execution
-    )
+    batches = on_device(micro_batches(cfg, run.info, session, epoch), run.execution)
     loss_scale = 1.0
     attacks = cfg.training.strategy != "standard"  # standard training attacks nothing: no folded copy to refresh
     for step in range(run.steps_per_epoch):
@@ -265,11 +261,12 @@ def seed_everything(seed: int) -> torch.Generator:
     return generator
 
 
-def micro_batches(
-    cfg: TrainConfig, info: data.DatasetInfo, session: Session, epoch: int, cuda: bool = False
-) -> Iterator[Any]:
+def micro_batches(cfg: TrainConfig, info: data.DatasetInfo, session: Session, epoch: int) -> Iterator[Any]:
     """This rank's training micro-batches of `epoch`, a deterministic function of (seed, epoch, rank)
-    (`data.iter_batches`); for a ``cuda`` device, in pinned memory with the colour maps left to the device."""
+    (`data.iter_batches`)."""
+    # A GPU applies the colour augmentation itself (an eighth of the decoding work, a few element-wise ops there)
+    # and uploads batches the reader copied into pinned memory.
+    cuda = session.device.type == "cuda"
     return data.iter_batches(
         info,
         cfg.data.train_split,
