@@ -308,8 +308,9 @@ class Planning(_Strict):
 
     train_images: int = Field(1_281_167, ge=1, le=10**11)
     image_size: int = Field(224, ge=8, le=8192)
-    # Throughput of one worker device relative to one of the paper's GPUs (e.g. ~0.01 for a CPU worker; an H200
-    # measured ~4.5 in bf16 at 32 images per GPU, ~8 at 64, ~2.4 in fp32: docs/benchmarks.md, gpu_throughput).
+    # Throughput of one worker device relative to one of the paper's GPUs as the cost model estimates it (e.g.
+    # ~0.01 for a CPU worker; an H200 ran PGD-10 ResNets at ~4.7 in bf16 with 32 images per GPU, ~8 with 64,
+    # ~2.5 in fp32: docs/benchmarks.md, gpu_throughput).
     relative_speed: float = Field(1.0, gt=0, le=1000)
 
 
