@@ -431,55 +431,54 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
 def details_markdown(result: dict[str, Any]) -> str:
     """The benchmark's section of docs/benchmarks.md (for run_all's DETAILS)."""
     s, t = result["setup"], result["training"]
-    return "\n\n".join(
-        [
-            f"{s['images']} train JPEGs made from scikit-learn's sample photographs at ImageNet-like sizes (longer "
-            f"side 300-800 px; {s['source_megabytes']:.1f} MB as files), converted with `python -m workloads.data "
-            f"folder` ({s['reencoded']} re-encoded at 512 px). Output 224 x 224 with the paper's augmentation (random "
-            f"resized crop, colour jitter and lighting, flip); batches of {BATCH}; {s['epochs']} epochs per case, "
-            f"{s['repeats']} interleaved rounds, medians; CPU seconds of the whole process tree; {s['cores']} cores, "
-            "shared with other jobs.",
-            markdown_table(TABLE_HEADERS, table_rows(result)),
-            "GPU workers (the study's configuration) leave the colour jitter and lighting to the device: reader "
-            f"per CPU-second against the plain library loop {result['gpu_reader_vs_loop']:.2f}x (goal >= 0.9x), "
-            f"wall-clock scaling from 1 to 2 decoding processes {result['gpu_scaling_1_to_2']:.2f}x (goal >= 1.8x; "
-            "the training process's own share of the work runs on the same 2 cores). The same maps applied by torch "
-            f"on this CPU (one thread) cost {result['colour_cpu_ms_per_image']:.2f} ms per image; a GPU applies "
-            "them in a few element-wise kernels over the batch.",
-            "CPU workers apply the colour maps in the decoding processes: reader per CPU-second against the loop "
-            f"{result['reader_vs_loop']:.2f}x, scaling 1 -> 2 processes {result['scaling_1_to_2']:.2f}x. The "
-            f"pipeline's own per-image work in one loop is {result['same_work_vs_loop']:.2f}x the loop: the "
-            "difference is the colour jitter and lighting the loop does not do (one 3 x 4 colour matrix per image, "
-            "`Image.convert(matrix=...)`, plus the contrast mean), and the reader costs "
-            f"{result['reader_vs_same_work']:.2f}x of that work done in one loop (Parquet reads, the shuffle "
-            "buffer, pickling the JPEG bytes to the decoding processes, one copy of each decoded batch out of its "
-            "shared-memory slot). Ray Data 1 -> 2 CPUs: "
-            f"{result['ray_scaling_1_to_2']:.2f}x.",
-            "Ray Data against the in-worker reader, images per CPU-second at 1 CPU: "
-            f"{result['ray_vs_reader_cpu']:.2f}x. "
-            "Choice: the in-worker multi-process reader (`workloads.data`), by these numbers and because it keeps the "
-            "reader's properties: the exact per-epoch order and per-image draws on resume (Ray Data has no "
-            "mid-epoch resume and its streaming_split stalls every rank when one stops), each rank reading only its "
-            "share, and no change to the trainer. Ray Data's advantage, decoding on CPU-only nodes, is not needed "
-            "while a GPU node's own cores suffice: `orchestrator.plan` reports the cores a cell needs "
-            "(`input_cpus_per_worker`).",
-            f"Storage: {result['stored_bytes_per_image'] / 1e3:.1f} KB per image as JPEG shards against "
-            f"{result['decoded_bytes_per_image'] / 1e3:.1f} KB for the same images stored decoded at 224 px (zstd), "
-            f"{result['decoded_bytes_per_image'] / result['stored_bytes_per_image']:.1f}x smaller, and the JPEGs keep "
-            "the whole image for random crops. Conversion (decode check, re-encoding above 512 px, Parquet): "
-            f"{result['convert_images_per_core_second']:.0f} images per core-second.",
-            f"CPU training fed by the reader (ResNet-18 width 1/4, small stem, 64 px crops, 1 torch thread, 1 decoding "
-            f"process; {t['steps']} steps over 2 epochs after a warm-up epoch, {t['epoch_seconds']:.1f} s per epoch): "
-            f"the training thread waits on data {t['wait_fraction']:.1%} of the epoch (goal < 5 %).",
-            (
-                f"Ray Data did not start in this run ({result['ray_error'][:200]}); its rows are empty."
-                if result.get("ray_error")
-                else ""
-            ),
-            "On a GPU machine, `benchmarks.gpu_feed` measures the same reader feeding the GPU, against the GPU's "
-            "demand; the per-core rate is what `orchestrator.plan` uses to size a cell's CPUs.",
-        ]
-    )
+    parts = [
+        f"{s['images']} train JPEGs made from scikit-learn's sample photographs at ImageNet-like sizes (longer "
+        f"side 300-800 px; {s['source_megabytes']:.1f} MB as files), converted with `python -m workloads.data "
+        f"folder` ({s['reencoded']} re-encoded at 512 px). Output 224 x 224 with the paper's augmentation (random "
+        f"resized crop, colour jitter and lighting, flip); batches of {BATCH}; {s['epochs']} epochs per case, "
+        f"{s['repeats']} interleaved rounds, medians; CPU seconds of the whole process tree; {s['cores']} cores, "
+        "shared with other jobs.",
+        markdown_table(TABLE_HEADERS, table_rows(result)),
+        "GPU workers (the study's configuration) leave the colour jitter and lighting to the device: reader "
+        f"per CPU-second against the plain library loop {result['gpu_reader_vs_loop']:.2f}x (goal >= 0.9x), "
+        f"wall-clock scaling from 1 to 2 decoding processes {result['gpu_scaling_1_to_2']:.2f}x (goal >= 1.8x; "
+        "the training process's own share of the work runs on the same 2 cores). The same maps applied by torch "
+        f"on this CPU (one thread) cost {result['colour_cpu_ms_per_image']:.2f} ms per image; a GPU applies "
+        "them in a few element-wise kernels over the batch.",
+        "CPU workers apply the colour maps in the decoding processes: reader per CPU-second against the loop "
+        f"{result['reader_vs_loop']:.2f}x, scaling 1 -> 2 processes {result['scaling_1_to_2']:.2f}x. The "
+        f"pipeline's own per-image work in one loop is {result['same_work_vs_loop']:.2f}x the loop: the "
+        "difference is the colour jitter and lighting the loop does not do (one 3 x 4 colour matrix per image, "
+        "`Image.convert(matrix=...)`, plus the contrast mean), and the reader costs "
+        f"{result['reader_vs_same_work']:.2f}x of that work done in one loop (Parquet reads, the shuffle "
+        "buffer, pickling the JPEG bytes to the decoding processes, one copy of each decoded batch out of its "
+        "shared-memory slot). Ray Data 1 -> 2 CPUs: "
+        f"{result['ray_scaling_1_to_2']:.2f}x.",
+        "Ray Data against the in-worker reader, images per CPU-second at 1 CPU: "
+        f"{result['ray_vs_reader_cpu']:.2f}x. "
+        "Choice: the in-worker multi-process reader (`workloads.data`), by these numbers and because it keeps the "
+        "reader's properties: the exact per-epoch order and per-image draws on resume (Ray Data has no "
+        "mid-epoch resume and its streaming_split stalls every rank when one stops), each rank reading only its "
+        "share, and no change to the trainer. Ray Data's advantage, decoding on CPU-only nodes, is not needed "
+        "while a GPU node's own cores suffice: `orchestrator.plan` reports the cores a cell needs "
+        "(`input_cpus_per_worker`).",
+        f"Storage: {result['stored_bytes_per_image'] / 1e3:.1f} KB per image as JPEG shards against "
+        f"{result['decoded_bytes_per_image'] / 1e3:.1f} KB for the same images stored decoded at 224 px (zstd), "
+        f"{result['decoded_bytes_per_image'] / result['stored_bytes_per_image']:.1f}x smaller, and the JPEGs keep "
+        "the whole image for random crops. Conversion (decode check, re-encoding above 512 px, Parquet): "
+        f"{result['convert_images_per_core_second']:.0f} images per core-second.",
+        f"CPU training fed by the reader (ResNet-18 width 1/4, small stem, 64 px crops, 1 torch thread, 1 decoding "
+        f"process; {t['steps']} steps over 2 epochs after a warm-up epoch, {t['epoch_seconds']:.1f} s per epoch): "
+        f"the training thread waits on data {t['wait_fraction']:.1%} of the epoch (goal < 5 %).",
+        (
+            f"Ray Data did not start in this run ({result['ray_error'][:200]}); its rows are empty."
+            if result.get("ray_error")
+            else ""
+        ),
+        "On a GPU machine, `benchmarks.gpu_feed` measures the same reader feeding the GPU, against the GPU's "
+        "demand; the per-core rate is what `orchestrator.plan` uses to size a cell's CPUs.",
+    ]
+    return "\n\n".join(part for part in parts if part)  # no empty paragraph where Ray Data ran
 
 
 def print_result(result: dict[str, Any]) -> None:
