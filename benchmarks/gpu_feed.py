@@ -30,13 +30,22 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from benchmarks._common import Check, format_table, machine_info, markdown_table, median, print_checks
-from benchmarks.input_pipeline import BATCH, GOAL_SCALING, GOAL_VS_LOOP, _column, _library_loop, _measure
+from benchmarks.input_pipeline import (
+    BATCH,
+    GOAL_SCALING,
+    GOAL_VS_LOOP,
+    _column,
+    _library_loop,
+    _measure,
+    interleaved,
+    paired,
+)
 from benchmarks.input_pipeline import decoding_processes as with_decoding_processes
 
 NAME = "gpu_feed"
@@ -96,29 +105,6 @@ def _to_gpu(url: str, epochs: int, processes: int | None, pinned: bool = True) -
                 n += len(images)
     _synchronize()
     return n
-
-
-def _paired(samples: dict[str, list[dict[str, float]]], case: str, against: str, clock: str) -> float:
-    return median(
-        [
-            a["images"] / a[clock] / (b["images"] / b[clock])
-            for a, b in zip(samples[case], samples[against], strict=True)
-        ]
-    )
-
-
-def _interleaved(cases: dict[str, Callable[[], int]], rounds: int) -> dict[str, list[dict[str, float]]]:
-    for fn in cases.values():  # warm-up: pools start, pinned memory and rings are allocated
-        fn()
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
-    names = list(cases)
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            own = time.process_time()
-            sample = _measure(cases[name])
-            samples[name].append({**sample, "own_cpu": time.process_time() - own})
-    return samples
 
 
 def _training(url: str, depth: int, pgd: int, batch: int, epochs: int, synthetic_steps: int) -> dict[str, Any]:
@@ -247,7 +233,7 @@ def run(
 
         base, one = "library loop (1 process, CPU only)", "reader -> GPU, 1 decoding process"
         pageable = "reader -> GPU, 1 decoding process, pageable batches"
-        per_core = _interleaved(
+        per_core = interleaved(
             {
                 base: lambda: _library_loop(payloads),
                 one: partial(_to_gpu, url, 1, 1),
@@ -262,7 +248,7 @@ def run(
             ),
             flush=True,
         )
-        scaling = _interleaved({f"{p}": partial(_to_gpu, url, 1, p) for p in (1, 2)}, rounds)
+        scaling = interleaved({f"{p}": partial(_to_gpu, url, 1, p) for p in (1, 2)}, rounds)
         feed = {
             p: {clock: median([s["images"] / s[clock] for s in v]) for clock in ("wall", "cpu")}
             for p, v in scaling.items()
@@ -299,8 +285,8 @@ def run(
             }
             for k, v in per_core.items()
         },
-        "reader_vs_loop": _paired(per_core, one, base, "cpu"),
-        "scaling_1_to_2": _paired(scaling, "2", "1", "wall"),
+        "reader_vs_loop": paired(per_core, one, base, "cpu"),
+        "scaling_1_to_2": paired(scaling, "2", "1", "wall"),
         "per_process_images_per_second": per_process,
         "feed": feed,
         "training": training,

@@ -83,10 +83,35 @@ def tree_cpu_seconds(root: int | None = None) -> float:
 
 
 def _measure(fn: Callable[[], int]) -> dict[str, float]:
-    cpu0, wall0 = tree_cpu_seconds(), time.perf_counter()
+    """Images ``fn`` delivered, its wall seconds, the CPU seconds of the whole process tree and of this process."""
+    own0, cpu0, wall0 = time.process_time(), tree_cpu_seconds(), time.perf_counter()
     images = fn()
     wall, cpu = time.perf_counter() - wall0, tree_cpu_seconds() - cpu0
-    return {"images": images, "wall": wall, "cpu": cpu}
+    return {"images": images, "wall": wall, "cpu": cpu, "own_cpu": time.process_time() - own0}
+
+
+def interleaved(cases: dict[str, Callable[[], int]], rounds: int) -> dict[str, list[dict[str, float]]]:
+    """Every case once untimed (pools start, caches and rings fill), then ``rounds`` timed rounds, the case that
+    goes first rotating from round to round."""
+    for fn in cases.values():
+        fn()
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    names = list(cases)
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(_measure(cases[name]))
+    return samples
+
+
+def paired(samples: dict[str, list[dict[str, float]]], case: str, against: str, clock: str) -> float:
+    """Median over rounds of case's images per ``clock`` second over against's, in the same round."""
+    return median(
+        [
+            a["images"] / a[clock] / (b["images"] / b[clock])
+            for a, b in zip(samples[case], samples[against], strict=True)
+        ]
+    )
 
 
 def _library_loop(payloads: list[bytes]) -> int:
@@ -273,14 +298,7 @@ def run(images: int = 256, epochs: int = 3, repeats: int = 3) -> dict[str, Any]:
         "reader, colour on the device, 1 process": lambda: _reader(url, epochs, 1, colour_on_device=True),
         "reader, colour on the device, 2 processes": lambda: _reader(url, epochs, 2, colour_on_device=True),
     }
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
-    for name in cases:  # warm-up: pools start, caches fill
-        cases[name]()
-    for r in range(repeats):
-        names = list(cases)
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(_measure(cases[name]))
+    samples = interleaved(cases, repeats)
     print(
         format_table(
             ["case", "img/CPU-s (median)"],
@@ -322,10 +340,6 @@ def run(images: int = 256, epochs: int = 3, repeats: int = 3) -> dict[str, Any]:
         for name in samples
     }
 
-    def paired(case: str, against: str, clock: str) -> float:
-        """Median over rounds of case's rate / against's rate in the same round."""
-        return median([a / b for a, b in zip(rate(case, clock), rate(against, clock), strict=True)])
-
     base = "library loop (1 process)"
     one, two = "reader, 1 decoding process", "reader, 2 decoding processes"
     gpu_one, gpu_two = "reader, colour on the device, 1 process", "reader, colour on the device, 2 processes"
@@ -345,13 +359,13 @@ def run(images: int = 256, epochs: int = 3, repeats: int = 3) -> dict[str, Any]:
             "cores": len(os.sched_getaffinity(0)),
         },
         "cases": summary,
-        "reader_vs_loop": paired(one, base, "cpu"),
-        "gpu_reader_vs_loop": paired(gpu_one, base, "cpu"),
-        "gpu_scaling_1_to_2": paired(gpu_two, gpu_one, "wall"),
+        "reader_vs_loop": paired(samples, one, base, "cpu"),
+        "gpu_reader_vs_loop": paired(samples, gpu_one, base, "cpu"),
+        "gpu_scaling_1_to_2": paired(samples, gpu_two, gpu_one, "wall"),
         "colour_cpu_ms_per_image": 1000 * colour_cpu,
-        "same_work_vs_loop": paired("same work, one loop", base, "cpu"),
-        "reader_vs_same_work": paired(one, "same work, one loop", "cpu"),
-        "scaling_1_to_2": paired(two, one, "wall"),
+        "same_work_vs_loop": paired(samples, "same work, one loop", base, "cpu"),
+        "reader_vs_same_work": paired(samples, one, "same work, one loop", "cpu"),
+        "scaling_1_to_2": paired(samples, two, one, "wall"),
         "ray_scaling_1_to_2": ray_scaling,
         "ray_vs_reader_cpu": ray_vs_reader,
         "stored_bytes_per_image": stored,
