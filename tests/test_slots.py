@@ -11,6 +11,8 @@ import torch
 
 from workloads import data, imagenet, slots
 from workloads.augment import AugmentConfig
+from workloads.config import PerformanceConfig
+from workloads.execution import on_device, resolve_execution
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,15 @@ def test_batches_through_shared_memory_equal_decoding_in_the_training_process(
     assert len(shared) == len(threaded) == 6
     assert all(torch.equal(a, b) for a, b in zip(shared, threaded, strict=True))
     assert len({bytes(x.numpy()) for x in shared}) == len(shared)
+    # Both paths hand over decoded batches laid out as decoders write them, channels-last: no transposing copy.
+    assert all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in shared + threaded)
+
+
+def test_a_cpu_worker_gets_its_batches_contiguous(dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches = iter([(x, torch.zeros(len(x), dtype=torch.int64)) for x in _batches(dataset, 1, monkeypatch)[:2]])
+    scaled = [images for images, _ in on_device(batches, resolve_execution(PerformanceConfig(), torch.device("cpu")))]
+    assert len(scaled) == 2
+    assert all(x.is_contiguous() and x.dtype == torch.float32 and x.shape == (4, 3, 40, 40) for x in scaled)
 
 
 def _recording_rings(monkeypatch: pytest.MonkeyPatch) -> list[slots.SlotRing]:
@@ -79,7 +90,7 @@ def _recording_rings(monkeypatch: pytest.MonkeyPatch) -> list[slots.SlotRing]:
     return made
 
 
-def test_readers_reuse_a_ring_and_keep_at_most_two_idle(
+def test_readers_reuse_their_rings_and_keep_at_most_four_idle(
     dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made = _recording_rings(monkeypatch)
@@ -87,19 +98,57 @@ def test_readers_reuse_a_ring_and_keep_at_most_two_idle(
     batches = data.iter_batches(dataset, "train", batch_size=4, augment=AugmentConfig(size=40))
     first, _ = next(batches)
     batches.close()  # type: ignore[attr-defined]
-    assert len(made) == 1 and made[0].reusable and not _gone(made[0].name)
+    # One ring for decoded batches, one (a byte ring) for the encoded images going the other way.
+    assert [len(ring.shape) for ring in made] == [4, 1] and all(r.reusable and not _gone(r.name) for r in made)
     assert first.shape == (4, 3, 40, 40) and first.dtype == torch.uint8 and int(first.max()) > 0
-    # The next epoch's reader borrows the same segment and reads the same images through it.
+    # The next epoch's reader borrows the same segments and reads the same images through them.
     again = list(data.iter_batches(dataset, "train", batch_size=4, augment=AugmentConfig(size=40)))
-    assert len(made) == 1 and torch.equal(again[0][0], first)
+    assert len(made) == 2 and torch.equal(again[0][0], first)
     threaded = _batches(dataset, 0, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(_batches(dataset, 1, monkeypatch), threaded, strict=True))
-    # Readers of two more geometries: the least recently used idle ring is let go.
-    for size in (40, 44):
+    # Readers of three more batch geometries (their encoded images fit the same byte ring): the least recently
+    # used idle ring is let go.
+    for size in (40, 44, 48):
         list(data.iter_batches(dataset, "train", batch_size=2, augment=AugmentConfig(size=size)))
-    assert len(made) == 3 and _gone(made[0].name) and not _gone(made[2].name)
+    batch_rings = [ring for ring in made if len(ring.shape) == 4]
+    assert len(made) == 5 and len(batch_rings) == 4
+    assert _gone(batch_rings[0].name) and not any(_gone(r.name) for r in made if r is not batch_rings[0])
     slots.close_idle_rings()
     assert all(_gone(ring.name) for ring in made)
+
+
+def test_encoded_images_reach_decoding_processes_through_shared_memory(
+    dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[object] = []
+    submit = data.ProcessPoolExecutor.submit
+
+    def recording(pool: data.ProcessPoolExecutor, fn: object, *args: object) -> object:
+        sent.append(args[4])  # fill_slot's (name, slot, shape, fn, payloads, ...)
+        return submit(pool, fn, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(data.ProcessPoolExecutor, "submit", recording)
+    threaded = _batches(dataset, 0, monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(_batches(dataset, 1, monkeypatch), threaded, strict=True))
+    assert sent and all(isinstance(p, slots.Packed) and len(p.ends) == 4 for p in sent)
+    # A batch too large for its slot travels through the pipe, and decodes the same.
+    sent.clear()
+    monkeypatch.setattr(slots.PayloadSlots, "pack", lambda self, slot, items: items)
+    assert all(torch.equal(a, b) for a, b in zip(_batches(dataset, 1, monkeypatch), threaded, strict=True))
+    assert sent and all(isinstance(p, list) for p in sent)
+
+
+def test_byte_slots_round_trip_and_refuse_what_does_not_fit() -> None:
+    items = [b"", b"abc", bytes(range(256)) * 10]
+    payloads = slots.PayloadSlots(2)
+    try:
+        packed = payloads.pack(1, items)
+        assert isinstance(packed, slots.Packed) and packed.capacity == slots.PayloadSlots.MIN_CAPACITY
+        assert slots._unpacked(packed) == items
+        big = [b"x" * (packed.capacity + 1)]
+        assert payloads.pack(0, big) is big
+    finally:
+        payloads.close()
 
 
 def _slow_fill(value: int, seconds: float, out: np.ndarray) -> np.ndarray:

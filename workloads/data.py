@@ -497,14 +497,22 @@ def _pixel_tensors(images: np.ndarray, labels: np.ndarray, pinned: bool = False)
         # numpy's single-threaded copy into torch's cached pinned blocks. `Tensor.pin_memory()` of a pageable
         # batch costs a second copy, which torch spreads over its intra-op threads: on a 16-core H200 machine that
         # path cost the training process 5.5 ms of CPU per image, this one 0.2 ms (benchmarks/gpu_feed.py).
-        out = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
+        # The block keeps the batch's memory layout (channels-last from decoding processes): a straight copy.
+        layout = torch.channels_last if _channels_last(images) else torch.contiguous_format
+        out = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True, memory_format=layout)
         np.copyto(out.numpy(), images)
         pinned_labels = torch.empty(labels.shape, dtype=torch.int64, pin_memory=True)
         np.copyto(pinned_labels.numpy(), labels, casting="same_kind")
         return out, pinned_labels
     # numpy's copy, not Tensor.clone(): torch maps a fresh 4.8 MB block for every 224 px batch of 32 and faults in
-    # each page (1.2 ms a batch on this machine), numpy's allocator reuses freed blocks (0.3 ms).
-    return torch.from_numpy(np.array(images, copy=True)), torch.from_numpy(labels).to(torch.int64, copy=True)
+    # each page (1.2 ms a batch on this machine), numpy's allocator reuses freed blocks (0.3 ms). order="K" keeps
+    # the memory layout.
+    return torch.from_numpy(np.array(images, copy=True, order="K")), torch.from_numpy(labels).to(torch.int64, copy=True)
+
+
+def _channels_last(images: np.ndarray) -> bool:
+    """Whether (N, C, H, W) ``images`` lie in memory as (N, H, W, C)."""
+    return images.ndim == 4 and images.transpose(0, 2, 3, 1).flags.c_contiguous and not images.flags.c_contiguous
 
 
 def _decode(table: pa.Table, shape: tuple[int, int, int], where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -728,7 +736,8 @@ def iter_batches(
     pinned: bool = False,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Stream this rank's share of a split as (uint8 (B, C, H, W), int64 (B,)) batches; the training loop scales
-    the pixels to [0, 1] on its device (`workloads.execution.on_device`).
+    the pixels to [0, 1] on its device (`workloads.execution.on_device`). Decoded images are laid out channels-last
+    in memory (see `workloads.augment.decode_batch`), stored ones as stored.
 
     The shard order is a permutation drawn from (seed, epoch), the same on every rank; each rank reads only a
     contiguous range of about num_images / world_size rows of that order (disjoint across ranks, together the
@@ -933,12 +942,14 @@ def _ordered_map(
     processes: int,
     window: int,
     ring: slots.SlotRing | None = None,
+    payloads: slots.PayloadSlots | None = None,
 ) -> Generator[tuple[Any, Any], None, None]:
     """(fn(*args), extra) for every task (args, extra), in task order, at most ``window`` tasks in flight.
 
     With a ``ring`` of ``window`` slots, decoding processes write fn's result (``fn(*args, out=...)``) into slot
     k % window and the result yielded is a view of that slot: the caller must copy it before asking for the next
-    one, when the slot is handed to task k + window. An fn returning (rows, extra) yields (view, extra).
+    one, when the slot is handed to task k + window. An fn returning (rows, extra) yields (view, extra). With
+    ``payloads`` as well, each task's first argument, a list of byte strings, travels through its slot k % window.
     """
     if processes == 0:
         # One thread: PIL releases the GIL while decoding and resampling, so this still overlaps the step.
@@ -952,6 +963,8 @@ def _ordered_map(
     def submit(k: int, args: tuple[Any, ...]) -> Future[Any]:
         if ring is None:
             return pool.submit(fn, *args)
+        if payloads is not None:
+            args = (payloads.pack(k % window, args[0]), *args[1:])
         return pool.submit(slots.fill_slot, ring.name, k % window, ring.shape, fn, *args)
 
     def collect() -> tuple[Any, Any]:
@@ -977,6 +990,8 @@ def _ordered_map(
             _, late = wait(running, timeout=STRAGGLER_WAIT_S)
             if late:
                 ring.reusable = False
+                if payloads is not None:
+                    payloads.reusable = False
 
 
 def _shuffled_rows(
@@ -1073,8 +1088,12 @@ def _augmented_batches(
     # Decoding processes write batches into shared memory (workloads.slots); decoding threads return them.
     lent = contextlib.ExitStack()
     ring = (
-        lent.enter_context(slots.lent_ring(window, (batch_size, shape[0], view.size, view.size))) if processes else None
+        # Channels-last rows, as `workloads.augment.decode_batch` writes them.
+        lent.enter_context(slots.lent_ring(window, (batch_size, view.size, view.size, shape[0]))) if processes else None
     )
+    payloads = slots.PayloadSlots(window) if processes and info.encoded else None
+    if payloads is not None:
+        lent.callback(payloads.close)
     batches = _row_batches(shuffled, batch_size, num_batches)
     labelled = _ordered_map(
         view.task_fn(),
@@ -1082,11 +1101,14 @@ def _augmented_batches(
         processes,
         window,
         ring,
+        payloads,
     )
     emitted = 0
     try:
         for result, labels in labelled:
             images, colour = result if isinstance(result, tuple) else (result, None)
+            if ring is not None:
+                images = images.transpose(0, 3, 1, 2)  # (N, C, H, W), as decode_batch returns it without a ring
             batch = _pixel_tensors(images, labels, pinned)  # copies the slot, which the next task may overwrite
             del images, result
             yield batch if colour is None else (*batch, torch.from_numpy(colour))

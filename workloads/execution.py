@@ -162,12 +162,13 @@ def on_device(
     On a GPU, batch k+1 is sent from pinned memory (where the reader put it, `data.iter_batches(pinned=True)`;
     a pageable batch is copied there first), still uint8 (a quarter of float32's bytes), on a side stream while
     batch k trains, and scaled there, so the copy overlaps compute and never blocks the host; the compute stream
-    waits for it only when it uses the batch. On the CPU the batches are only scaled.
+    waits for it only when it uses the batch. On the CPU the batches are only scaled, and laid out as the CPU
+    trains (decoded JPEGs arrive channels-last; their uint8 pixels are transposed, a quarter of float's bytes).
     """
     device = execution.device
     if device.type != "cuda":
         for images, labels, *colour in batches:
-            yield to_unit_range(images, *colour), labels
+            yield to_unit_range(images.contiguous(memory_format=execution.memory_format), *colour), labels
         return
     stream = torch.cuda.Stream(device=device)
 
