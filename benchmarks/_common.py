@@ -13,12 +13,15 @@ both wall and CPU time explode (a 2-thread run of the tiny cell took 112 s again
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 DEFAULT_THREADS = 1
@@ -155,3 +158,28 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def checkout_commit() -> str | None:
+    """The checkout's commit, where there is one (a copied working tree has none)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def save_result(path: Path, result: dict[str, Any]) -> None:
+    """A benchmark's result as JSON (its checks as plain mappings, anything else not JSON as text)."""
+
+    def plain(value: Any) -> Any:
+        return value.as_dict() if isinstance(value, Check) else str(value)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, default=plain, indent=1))
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    """What :func:`save_result` wrote, its checks as :class:`Check` again."""
+    saved = json.loads(path.read_text())
+    return saved | {"checks": [Check(**c) for c in saved.get("checks", [])]}

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks import gpu_feed, gpu_throughput
-from benchmarks._common import Check
+from benchmarks._common import checkout_commit, save_result
 
 Save = Callable[[dict[str, Any]], None]
 
@@ -48,26 +46,13 @@ STAGES: dict[str, tuple[Callable[[Save], dict[str, Any]], Callable[[dict[str, An
 }
 
 
-def _commit() -> str | None:
-    """The checkout's commit, where there is one (a copied working tree has none)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
-def _plain(value: Any) -> Any:
-    return value.as_dict() if isinstance(value, Check) else str(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_machine", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="folder for NAME.json")
     parser.add_argument("--only", nargs="+", choices=list(STAGES), help="run only these")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    commit = _commit()
+    commit = checkout_commit()
     for name, (measure, details) in STAGES.items():
         if args.only and name not in args.only:
             continue
@@ -79,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             result: dict[str, Any], name: str = name, started: float = started, measured_at: str = measured_at
         ) -> None:
             result |= {"seconds": time.perf_counter() - started, "measured_at": measured_at, "commit": commit}
-            (args.out / f"{name}.json").write_text(json.dumps(result, default=_plain, indent=1))
+            save_result(args.out / f"{name}.json", result)
 
         result = measure(save)
         save(result)
