@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 RAY_VERSION = "2.60.0"
 
@@ -180,6 +181,33 @@ def remove_placement_groups_of_dead_train_controllers() -> list[str]:
             continue
         removed.append(group_id.hex())
     return removed
+
+
+def lean_torch_trainer() -> type:
+    """Ray Train's TorchTrainer without two actors per run that this product does not use.
+
+    Train 2.60 starts, beside every run's controller and workers, a `DatasetManager` actor for the run's Ray
+    Datasets, even when it has none (cells read their shards themselves, `workloads.data`), and a detached
+    `PlacementGroupCleaner` that polls the controller's liveness through the State API every second to remove
+    the workers' placement group if the controller dies: the driver already does that for every cell
+    (`remove_placement_groups_of_dead_train_controllers`), with or without a dashboard. Each is one more process
+    that imports Ray at every cell's start; on the 2-core machine the two cost about 4 CPU seconds a cell
+    (benchmarks/orchestration_overhead.py). A run given Ray Datasets keeps its dataset callback.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            unused: tuple[type, ...] = (PlacementGroupCleanerCallback,)
+            if not self.datasets:
+                unused += (DatasetsCallback,)
+            # Static typing sees Train V1's TorchTrainer; at run time it is V2's, which has this method.
+            defaults = super()._create_default_callbacks()  # type: ignore[misc]
+            return [cb for cb in defaults if not isinstance(cb, unused)]
+
+    return LeanTorchTrainer
 
 
 def autoscaler_node_types() -> list[tuple[str, dict[str, float], int]] | None:
