@@ -191,8 +191,11 @@ def lean_torch_trainer() -> type:
     `PlacementGroupCleaner` that polls the controller's liveness through the State API every second to remove
     the workers' placement group if the controller dies: the driver already does that for every cell
     (`remove_placement_groups_of_dead_train_controllers`), with or without a dashboard. Each is one more process
-    that imports Ray at every cell's start; on the 2-core machine the two cost about 4 CPU seconds a cell
-    (benchmarks/orchestration_overhead.py). A run given Ray Datasets keeps its dataset callback.
+    that imports Ray at every cell's start, and the cleaner's poll loads the dashboard all through training: a
+    3-cell sweep of the tiny cell on the 2-core machine took 71.7 s and 76 CPU seconds without them, 88.3 s and
+    105 CPU seconds with them (benchmarks/orchestration_overhead.py). The cleaner also misjudges: an overloaded
+    State API that answers "no such actor" gets a live run's placement group removed and its workers killed,
+    which the Ray tests saw on the busy 2-core machine. A run given Ray Datasets keeps its dataset callback.
     """
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
