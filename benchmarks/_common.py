@@ -161,12 +161,17 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def checkout_commit() -> str | None:
-    """The checkout's commit, where there is one (a copied working tree has none)."""
+    """The checkout's commit, with "+changes" when tracked files differ from it; None where there is no checkout
+    (a copied working tree)."""
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    commit = head.stdout.strip()
+    if head.returncode != 0 or not commit:
+        return None
+    return commit + ("+changes" if dirty.returncode == 1 else "")
 
 
 def save_result(path: Path, result: dict[str, Any]) -> None:

@@ -240,7 +240,7 @@ def _orchestration_details(r: dict[str, Any]) -> str:
             f"{100 * r['long_cell_fraction']:.1f} %, and it is the part that grows with a study's size. From whole "
             f"runs, (T(N) - T(1)) / (N - 1) - T(single) = {r['marginal_overhead_whole_runs']:.1f} s wall, "
             f"{r['marginal_overhead_per_cell_cpu']:.1f} s in CPU seconds of the process trees; that difference of "
-            "two runs also carries their Ray start-ups, which alone moved by 4 s between two runs here. Amortised "
+            "two runs also carries the difference of their Ray start-ups. Amortised "
             f"over this sweep, (T(N) - N x T(single)) / N = {r['amortised_overhead_per_cell']:.1f} s per cell. "
             "Each cell starts five processes that import Ray (Tune's trial and its queue, Ray Train's controller "
             "and synchronisation actor, and the worker): on 2 cores, their start-up is most of the cycle's "
@@ -288,8 +288,9 @@ def _saved_note(result: dict[str, Any]) -> str:
             f"Measured on {result['setup']['gpu']} on {result['measured_at']}{commit} with `python -m "
             f"benchmarks.gpu_machine`; rendered from `{result['saved_from']}`, as this machine has no GPU."
         )
+    machine = f" ({result['machine']})" if result.get("machine") else ""
     return (
-        f"Not re-run in this pass: measured here on {result['measured_at']}{commit}, rendered from "
+        f"Not re-run in this pass: measured on {result['measured_at']}{commit}{machine}, rendered from "
         f"`{result['saved_from']}`."
     )
 
@@ -365,7 +366,12 @@ def run(only: list[str] | None = None, write: bool = True) -> dict[str, Any]:
         try:
             result = module.run()
             if write and "skipped" not in result:
-                kept = result | {"seconds": time.perf_counter() - t0, "measured_at": measured_at, "commit": commit}
+                kept = result | {
+                    "seconds": time.perf_counter() - t0,
+                    "measured_at": measured_at,
+                    "commit": commit,
+                    "machine": machine["cpu_model"],
+                }
                 save_result(RESULTS / f"{name}.json", kept)
             results[name] = saved_gpu_result(name, result)
             module.print_result(results[name])

@@ -315,13 +315,16 @@ def test_same_draws_for_the_same_seed_epoch_and_index() -> None:
     c = aug.decode_batch(payloads, [0, 1, 2, 3, 4, 5], epoch=3, **kwargs)  # type: ignore[arg-type]
     assert not np.array_equal(a, c)
     assert not np.array_equal(a[0], a[2])  # same image, different index: different draws
-    # The batch holds each image's train_view as (C, H, W), laid out channels-last in memory.
+    # The batch holds each image's train_view as (C, H, W); for a GPU the same pixels, laid out channels-last.
     views = [
         aug.train_view(aug.open_image(p), "paper", AugmentConfig(), 64, aug.image_rng(7, 2, i))
         for i, p in enumerate(payloads)
     ]
     np.testing.assert_array_equal(a, np.stack([np.asarray(v).transpose(2, 0, 1) for v in views]))
-    assert a.shape == (6, 3, 64, 64) and a.transpose(0, 2, 3, 1).flags.c_contiguous
+    assert a.shape == (6, 3, 64, 64) and a.flags.c_contiguous
+    gpu = aug.decode_batch(payloads, [0, 1, 2, 3, 4, 5], epoch=2, channels_last=True, **kwargs)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(gpu, a)
+    assert gpu.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_only_re_runs_what_it_names_and_keeps_the_other_sections(
     text = doc.read_text()
     assert "## fast (" in text and "value 3 img/s" in text  # measured now
     assert "## slow (" in text and "value 2 img/s" in text  # kept, and said to be kept
-    assert "Not re-run in this pass: measured here on " in text and "`results/slow.json`" in text
+    assert "Not re-run in this pass: measured on " in text and "`results/slow.json`" in text
     assert "| slow | speed | 2 img/s |" in text  # its summary row too
     assert text.index("## fast") < text.index("## slow")  # in the registry's order
 

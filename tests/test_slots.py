@@ -65,13 +65,38 @@ def test_batches_through_shared_memory_equal_decoding_in_the_training_process(
     assert len(shared) == len(threaded) == 6
     assert all(torch.equal(a, b) for a, b in zip(shared, threaded, strict=True))
     assert len({bytes(x.numpy()) for x in shared}) == len(shared)
-    # Both paths hand over decoded batches laid out as decoders write them, channels-last: no transposing copy.
-    assert all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in shared + threaded)
+    # A CPU worker's batches are contiguous (N, C, H, W) as the decoders wrote them; a GPU worker's (colour left to
+    # the device) come channels-last, the same pixels, through the ring and from a thread alike.
+    assert all(x.is_contiguous() for x in shared + threaded)
+    for processes in (2, 0):
+        monkeypatch.setattr(data, "decode_processes", lambda n=processes: n)
+        gpu = [
+            x
+            for x, _, _ in data.iter_batches(
+                dataset,
+                "train",
+                batch_size=4,
+                epoch=1,
+                seed=2,
+                shuffle_buffer=8,
+                augment=AugmentConfig(size=40),
+                colour_on_device=True,
+            )
+        ]
+        assert len(gpu) == 6 and all(x.is_contiguous(memory_format=torch.channels_last) for x in gpu)
+        assert not any(x.is_contiguous() for x in gpu)
 
 
-def test_a_cpu_worker_gets_its_batches_contiguous(dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch) -> None:
-    batches = iter([(x, torch.zeros(len(x), dtype=torch.int64)) for x in _batches(dataset, 1, monkeypatch)[:2]])
-    scaled = [images for images, _ in on_device(batches, resolve_execution(PerformanceConfig(), torch.device("cpu")))]
+def test_the_cpu_path_makes_channels_last_batches_contiguous(
+    dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "decode_processes", lambda: 1)
+    batches = data.iter_batches(dataset, "train", batch_size=4, augment=AugmentConfig(size=40), colour_on_device=True)
+    first_two = [next(batches), next(batches)]
+    batches.close()  # type: ignore[attr-defined]
+    assert all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x, *_ in first_two)
+    cpu = resolve_execution(PerformanceConfig(), torch.device("cpu"))
+    scaled = [images for images, _ in on_device(iter(first_two), cpu)]
     assert len(scaled) == 2
     assert all(x.is_contiguous() and x.dtype == torch.float32 and x.shape == (4, 3, 40, 40) for x in scaled)
 
@@ -145,10 +170,28 @@ def test_byte_slots_round_trip_and_refuse_what_does_not_fit() -> None:
         packed = payloads.pack(1, items)
         assert isinstance(packed, slots.Packed) and packed.capacity == slots.PayloadSlots.MIN_CAPACITY
         assert slots._unpacked(packed) == items
+        empty = payloads.pack(0, [])
+        assert isinstance(empty, slots.Packed) and slots._unpacked(empty) == []
         big = [b"x" * (packed.capacity + 1)]
         assert payloads.pack(0, big) is big
     finally:
         payloads.close()
+        slots.close_idle_rings()  # not lent to a later test's reader
+
+
+def test_a_payload_ring_a_straggler_may_still_read_is_not_lent_again() -> None:
+    payloads = slots.PayloadSlots(2)
+    packed = payloads.pack(0, [b"jpeg"])
+    assert isinstance(packed, slots.Packed)
+    payloads.reusable = False  # what the reader sets when a decoding process outlived its wait
+    payloads.close()
+    assert _gone(packed.name)
+    kept = slots.PayloadSlots(2)
+    again = kept.pack(0, [b"jpeg"])
+    kept.close()  # reusable: kept idle for the next reader
+    assert isinstance(again, slots.Packed) and again.name != packed.name and not _gone(again.name)
+    slots.close_idle_rings()
+    assert _gone(again.name)
 
 
 def _slow_fill(value: int, seconds: float, out: np.ndarray) -> np.ndarray:

@@ -336,22 +336,27 @@ def decode_batch(
     epoch: int,
     out: np.ndarray | None = None,
     colour: np.ndarray | None = None,
+    channels_last: bool = False,
 ) -> np.ndarray:
-    """Decode (and for training augment) encoded images into one (N, C, size, size) uint8 array laid out
-    channels-last in memory: a transposed view of an (N, size, size, C) buffer, the first N rows of ``out`` when
-    given (a shared-memory slot, `workloads.slots`). With ``colour`` ((N, COLOUR_PARAMS)), the "paper" transform's
-    colour maps are written there instead of applied (see :func:`train_view`).
+    """Decode (and for training augment) encoded images into one (N, C, size, size) uint8 array: the first N
+    rows of ``out`` when given (a shared-memory slot, `workloads.slots`), an (N, C, size, size) buffer, or with
+    ``channels_last`` an (N, size, size, C) one, returned as its (N, C, size, size) view. With ``colour``
+    ((N, COLOUR_PARAMS)), the "paper" transform's colour maps are written there instead of applied (see
+    :func:`train_view`).
 
-    Channels-last because it is PIL's own layout: each image is one contiguous copy into its row, where a (C, H, W)
-    row needs a strided copy (0.05-0.15 ms an image on the 2-core machine, of about 2 ms to decode and augment
-    it), and it is the layout a GPU trains in (`workloads.execution.Execution.channels_last`). Runs in decoding
-    processes; what it returns depends only on its arguments.
+    ``channels_last`` is for batches bound for a GPU, which trains in that layout
+    (`workloads.execution.Execution.channels_last`): it is PIL's own, so each image is one contiguous copy, where
+    a (C, H, W) row needs a strided one (0.05-0.15 ms an image on the 2-core machine, of about 2 ms to decode and
+    augment it). A CPU worker trains on contiguous (N, C, H, W) batches, and that strided copy had better be
+    made here, beside the training process, than in it. Runs in decoding processes; what it returns depends
+    only on its arguments.
     """
     import numpy as np
 
+    n = len(payloads)
     if out is None:
-        out = np.empty((len(payloads), size, size, channels), dtype=np.uint8)
-    out = out[: len(payloads)]
+        out = np.empty((n, size, size, channels) if channels_last else (n, channels, size, size), dtype=np.uint8)
+    rows = out[:n].transpose(0, 3, 1, 2) if channels_last else out[:n]
     for i, (payload, index) in enumerate(zip(payloads, indices, strict=True)):
         img = open_image(payload)
         if train:
@@ -359,8 +364,8 @@ def decode_batch(
             view = train_view(img, name, cfg, size, rng, None if colour is None else colour[i])
         else:
             view = eval_view(img, cfg, size)
-        out[i] = to_hwc(view, channels)
-    return out.transpose(0, 3, 1, 2)
+        rows[i] = to_hwc(view, channels).transpose(2, 0, 1)
+    return rows
 
 
 def deferring_colour(fn: Any, stored: Any, *args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:

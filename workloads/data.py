@@ -736,8 +736,7 @@ def iter_batches(
     pinned: bool = False,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Stream this rank's share of a split as (uint8 (B, C, H, W), int64 (B,)) batches; the training loop scales
-    the pixels to [0, 1] on its device (`workloads.execution.on_device`). Decoded images are laid out channels-last
-    in memory (see `workloads.augment.decode_batch`), stored ones as stored.
+    the pixels to [0, 1] on its device (`workloads.execution.on_device`).
 
     The shard order is a permutation drawn from (seed, epoch), the same on every rank; each rank reads only a
     contiguous range of about num_images / world_size rows of that order (disjoint across ranks, together the
@@ -753,7 +752,8 @@ def iter_batches(
     ``colour_on_device`` (a GPU worker): the "paper" transform's colour jitter and lighting, an eighth of the
     decoding processes' work, are left to the device; each batch then carries a third element, the images'
     (B, COLOUR_PARAMS) float32 colour maps (`workloads.augment.colour_map`), which `workloads.execution.on_device`
-    applies there. Other transforms ignore it and yield pairs. ``pinned`` (a CUDA worker): batches are copied
+    applies there. Other transforms ignore it and yield pairs. Decoded images then also come laid out
+    channels-last in memory, the GPU's layout. ``pinned`` (a CUDA worker): batches are copied
     out into page-locked memory, which the upload to the GPU reads without another copy; it needs CUDA.
     """
     info = _as_info(source)
@@ -856,6 +856,12 @@ class _View:
         return self.colour_on_device and self.train and self.name == "paper" and self.info.image_shape[0] == 3
 
     @property
+    def channels_last(self) -> bool:
+        """Whether decoded batches come channels-last in memory: for a GPU worker (the one that takes its colour
+        maps to the device), which trains in that layout; a CPU worker gets contiguous (N, C, H, W)."""
+        return self.colour_on_device and self.info.encoded
+
+    @property
     def size(self) -> int:
         return self.cfg.size or self.info.image_shape[1]
 
@@ -885,7 +891,11 @@ class _View:
         }
         if self.info.encoded:
             fn: Callable[..., Any] = partial(
-                aug.decode_batch, train=self.train, channels=self.info.image_shape[0], **common
+                aug.decode_batch,
+                train=self.train,
+                channels=self.info.image_shape[0],
+                channels_last=self.channels_last,
+                **common,
             )
         elif self.train and self.name != "none":
             fn = partial(aug.augment_decoded, **common)
@@ -1087,10 +1097,13 @@ def _augmented_batches(
     window = max(2, 2 * processes, prefetch)
     # Decoding processes write batches into shared memory (workloads.slots); decoding threads return them.
     lent = contextlib.ExitStack()
-    ring = (
-        # Channels-last rows, as `workloads.augment.decode_batch` writes them.
-        lent.enter_context(slots.lent_ring(window, (batch_size, view.size, view.size, shape[0]))) if processes else None
+    # Slots hold the batches as `workloads.augment.decode_batch` writes them.
+    slot_shape = (
+        (batch_size, view.size, view.size, shape[0])
+        if view.channels_last
+        else (batch_size, shape[0], view.size, view.size)
     )
+    ring = lent.enter_context(slots.lent_ring(window, slot_shape)) if processes else None
     payloads = slots.PayloadSlots(window) if processes and info.encoded else None
     if payloads is not None:
         lent.callback(payloads.close)
@@ -1107,7 +1120,7 @@ def _augmented_batches(
     try:
         for result, labels in labelled:
             images, colour = result if isinstance(result, tuple) else (result, None)
-            if ring is not None:
+            if ring is not None and view.channels_last:
                 images = images.transpose(0, 3, 1, 2)  # (N, C, H, W), as decode_batch returns it without a ring
             batch = _pixel_tensors(images, labels, pinned)  # copies the slot, which the next task may overwrite
             del images, result

@@ -162,8 +162,8 @@ def on_device(
     On a GPU, batch k+1 is sent from pinned memory (where the reader put it, `data.iter_batches(pinned=True)`;
     a pageable batch is copied there first), still uint8 (a quarter of float32's bytes), on a side stream while
     batch k trains, and scaled there, so the copy overlaps compute and never blocks the host; the compute stream
-    waits for it only when it uses the batch. On the CPU the batches are only scaled, and laid out as the CPU
-    trains (decoded JPEGs arrive channels-last; their uint8 pixels are transposed, a quarter of float's bytes).
+    waits for it only when it uses the batch. On the CPU the batches are only scaled, in the layout the CPU
+    trains in (a channels-last batch, as a GPU worker's reader delivers them, is transposed while still uint8).
     """
     device = execution.device
     if device.type != "cuda":

@@ -246,7 +246,7 @@ def _unpacked(packed: Packed) -> list[bytes]:
         raise ValueError(f"shared memory {packed.name} is closed")
     slot = buffer[packed.slot * packed.capacity : (packed.slot + 1) * packed.capacity]
     try:
-        starts = (0, *packed.ends[:-1])
+        starts = (0, *packed.ends[:-1]) if packed.ends else ()
         return [bytes(slot[a:b]) for a, b in zip(starts, packed.ends, strict=True)]
     finally:
         slot.release()
