@@ -47,6 +47,8 @@ def test_colour_maps_applied_on_the_gpu_match_the_cpu(
     assert batches and all(len(batch) == 3 for batch in batches)
     # What a CUDA worker reads: batches copied out into page-locked memory, the same pixels as pageable ones.
     assert all(images.is_pinned() and labels.is_pinned() for images, labels, _ in batches)
+    # Laid out channels-last, as the decoding processes wrote them and as the GPU trains: no transpose anywhere.
+    assert all(images.is_contiguous(memory_format=torch.channels_last) for images, _, _ in batches)
     # on_device's pin_memory() then hands them over as they are: no second copy.
     assert all(images.pin_memory().data_ptr() == images.data_ptr() for images, _, _ in batches)
     pageable = list(data.iter_batches(dataset, "train", **kwargs))  # type: ignore[arg-type]
