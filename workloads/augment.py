@@ -312,15 +312,17 @@ def pad_crop_flip(images: np.ndarray, cfg: AugmentConfig, rngs: list[np.random.G
     return out
 
 
-def to_hwc(img: Image.Image, channels: int) -> np.ndarray:
-    """(H, W, C) uint8 as PIL lays it out, a view; a greyscale image of a colour dataset keeps one channel, which
-    assigning it to an (H, W, 3) row broadcasts to three."""
+def to_chw(img: Image.Image, channels: int) -> np.ndarray:
+    """(C, H, W) uint8, a view of the pixels as PIL lays them out, (H, W, C); a greyscale image of a colour dataset
+    keeps one channel, which assigning it to a (3, H, W) row broadcasts to three."""
     import numpy as np
 
     pixels = np.asarray(img)
     if pixels.ndim == 2:
-        return pixels[:, :, None]
-    return pixels if pixels.shape[2] == channels else pixels[:, :, :1]
+        pixels = pixels[:, :, None]
+    elif pixels.shape[2] != channels:
+        pixels = pixels[:, :, :1]
+    return pixels.transpose(2, 0, 1)
 
 
 def decode_batch(
@@ -364,7 +366,7 @@ def decode_batch(
             view = train_view(img, name, cfg, size, rng, None if colour is None else colour[i])
         else:
             view = eval_view(img, cfg, size)
-        rows[i] = to_hwc(view, channels).transpose(2, 0, 1)
+        rows[i] = to_chw(view, channels)
     return rows
 
 
@@ -403,5 +405,5 @@ def augment_decoded(
     for k, (image, rng) in enumerate(zip(images, rngs, strict=True)):
         pil = PILImage.fromarray(image[0] if c == 1 else image.transpose(1, 2, 0))
         view = train_view(pil, name, cfg, size, rng, None if colour is None else colour[k])
-        out[k] = to_hwc(view, c).transpose(2, 0, 1)
+        out[k] = to_chw(view, c)
     return out
