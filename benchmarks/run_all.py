@@ -225,9 +225,8 @@ def _orchestration_details(r: dict[str, Any]) -> str:
         f"Sweep CPU seconds by process (last run; names are Linux's 15-character `comm`): {top}.",
         "The difference is the once-per-sweep start-up (a fresh Ray instance and its dashboard, Tune) plus one "
         "cell's own overhead: its Tune trial and the queue it reports through, and Ray Train's controller, "
-        "worker group and synchronisation actor, each a new process that imports Ray (the process list above). "
-        "Train 2.60 would start two more per cell, a dataset manager and a placement-group cleaner; cells run "
-        "without them (`orchestrator.ray_compat.lean_torch_trainer`). In-loop `train_seconds` Ray / single: "
+        "worker group and its synchronisation, dataset and placement-group actors, each a new process that "
+        "imports Ray (the process list above). In-loop `train_seconds` Ray / single: "
         f"{r['in_loop_train_ratio']:.2f} (few-second epochs on a shared machine: read as noise unless far from 1).",
     ]
     if "cells" in r:
@@ -242,9 +241,9 @@ def _orchestration_details(r: dict[str, Any]) -> str:
             f"{r['marginal_overhead_per_cell_cpu']:.1f} s in CPU seconds of the process trees; that difference of "
             "two runs also carries the difference of their Ray start-ups. Amortised "
             f"over this sweep, (T(N) - N x T(single)) / N = {r['amortised_overhead_per_cell']:.1f} s per cell. "
-            "Each cell starts five processes that import Ray (Tune's trial and its queue, Ray Train's controller "
-            "and synchronisation actor, and the worker): on 2 cores, their start-up is most of the cycle's "
-            "overhead."
+            "Each cell starts seven processes that import Ray (Tune's trial and its queue, Ray Train's controller, "
+            "its synchronisation, dataset and placement-group actors, and the worker): on 2 cores, their start-up "
+            "is most of the cycle's overhead."
         )
     return "\n\n".join(parts)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
 
 RAY_VERSION = "2.60.0"
 
@@ -147,13 +146,13 @@ def remove_placement_groups_of_dead_train_controllers() -> list[str]:
     A cell's Train controller lives on its Tune trial's node (Train 2.60 pins it there). When that node is lost,
     the controller and the workers it owned die with it, but not the placement group it created for the workers:
     a placement group lives as long as the job that created it (here the sweep's driver), not as long as its
-    creating actor. Ray Train 2.60 would remove such groups from a detached `PlacementGroupCleaner` actor that
-    polls the controller's liveness through the State API, which the dashboard serves (ray-project/ray#58515);
-    on a cluster started without a dashboard every poll fails ("State API may be temporarily unavailable.
-    Continuing to monitor.") and the group keeps the cell's CPUs and GPUs reserved on the nodes that survived.
-    The retried trial's new worker group then waits for resources that never free up and fails after
+    creating actor. Ray Train 2.60 removes such groups from a detached `PlacementGroupCleaner` actor that polls
+    the controller's liveness through the State API, which the dashboard serves (ray-project/ray#58515); on a
+    cluster started without a dashboard every poll fails ("State API may be temporarily unavailable. Continuing
+    to monitor.") and the group keeps the cell's CPUs and GPUs reserved on the nodes that survived. The retried
+    trial's new worker group then waits for resources that never free up and fails after
     RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S. Found by tests/test_multinode_ray.py (losing the node of a trial and
-    its controller). Cells now run without that cleaner (`lean_torch_trainer`), so this is the only one.
+    its controller).
 
     The GCS records who created each placement group and whether that actor is dead; a group created by a
     Train controller that is dead can never be used again, so removing it does what the cleaner would have done.
@@ -177,41 +176,10 @@ def remove_placement_groups_of_dead_train_controllers() -> list[str]:
         group_id = ray.PlacementGroupID(group.placement_group_id)
         try:
             remove_placement_group(PlacementGroup(group_id))
-        except Exception:  # removed meanwhile (by the sweep's ray.shutdown, say): nothing left to do
+        except Exception:  # removed meanwhile (by Ray's own cleaner, where a dashboard runs): nothing left to do
             continue
         removed.append(group_id.hex())
     return removed
-
-
-def lean_torch_trainer() -> type:
-    """Ray Train's TorchTrainer without two actors per run that this product does not use.
-
-    Train 2.60 starts, beside every run's controller and workers, a `DatasetManager` actor for the run's Ray
-    Datasets, even when it has none (cells read their shards themselves, `workloads.data`), and a detached
-    `PlacementGroupCleaner` that polls the controller's liveness through the State API every second to remove
-    the workers' placement group if the controller dies: the driver already does that for every cell
-    (`remove_placement_groups_of_dead_train_controllers`), with or without a dashboard. Each is one more process
-    that imports Ray at every cell's start, and the cleaner's own process spent 2-3 CPU seconds a cell polling:
-    a 3-cell sweep of the tiny cell on the 2-core machine took 81.8 s and 101 CPU seconds with them, 69.5 s and
-    77 CPU seconds without them (benchmarks/orchestration_overhead.py, one run each). The cleaner also misjudges:
-    an overloaded State API that answers "no such actor" gets a live run's placement group removed and its
-    workers killed, which the Ray tests saw on the busy 2-core machine. A run given Ray Datasets keeps its
-    dataset callback.
-    """
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    class LeanTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self) -> list[Any]:
-            unused: tuple[type, ...] = (PlacementGroupCleanerCallback,)
-            if not self.datasets:
-                unused += (DatasetsCallback,)
-            # Static typing sees Train V1's TorchTrainer; at run time it is V2's, which has this method.
-            defaults = super()._create_default_callbacks()  # type: ignore[misc]
-            return [cb for cb in defaults if not isinstance(cb, unused)]
-
-    return LeanTorchTrainer
 
 
 def autoscaler_node_types() -> list[tuple[str, dict[str, float], int]] | None:

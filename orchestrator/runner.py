@@ -60,7 +60,7 @@ def run_cell(config: dict[str, Any], sweep_url: str) -> None:
     import ray.train
     import torch  # here, not at the top: the sweep's driver imports this module and never needs torch
     from ray import tune
-    from ray.train.torch import TorchConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cell: Cell = config["cell"]
@@ -68,7 +68,7 @@ def run_cell(config: dict[str, Any], sweep_url: str) -> None:
     storage_path, filesystem = storage.ray_storage()
     # NCCL needs real GPUs; scheduling tests run with fake GPU resources on a CPU box, where gloo is the way.
     backend = "nccl" if cell.use_gpu and torch.cuda.is_available() else "gloo"
-    trainer = ray_compat.lean_torch_trainer()(
+    trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"train": cell.config},
         torch_config=TorchConfig(backend=backend),

@@ -145,10 +145,9 @@ MECHANISMS = """## What makes these pass
 - **Nodes come and go.** Nothing a cell needs lives on a node's disk: data, checkpoints and results are in the
   sweep's storage, and a restarted worker group reads its checkpoint from there. A lost node takes its workers
   with it and Ray Train restarts the worker group on the nodes left, up to `max_failures` times. A Train
-  controller lost with its node leaves its worker placement group reserved (cells run without Ray Train's own
-  cleaner, which needs the State API, ray-project/ray#58515, and misjudges when it is overloaded): the driver
-  removes placement groups whose Train controller is dead every 5 s while cells run, and the trial does before
-  a cell's workers are placed (`orchestrator/ray_compat.py`). A lost *trial*
+  controller lost with its node leaves its worker placement group reserved on a cluster without a dashboard
+  (Ray Train's own cleaner needs the State API, ray-project/ray#58515): before a cell's workers are placed, the
+  trial removes placement groups whose Train controller is dead (`orchestrator/ray_compat.py`). A lost *trial*
   (its node gone, and the cell's Train controller with it) is run again by Tune, up to `max_failures` times,
   and resumes from the cell's checkpoints in storage; a cell that fails on its own (unschedulable, a non-finite
   loss, its worker restarts spent) ends its trial with the failure recorded and is never run again.

@@ -75,25 +75,3 @@ def test_trials_get_a_worker_group_start_timeout_a_new_node_can_meet(monkeypatch
     assert switches["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"
     monkeypatch.setenv(ray_compat.WORKER_GROUP_START_TIMEOUT_ENV, "90")  # the user's choice wins
     assert ray_compat.driver_environment()[ray_compat.WORKER_GROUP_START_TIMEOUT_ENV] == "90"
-
-
-def test_the_lean_trainer_leaves_out_only_the_unused_actors_callbacks() -> None:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    def names(trainer: object) -> list[str]:
-        return [type(cb).__name__ for cb in trainer._create_default_callbacks()]  # type: ignore[attr-defined]
-
-    scaling = ray.train.ScalingConfig(num_workers=1)
-    stock = names(TorchTrainer(lambda config: None, scaling_config=scaling))
-    lean_class = ray_compat.lean_torch_trainer()
-    lean = names(lean_class(lambda config: None, scaling_config=scaling))
-    # The callbacks it drops are Ray's own (a renamed or moved one fails here, not in a cell).
-    dropped = {PlacementGroupCleanerCallback.__name__, DatasetsCallback.__name__}
-    assert dropped <= set(stock)
-    assert lean == [name for name in stock if name not in dropped]
-    # Given Ray Datasets, a run keeps the callback that serves them.
-    with_data = names(lean_class(lambda config: None, scaling_config=scaling, datasets={"train": [1, 2]}))
-    assert DatasetsCallback.__name__ in with_data and PlacementGroupCleanerCallback.__name__ not in with_data

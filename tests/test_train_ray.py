@@ -1,5 +1,4 @@
-"""The real Ray Train path: the TorchTrainer cells run (`orchestrator.ray_compat.lean_torch_trainer`) runs
-`workloads.train.train_loop_per_worker` on two DDP workers (gloo).
+"""The real Ray Train path: a TorchTrainer runs `workloads.train.train_loop_per_worker` on two DDP workers (gloo).
 
 One local Ray instance per module, 2 CPUs, half a CPU per worker and finite failure limits (DESIGN section 6: on
 a 2-CPU machine whole-CPU workers deadlock and, by default, the controller retries forever).
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +30,6 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from orchestrator import ray_compat
 from workloads.config import TrainConfig
 from workloads.faults import FAULT_ENV
 from workloads.sessions import STATE_FILE
@@ -68,9 +67,20 @@ def fault_flag(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local(fault_flag: Path) -> Iterator[None]:
-    """A new local Ray instance (address="local": never someone else's cluster from /tmp/ray)."""
+    """A new local Ray instance (address="local": never someone else's cluster from /tmp/ray).
+
+    Its processes get a state-API address that refuses connections. Ray Train's PlacementGroupCleaner asks the
+    state API every second whether the run's controller is alive and removes the run's placement group (its
+    workers die: "Destroying worker since its placement group was removed") when the answer is empty. On this
+    busy shared machine that happened to live runs: an overloaded state API, or discovery of another user's
+    cluster, answers "no such actor". Refused connections raise ServerUnavailable, which the cleaner logs and
+    ignores; ray.shutdown() removes everything at the end anyway.
+    """
+    refuse = socket.socket()
+    refuse.bind(("127.0.0.1", 0))  # bound but never listening: connections are refused, no one else can listen
     fault = {"seed": FAULT_SEED, "epoch": FAULT_EPOCH, "kind": "raise", "once_file": str(fault_flag)}
     env = {
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{refuse.getsockname()[1]}",
         FAULT_ENV: json.dumps(fault),
         "OMP_NUM_THREADS": "1",
         # Workers import `workloads` from the repository wherever pytest was started from.
@@ -84,6 +94,7 @@ def ray_local(fault_flag: Path) -> Iterator[None]:
     finally:
         ray.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        refuse.close()
 
 
 def tiny_cell(url: str, seed: int) -> TrainConfig:
@@ -105,8 +116,7 @@ def tiny_cell(url: str, seed: int) -> TrainConfig:
 
 
 def trainer(cfg: TrainConfig, storage: Path, log: Path, attempt: str) -> TorchTrainer:
-    # The trainer class cells run (orchestrator.runner).
-    return ray_compat.lean_torch_trainer()(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg},
         scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
