@@ -29,7 +29,7 @@ import json
 import math
 import re
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 from urllib.parse import parse_qsl, urlsplit
@@ -47,6 +47,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from orchestrator.overrides import OverrideError, apply_overrides
 from workloads.config import MAX_SEED, NORMS, RESNET_STAGES, RUNNING_STATS_NORMS, Strategy, WorkloadConfig
 
 MAX_SPEC_BYTES = 1 << 20
@@ -733,8 +734,9 @@ def _scan(data: Any) -> None:
         raise SpecError(_join(problems))
 
 
-def parse_spec(text: str, source: str = "<spec>") -> Spec:
-    """Validate spec `text` (YAML); `source` names it in messages. Raises SpecError, one line per problem."""
+def parse_spec(text: str, source: str = "<spec>", overrides: Sequence[str] = ()) -> Spec:
+    """Validate spec `text` (YAML) with the command line's KEY=VALUE `overrides` applied (orchestrator.overrides);
+    `source` names it in messages. Raises SpecError, one line per problem."""
     if len(text.encode("utf-8", errors="replace")) > MAX_SPEC_BYTES:
         raise SpecError(f"{source}: larger than {MAX_SPEC_BYTES // (1 << 20)} MiB; a spec is a short YAML file")
     try:
@@ -751,6 +753,10 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
     if not isinstance(data, dict):
         got = "the file is empty" if data is None else f"got {show_value(data)}"
         raise SpecError(f"{source}: the top level must be a mapping with keys {', '.join(Spec.model_fields)} ({got})")
+    try:
+        data = apply_overrides(data, overrides)
+    except OverrideError as exc:
+        raise SpecError(str(exc)) from None
     _scan(data)
     grid_is_mapping = isinstance(data.get("grid"), dict)
 
@@ -770,8 +776,9 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
     return spec
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate the spec file at `path`. Raises SpecError (missing file, too large, invalid)."""
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
+    """Read and validate the spec file at `path`, KEY=VALUE `overrides` applied. Raises SpecError (missing file,
+    too large, invalid)."""
     file = Path(path)
     try:
         size = file.stat().st_size
@@ -790,4 +797,4 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec file ({exc.strerror})") from None
-    return parse_spec(text, str(path))
+    return parse_spec(text, str(path), overrides)

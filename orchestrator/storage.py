@@ -25,11 +25,57 @@ import pyarrow.fs
 
 from workloads.fs import open_fs, with_retries, write_atomic
 
+# Where a relative local storage path resolves when the driver runs as a Ray job (docs: README "On a cluster").
+STORAGE_ROOT_ENV = "SWEEP_STORAGE_ROOT"
+DEFAULT_JOB_STORAGE_ROOT = "~/adversarial-sweep"
+
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
 UNSCHEDULABLE_FILE = "unschedulable.json"  # present while the cell's workers fit on no live node
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"  # the cell's per-epoch training metrics (orchestrator.progress writes it)
+
+
+def ray_temp_dir_around(cwd: str) -> str | None:
+    """Ray's temporary folder, when `cwd` is a job's unpacked working directory
+    (`<temp dir>/session_*/runtime_resources/working_dir_files/_ray_pkg_*`), else None."""
+    if "/runtime_resources/" not in cwd or "/session_" not in cwd:
+        return None
+    return cwd.split("/session_", 1)[0]
+
+
+def resolve_storage_url(url: str, cwd: str | None = None, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """The storage URL a driver should use for `url`, and a note saying why it differs ("" when it does not).
+
+    `ray job submit --working-dir .` runs the driver inside a copy of the project that Ray unpacks into its
+    temporary folder: a relative path like the specs' `./runs` would put the results there, out of the user's
+    sight, lost to Ray's cleanup, and different after every cluster restart (so nothing would resume). Inside a
+    job, a relative path therefore resolves under $SWEEP_STORAGE_ROOT (default ~/adversarial-sweep on the node
+    running the driver), and an absolute path inside Ray's temporary folder is refused (ValueError).
+    """
+    cwd = cwd or os.getcwd()
+    environ = dict(os.environ) if environ is None else environ
+    if "://" in url and not url.startswith("file://"):
+        return url, ""  # object storage: unaffected
+    path = url.removeprefix("file://")
+    ray_temp = ray_temp_dir_around(cwd)
+    if ray_temp is None:
+        return url, ""
+    if not os.path.isabs(path):
+        root = environ.get(STORAGE_ROOT_ENV, "").strip() or os.path.expanduser(DEFAULT_JOB_STORAGE_ROOT)
+        if not os.path.isabs(root):
+            raise ValueError(f"${STORAGE_ROOT_ENV} must be an absolute path, not {root!r}")
+        resolved = os.path.normpath(os.path.join(root, path))
+        return resolved, (
+            f"the relative storage path {url!r} resolves under {root} (${STORAGE_ROOT_ENV}) because this driver "
+            "runs in a Ray job's temporary working directory"
+        )
+    if os.path.normpath(path).startswith(ray_temp.rstrip("/") + "/"):
+        raise ValueError(
+            f"storage {url!r} lies in Ray's temporary folder {ray_temp}, which does not outlive the cluster; "
+            "pass --storage with a lasting path or an s3:// URL"
+        )
+    return url, ""
 
 
 @dataclass(frozen=True)

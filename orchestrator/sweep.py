@@ -1,4 +1,4 @@
-"""`python -m orchestrator.sweep SPEC [--storage URL] [--plan [--json]]`: run (or plan) a whole study.
+"""`python -m orchestrator.sweep SPEC [KEY=VALUE ...] [--storage URL] [--plan [--json]]`: run (or plan) a study.
 
 Exit status: 0 every cell finished; 1 some cells failed (listed with their error); 2 invalid spec or arguments.
 Under `ray job submit` the driver connects to the cluster; elsewhere `ray.init()` starts a local Ray instance.
@@ -29,7 +29,7 @@ from orchestrator.redact import redact  # noqa: E402
 from orchestrator.report import build_report  # noqa: E402
 from orchestrator.results import write_results  # noqa: E402
 from orchestrator.spec import Spec, SpecError, load_spec  # noqa: E402
-from orchestrator.storage import CONFIG_FILE, SweepStorage  # noqa: E402
+from orchestrator.storage import CONFIG_FILE, SweepStorage, resolve_storage_url  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -48,6 +48,13 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m orchestrator.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="the study's YAML file, e.g. sweeps/smoke.yaml")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="change a field of the spec, validated like the YAML: workload.recipe.epochs=2, grid.seed=[0,1,2], "
+        "grid[1].norm=[bn] for a list-form grid; the stored spec.yaml holds the result",
+    )
     parser.add_argument("--storage", help="storage URL overriding the spec's (path, file://, s3://bucket/prefix)")
     parser.add_argument("--plan", action="store_true", help="validate and plan only; runs nothing, needs no Ray")
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
@@ -58,14 +65,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     if args.json and not args.plan:
         print("error: --json only goes with --plan", file=sys.stderr)
         return EXIT_INVALID
     try:
-        spec = load_spec(args.spec)
+        spec = load_spec(args.spec, args.overrides)
         if args.storage is not None:  # an empty --storage (unset shell variable) is an error, not "no override"
             spec = spec.with_storage(args.storage)
+        if not args.plan:
+            spec = _lasting_storage(spec)
         cells = expand(spec)
         plan = plan_spec(spec, cells)
     except SpecError as err:
@@ -80,6 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(plan_to_json(plan), indent=2) if args.json else format_plan(plan))
         return EXIT_OK
     return run_sweep(spec, cells, plan, takeover=args.takeover)
+
+
+def _lasting_storage(spec: Spec) -> Spec:
+    """The spec with its storage outside a Ray job's temporary working directory (storage.resolve_storage_url)."""
+    try:
+        url, note = resolve_storage_url(spec.storage)
+    except ValueError as err:
+        raise SpecError(f"storage: {err}") from None
+    if note:
+        print(f"storage: {note}")
+        spec = spec.with_storage(url)
+    return spec
 
 
 def run_sweep(spec: Spec, cells: list[Cell], plan: Plan, takeover: bool = False) -> int:
@@ -179,30 +200,16 @@ def _head_resources() -> dict[str, float]:
     return {}
 
 
-BUILTIN_DATA = "builtin://"
-
-
 def _materialise_data(storage: SweepStorage, cells: list[Cell]) -> dict[str, str]:
     """Bundled datasets (`builtin://digits`: scikit-learn's handwritten digits, shipped in the package) are
     converted once into the sweep's storage, so every worker reads them like any other sharded dataset."""
-    from workloads import data
+    from workloads import builtin_data
 
-    converters = {"digits": data.digits_to_parquet}
-    resolved: dict[str, str] = {}
-    for url in sorted({cell.config.data.url for cell in cells if cell.config.data.url.startswith(BUILTIN_DATA)}):
-        name = url.removeprefix(BUILTIN_DATA)
-        if name not in converters:
-            raise InfeasibleError(
-                f"workload.data.url: unknown built-in dataset {url!r} (known: {', '.join(converters)})"
-            )
-        target = f"{storage.url}/datasets/{name}"
-        try:
-            data.read_info(target)
-        except FileNotFoundError:
-            print(f"preparing {url} in {target}")
-            converters[name](target)
-        resolved[url] = target
-    return resolved
+    urls = sorted({cell.config.data.url for cell in cells if builtin_data.is_builtin(cell.config.data.url)})
+    try:
+        return {url: builtin_data.materialise(url, storage.url) for url in urls}
+    except ValueError as err:
+        raise InfeasibleError(f"workload.data.url: {err}") from None
 
 
 def request_capacity(running: list[Cell]) -> None:

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workloads.augment import AugmentConfig
+from workloads.builtin_data import check_builtin
 
 # ResNet depths as data: depth -> (block type, blocks per stage). 18..200 are the standard He et al. layouts
 # (200 from He et al. 2016b). The paper's deep variants (Section 5, Figure 7) give no split; we keep ResNet-152's
@@ -165,6 +166,7 @@ class DataConfig(_Strict):
     def _not_blank(cls, url: str) -> str:
         if not url.strip():
             raise ValueError("a data URL is required (local path, file:// or s3://)")
+        check_builtin(url)  # a typo in builtin://... fails at validation, not once Ray is up
         return url
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from workloads import data, faults
+from workloads import builtin_data, data, faults
 from workloads.attacks import autocast, memory_format_of, pgd
 from workloads.bn_fold import FoldedForAttack
 from workloads.config import RecipeConfig, TrainConfig
@@ -348,23 +348,45 @@ def adversarial_loss(
     return loss, stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workloads.train",
-        description="Train and evaluate one cell in this process, without Ray.",
-    )
-    parser.add_argument("config", type=Path, help="a TrainConfig as JSON (e.g. a cell's config.json)")
-    parser.add_argument("--out", type=Path, default=Path("runs/single"), help="checkpoints and metrics.jsonl")
-    args = parser.parse_args(argv)
+def read_cell_config(path: Path) -> TrainConfig:
+    """A TrainConfig from `path`: either a TrainConfig as JSON or a cell's `config.json` as the sweep writes it
+    (`{"cell_id", "axes", "train": {...}}`). ValueError with a one-line reason for anything else."""
     try:
-        cfg = TrainConfig.model_validate_json(args.config.read_text())
+        document = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"{path}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    if isinstance(document, dict) and isinstance(document.get("train"), dict):
+        document = document["train"]
+    try:
+        return TrainConfig.model_validate(document)
     except ValidationError as err:
         # One line: pydantic's own text spends three lines on each error.
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        print(f"error: {args.config}: {' '.join(problems.split())}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {args.config}: {err}", file=sys.stderr)
+        raise ValueError(f"{path}: {' '.join(problems.split())}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workloads.train",
+        description="Train and evaluate one cell in this process, without Ray (for debugging a cell).",
+    )
+    parser.add_argument(
+        "config",
+        type=Path,
+        help="a cell's config.json as the sweep stores it (cells/ID/config.json) or a TrainConfig",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/single"), help="checkpoints and metrics.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        cfg = read_cell_config(args.config)
+        if builtin_data.is_builtin(cfg.data.url):
+            # Converted once into the output folder, as the sweep converts it into its storage.
+            url = builtin_data.materialise(cfg.data.url, os.fspath(args.out.resolve()))
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"url": url})})
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     session = LocalSession(args.out, use_gpu=cfg.use_gpu)
     final = run(cfg, session)
@@ -372,10 +394,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}))
     print(f"finished {cfg.recipe.epochs} epochs; checkpoints and metrics in {os.fspath(args.out)}")
     return 0 if final else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 if __name__ == "__main__":
