@@ -1,9 +1,13 @@
 """results.parquet: one row per (cell, eval branch), rebuilt from the cells' records in storage; history.parquet:
 one row per (cell, training epoch), rebuilt from the cells' history.json.
 
-results.parquet columns (DESIGN section 4): cell_id, the grid axes, branch, acc_clean, acc_pgd_<N> for each
+results.parquet columns (README "Storage layout"): cell_id, the grid axes, branch, acc_clean, acc_pgd_<N> for each
 evaluated N, epochs, train_seconds, gpu_hours, status; plus `error` (the failure's one-line reason, empty when
 finished). A failed cell gets one `main` row with null accuracies, so a reader sees it instead of silently missing it.
+Then `sweep` (the sweep's name), the provenance of each finished cell (orchestrator.provenance.PROVENANCE_KEYS: code
+hash, git commit, library versions, host, device) and the cell's whole resolved configuration flattened into
+`config.<path>` columns (e.g. `config.attack.eps`, `config.model.width`; lists as JSON text), so results of several
+sweeps can be combined and told apart by any field (orchestrator.api.load_results).
 
 history.parquet columns: cell_id, the grid axes, epoch, then HISTORY_METRICS (null where an epoch did not measure
 one: no clean images at clean ratio 0, no adversarial ones in standard training).
@@ -12,6 +16,7 @@ one: no clean images at clean ratio 0, no adversarial ones in standard training)
 from __future__ import annotations
 
 import io
+import json
 import math
 import sys
 from collections.abc import Iterable, Mapping
@@ -20,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.provenance import PROVENANCE_KEYS
 from orchestrator.redact import redact
 from orchestrator.storage import HISTORY_FILE as CELL_HISTORY_FILE
 from orchestrator.storage import SweepStorage
@@ -38,10 +44,32 @@ _AXIS_TYPES = {
 }
 
 
-def result_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def flatten_config(config: Mapping[str, Any], prefix: str = "config") -> dict[str, Any]:
+    """`{"attack": {"eps": 16}}` -> `{"config.attack.eps": 16}`; lists become JSON text (one Parquet type)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten_config(value, name)
+        elif isinstance(value, list | tuple):
+            flat[name] = json.dumps(list(value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def result_rows(
+    records: Iterable[Mapping[str, Any]], sweep: str | None = None, configs: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for record in records:
         base = {"cell_id": record["cell_id"]} | {axis: record["axes"].get(axis) for axis in AXES}
+        extra: dict[str, Any] = {"sweep": sweep}
+        provenance = record.get("provenance") or {}
+        extra |= {key: provenance.get(key) for key in PROVENANCE_KEYS}
+        config = (configs or {}).get(record["cell_id"])
+        if config is not None:
+            extra |= flatten_config(config.model_dump(mode="json") if hasattr(config, "model_dump") else config)
         common = {
             "epochs": int(record.get("epochs", 0)),
             "train_seconds": float(record.get("train_seconds", 0.0)),
@@ -51,7 +79,7 @@ def result_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         }
         branches = record.get("branches") or {"main": {}}
         for branch, accuracies in sorted(branches.items()):
-            rows.append(base | {"branch": branch} | dict(accuracies) | common)
+            rows.append(base | {"branch": branch} | dict(accuracies) | common | extra)
     return rows
 
 
@@ -59,11 +87,14 @@ def _pgd_key(column: str) -> int:
     return int(column.removeprefix("acc_pgd_"))
 
 
-def results_table(records: Iterable[Mapping[str, Any]]) -> pa.Table:
-    rows = result_rows(records)
+def results_table(
+    records: Iterable[Mapping[str, Any]], sweep: str | None = None, configs: Mapping[str, Any] | None = None
+) -> pa.Table:
+    rows = result_rows(records, sweep, configs)
     pgd_columns = sorted({k for row in rows for k in row if k.startswith("acc_pgd_")}, key=_pgd_key)
     columns = ["cell_id", *AXES, "branch", "acc_clean", *pgd_columns, "epochs", "train_seconds", "gpu_hours"]
-    columns += ["status", "error"]
+    columns += ["status", "error", "sweep", *PROVENANCE_KEYS]
+    columns += sorted({k for row in rows for k in row if k.startswith("config.")})
     types = (
         _AXIS_TYPES
         | {
@@ -76,9 +107,13 @@ def results_table(records: Iterable[Mapping[str, Any]]) -> pa.Table:
     )
     rows.sort(key=lambda r: (r["cell_id"], r["branch"]))
     arrays = {}
+    types |= {"git_dirty": pa.bool_()}
     for column in columns:
         values = [_clean(row.get(column)) for row in rows]
-        arrays[column] = pa.array(values, type=types.get(column, pa.string()))
+        if column.startswith("config."):
+            arrays[column] = pa.array(values)  # each config field has one type across cells; pyarrow infers it
+        else:
+            arrays[column] = pa.array(values, type=types.get(column, pa.string()))
     return pa.table(arrays)
 
 
@@ -92,14 +127,19 @@ def _write_table(storage: SweepStorage, name: str, table: pa.Table) -> None:
     storage.write_bytes_atomic(storage.path(name), buffer.getvalue())
 
 
-def write_results(storage: SweepStorage, records: Iterable[Mapping[str, Any]]) -> pa.Table:
+def write_results(
+    storage: SweepStorage,
+    records: Iterable[Mapping[str, Any]],
+    sweep: str | None = None,
+    configs: Mapping[str, Any] | None = None,
+) -> pa.Table:
     """results.parquet from the records, then history.parquet from the same cells' history.json.
 
     The history is a by-product: a cell whose history cannot be read is left out with a warning, and a failure to
     write history.parquet is a warning too, never a reason to lose results.parquet.
     """
     records = list(records)
-    table = results_table(records)
+    table = results_table(records, sweep, configs)
     _write_table(storage, RESULTS_FILE, table)
     try:
         _write_table(storage, HISTORY_FILE, history_table(read_histories(storage, [r["cell_id"] for r in records])))

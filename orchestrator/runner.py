@@ -51,7 +51,7 @@ def resource_demand(cell: Cell) -> dict[str, float]:
     return {"CPU": cell.num_workers * cell.cpus_per_worker + TRIAL_CPU, "GPU": float(cell.gpus)}
 
 
-def run_cell(config: dict[str, Any], sweep_url: str) -> None:
+def run_cell(config: dict[str, Any], sweep_url: str, provenance: dict[str, Any] | None = None) -> None:
     """Tune function trainable (`config["cell"]` is the `Cell`; `sweep_url` comes through `tune.with_parameters`):
     fit the cell's TorchTrainer and publish result.json (or error.json).
 
@@ -106,7 +106,10 @@ def run_cell(config: dict[str, Any], sweep_url: str) -> None:
         tune.report({CELL_FAILED: reason})
         return
     metrics = dict(result.metrics or {})
-    storage.write_json(storage.cell_path(cell.cell_id, RESULT_FILE), finished_record(cell, metrics, started))
+    record = finished_record(cell, metrics, started)
+    # Which code and libraries produced these numbers (orchestrator.provenance); the device is the worker's own.
+    record["provenance"] = dict(provenance or {}) | {"device": metrics.get("device")}
+    storage.write_json(storage.cell_path(cell.cell_id, RESULT_FILE), record)
     storage.remove(storage.cell_path(cell.cell_id, ERROR_FILE))
 
 

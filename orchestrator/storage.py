@@ -136,6 +136,22 @@ class SweepStorage:
 
         with_retries(remove, f"remove {path}")
 
+    def set_aside_cell(self, cell_id: str) -> None:
+        """Empty a finished cell's folder so that it trains from scratch, keeping its old result.json as
+        `superseded/<finished_at>.json` (Ray Train would otherwise resume from the old final checkpoint)."""
+        record = self.read_json(self.cell_path(cell_id, RESULT_FILE))
+        if record is not None:
+            self.write_json(self.cell_path(cell_id, "superseded", f"{int(record.get('finished_at', 0))}.json"), record)
+
+        def clear() -> None:
+            fs = self.fs
+            folder = self.cell_path(cell_id)
+            for entry in fs.ls(folder, detail=False) if fs.exists(folder) else []:
+                if entry.rstrip("/").rsplit("/", 1)[-1] != "superseded":
+                    fs.rm(entry, recursive=True)
+
+        with_retries(clear, f"clear cell {cell_id}")
+
     def cell_records(self) -> dict[str, dict[str, Any]]:
         """result.json (finished) or error.json (failed) of every cell that has one, keyed by cell id."""
         fs = self.fs

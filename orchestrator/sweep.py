@@ -25,6 +25,7 @@ from orchestrator.grid import Cell, describe_axes, expand  # noqa: E402
 from orchestrator.lease import DriverLease, LeaseHeldError  # noqa: E402
 from orchestrator.placement import NodeType  # noqa: E402
 from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json  # noqa: E402
+from orchestrator.provenance import changed_code, driver_provenance  # noqa: E402
 from orchestrator.redact import redact  # noqa: E402
 from orchestrator.report import build_report  # noqa: E402
 from orchestrator.results import write_results  # noqa: E402
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="validate and plan only; runs nothing, needs no Ray")
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     parser.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="train again the finished cells whose results came from other workload code (their old result.json "
+        "is kept under superseded/); without it they are listed and kept",
+    )
+    parser.add_argument(
         "--takeover", action="store_true", help="take the sweep over from a driver that holds its lease but is gone"
     )
     return parser
@@ -88,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plan:
         print(json.dumps(plan_to_json(plan), indent=2) if args.json else format_plan(plan))
         return EXIT_OK
-    return run_sweep(spec, cells, plan, takeover=args.takeover)
+    return run_sweep(spec, cells, plan, takeover=args.takeover, rerun_changed=args.rerun_changed)
 
 
 def _lasting_storage(spec: Spec) -> Spec:
@@ -103,7 +110,7 @@ def _lasting_storage(spec: Spec) -> Spec:
     return spec
 
 
-def run_sweep(spec: Spec, cells: list[Cell], plan: Plan, takeover: bool = False) -> int:
+def run_sweep(spec: Spec, cells: list[Cell], plan: Plan, takeover: bool = False, rerun_changed: bool = False) -> int:
     storage = SweepStorage.for_sweep(spec.storage, spec.name)
     lease = DriverLease(storage)
     try:
@@ -112,15 +119,37 @@ def run_sweep(spec: Spec, cells: list[Cell], plan: Plan, takeover: bool = False)
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
     try:
-        return _run_and_collect(spec, cells, plan, storage)
+        return _run_and_collect(spec, cells, plan, storage, rerun_changed)
     finally:
         lease.release()
 
 
-def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepStorage) -> int:
+def _finished_cells(storage: SweepStorage, wanted: set[str], rerun_changed: bool) -> set[str]:
+    """The cells to skip: finished ones, less those from other workload code when `rerun_changed` (whose old
+    result is set aside first). Cells from other code that are kept are listed, so a table mixing two code
+    versions is never a surprise (orchestrator.provenance)."""
+    records = {cid: r for cid, r in storage.cell_records().items() if r["status"] == "finished" and cid in wanted}
+    current = driver_provenance()["source_hash"]
+    changed = changed_code(records, current)
+    if changed:
+        hashes = sorted({str((records[c].get("provenance") or {}).get("source_hash")) for c in changed})
+        print(
+            f"code: {len(changed)} finished cells came from other workload code (source hash "
+            f"{', '.join(hashes)}; now {current}): {', '.join(changed)}"
+        )
+        if rerun_changed:
+            for cell_id in changed:
+                storage.set_aside_cell(cell_id)
+            print("code: --rerun-changed: training them again (old results under cells/ID/superseded/)")
+            return set(records) - set(changed)
+        print("code: kept; pass --rerun-changed to train them again with this code")
+    return set(records)
+
+
+def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepStorage, rerun_changed: bool) -> int:
     storage.write_bytes_atomic(storage.path("spec.yaml"), spec.dump_yaml().encode())
     wanted = {cell.cell_id for cell in cells}
-    finished = {cid for cid, r in storage.cell_records().items() if r["status"] == "finished" and cid in wanted}
+    finished = _finished_cells(storage, wanted, rerun_changed)
     todo = [cell for cell in cells if cell.cell_id not in finished]
     print(f"sweep {spec.name}: {len(cells)} cells, {len(finished)} already finished, {len(todo)} to run")
     print(f"storage: {storage.url}")
@@ -128,7 +157,12 @@ def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepSt
         for cell in todo:
             storage.write_json(
                 storage.cell_path(cell.cell_id, CONFIG_FILE),
-                {"cell_id": cell.cell_id, "axes": cell.axes, "train": cell.config.model_dump(mode="json")},
+                {
+                    "cell_id": cell.cell_id,
+                    "axes": cell.axes,
+                    "train": cell.config.model_dump(mode="json"),
+                    "provenance": driver_provenance(),
+                },
             )
         try:
             _run_cells(spec, storage, todo, plan, already_finished=len(finished), total=len(cells))
@@ -145,7 +179,7 @@ def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepSt
             "status": "failed",
             "error": "no result recorded",
         }
-    write_results(storage, records.values())
+    write_results(storage, records.values(), spec.name, {cell.cell_id: cell.config for cell in cells})
     failed = sorted((r for r in records.values() if r["status"] != "finished"), key=lambda r: r["cell_id"])
     print(f"results: {storage.url}/results.parquet ({len(records) - len(failed)} finished, {len(failed)} failed)")
     try:
@@ -262,7 +296,10 @@ def _run_cells(
     # Tune's own experiment state is scratch: resuming works from the cells' Train checkpoints in storage.
     with tempfile.TemporaryDirectory(prefix="sweep-tune-") as scratch:
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(run_cell, sweep_url=storage.url), {"CPU": TRIAL_CPU}),
+            tune.with_resources(
+                tune.with_parameters(run_cell, sweep_url=storage.url, provenance=driver_provenance()),
+                {"CPU": TRIAL_CPU},
+            ),
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo), reuse_actors=False),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{int(time.time())}",

@@ -207,7 +207,7 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         metrics = train_epoch(training, epoch)
         last = epoch + 1 == cfg.recipe.epochs
         if last:
-            metrics |= eval_metrics(cfg, network, session, num_classes)
+            metrics |= eval_metrics(cfg, network, session, num_classes) | {"device": device_model(cfg.use_gpu)}
         save = last or (epoch + 1) % cfg.checkpoint_every == 0
         state = None
         if save:
@@ -221,8 +221,18 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
             "train_seconds": training.train_seconds,
             "start_epoch": training.start_epoch,
         }
+        final |= {"device": device_model(cfg.use_gpu)}
         session.report(final | eval_metrics(cfg, network, session, num_classes), None)
     return session.history[-1] if isinstance(session, LocalSession) and session.history else {}
+
+
+def device_model(use_gpu: bool) -> str:
+    """What trained the cell, for its provenance: the GPU's name, or the CPU's model."""
+    if use_gpu and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu {platform.machine()} ({os.cpu_count()} cores)"
 
 
 def training_state(
