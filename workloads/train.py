@@ -216,12 +216,12 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
     if training.start_epoch >= cfg.recipe.epochs:
         # Fitting a run whose last checkpoint is the final epoch (Ray Train resumes it from storage; the sweep only
         # does so when result.json was never written): nothing left to train, report the evaluation again.
-        final = {
+        final: dict[str, Any] = {
             "epoch": training.start_epoch,
             "train_seconds": training.train_seconds,
             "start_epoch": training.start_epoch,
+            "device": device_model(cfg.use_gpu),
         }
-        final |= {"device": device_model(cfg.use_gpu)}
         session.report(final | eval_metrics(cfg, network, session, num_classes), None)
     return session.history[-1] if isinstance(session, LocalSession) and session.history else {}
 
