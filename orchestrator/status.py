@@ -1,6 +1,16 @@
-"""`python -m orchestrator.status STORAGE_URL/NAME [--json]`: where every cell of a sweep stands, from storage alone.
+"""`python -m orchestrator.status STORAGE_URL/NAME [--json] [--watch [S]]`: where a sweep and each of its cells
+stand, from storage alone.
 
-Works while the sweep runs and after its cluster is gone: nothing but the sweep's folder is read.
+Works while the sweep runs and after its cluster is gone: nothing but the sweep's folder is read (a read-only
+bucket, or a copied folder holding only results.parquet, will do).
+
+The driver's state comes from its lease (`driver.lease`, orchestrator.lease):
+  running      a driver holds the lease and renews it;
+  interrupted  the lease expired (the driver or its node died), or the sweep has unfinished cells and no
+               driver: submitting the sweep again resumes it;
+  finished     no driver, and every cell finished or failed (a resubmission retries the failed ones).
+The whole sweep's time left is the plan's makespan over the cells not yet finished (orchestrator.plan), rescaled
+by the ratio of measured to planned seconds per epoch of the cells that have trained.
 
 A cell's state (DESIGN section 4's layout):
   finished  cells/<id>/result.json exists;
@@ -34,9 +44,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from orchestrator.grid import expand
-from orchestrator.results import AXES
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.grid import Cell, expand
+from orchestrator.lease import LEASE_FILE
+from orchestrator.results import AXES, RESULTS_FILE
+from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.storage import CONFIG_FILE, ERROR_FILE, HISTORY_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
 
 EXIT_OK, EXIT_INVALID = 0, 2
@@ -63,6 +74,15 @@ class CellStatus:
     stalled: bool = False
     error: str = ""
     files: dict[str, float | None] = field(default_factory=dict, repr=False)  # name under the cell -> mtime
+
+
+@dataclass
+class SweepState:
+    """The sweep as a whole: its driver (from the lease) and the time left."""
+
+    driver: str  # "running", "interrupted", "finished"
+    detail: str
+    eta_seconds: float | None = None
 
 
 class NoSweepError(Exception):
@@ -114,7 +134,9 @@ def cell_statuses(url: str, now: float | None = None) -> tuple[SweepStorage, str
     except Exception as err:  # unknown protocol, unreachable endpoint, no permission
         raise NoSweepError(f"cannot read {storage.url}: {type(err).__name__}: {err}") from None
     if not (has_spec or has_cells):
-        raise NoSweepError(f"no sweep at {storage.url} (no spec.yaml and no cells/)")
+        if fs.exists(storage.path(RESULTS_FILE)):
+            return storage, *_from_results_table(storage)
+        raise NoSweepError(f"no sweep at {storage.url} (no spec.yaml, no cells/ and no {RESULTS_FILE})")
     notes: list[str] = []
     name = storage.url.rstrip("/").rsplit("/", 1)[-1]
     wanted: dict[str, tuple[dict[str, Any], int, int]] = {}  # id -> axes, epochs, checkpoint_every
@@ -153,6 +175,94 @@ def cell_statuses(url: str, now: float | None = None) -> tuple[SweepStorage, str
         status = _cell_status(storage, cell_id, cell_files, axes, epochs, every, now)
         statuses.append(status)
     return storage, name, statuses, notes
+
+
+def _from_results_table(storage: SweepStorage) -> tuple[str, list[CellStatus], list[str]]:
+    """Statuses from results.parquet alone (a copied or published sweep without its cells/ folder)."""
+    from orchestrator.results import read_results
+
+    rows = read_results(storage).to_pylist()
+    name = next((r["sweep"] for r in rows if r.get("sweep")), storage.url.rstrip("/").rsplit("/", 1)[-1])
+    statuses: dict[str, CellStatus] = {}
+    for row in sorted(rows, key=lambda r: (r["cell_id"], r["branch"] != "main", r["branch"] != "mbn_adv")):
+        if row["cell_id"] in statuses:
+            continue  # the main branch (or MBN's adversarial one) stands for the cell, as in the live table
+        status = CellStatus(row["cell_id"], {a: row.get(a) for a in AXES}, row["status"], epochs=row.get("epochs"))
+        status.epoch = row.get("epochs")
+        status.error = row.get("error") or ""
+        status.acc_clean = row.get("acc_clean")
+        strongest = _strongest({k: v for k, v in row.items() if k.startswith("acc_pgd_")})
+        if strongest:
+            status.robust_metric, status.acc_robust = strongest
+        statuses[row["cell_id"]] = status
+    return name, list(statuses.values()), [f"read from {RESULTS_FILE} alone (no cells/ folder here)"]
+
+
+def sweep_state(storage: SweepStorage, statuses: list[CellStatus], now: float) -> SweepState:
+    """The driver's state from its lease, and the whole sweep's time left (see the module's docstring)."""
+    try:
+        lease = storage.read_json(storage.path(LEASE_FILE))
+    except Exception:  # unreadable lease: say nothing about the driver rather than guess
+        lease = None
+    unfinished = [s for s in statuses if s.state not in ("finished", "failed")]
+    if lease and float(lease.get("expires_at", 0)) >= now:
+        renewed = now - (float(lease["expires_at"]) - _lease_ttl(lease))
+        return SweepState(
+            "running",
+            f"driver on host {lease.get('host')} (pid {lease.get('pid')}), lease renewed "
+            f"{_duration(max(0.0, renewed))} ago",
+        )
+    if lease:
+        gone = now - float(lease.get("expires_at", now))
+        return SweepState(
+            "interrupted",
+            f"the driver (host {lease.get('host')}) stopped renewing its lease {_duration(gone)} ago: submit the "
+            "sweep again to resume",
+        )
+    if unfinished:
+        started = any(s.state in ("running", "unschedulable") or s.epoch for s in unfinished)
+        what = "interrupted" if started or len(unfinished) < len(statuses) else "not started"
+        return SweepState("interrupted", f"{what}, no driver: submit the sweep again to resume")
+    failed = sum(s.state == "failed" for s in statuses)
+    detail = "every cell finished" if not failed else f"{failed} cells failed; a resubmission retries them"
+    return SweepState("finished", detail, eta_seconds=0.0)
+
+
+def _lease_ttl(lease: dict[str, Any]) -> float:
+    from orchestrator.lease import DEFAULT_TTL_S
+
+    return float(lease.get("ttl_s") or DEFAULT_TTL_S)
+
+
+def sweep_eta(spec: Spec, cells: list[Cell], statuses: list[CellStatus]) -> float | None:
+    """Seconds until every cell has finished: the plan's makespan over the unfinished cells, each counted for
+    the share of its epochs still to train, rescaled by measured / planned seconds per epoch (the median over the
+    cells that have trained). None when no cell has a measured epoch time yet (the plan alone would be a guess)."""
+    from orchestrator.plan import plan_spec
+
+    by_id = {s.cell_id: s for s in statuses}
+    plan = plan_spec(spec, cells)
+    ratios, remaining_share = [], []
+    for cell, planned in zip(cells, plan.cells, strict=True):
+        status = by_id.get(cell.cell_id)
+        epochs = cell.config.recipe.epochs
+        planned_epoch = planned.wall_hours * 3600 / epochs if epochs else 0.0
+        if status and status.seconds_per_epoch and planned_epoch > 0:
+            ratios.append(status.seconds_per_epoch / planned_epoch)
+        if status is None or status.state not in ("finished", "failed"):
+            done = (status.epoch or 0) if status else 0
+            remaining_share.append((cell, max(0.0, 1 - done / epochs) if epochs else 1.0))
+    if not remaining_share:
+        return 0.0
+    if not ratios:
+        return None
+    ratios.sort()
+    scale = ratios[len(ratios) // 2]
+    rest = plan_spec(spec, [cell for cell, _ in remaining_share])
+    # The makespan of the remaining cells whole, shrunk by the share of their work still to do.
+    whole = sum(p.wall_hours for p in rest.cells) or 1.0
+    left = sum(p.wall_hours * share for p, (_, share) in zip(rest.cells, remaining_share, strict=True))
+    return rest.makespan_hours * 3600 * scale * left / whole
 
 
 def _cell_status(
@@ -268,7 +378,9 @@ def _accuracy(value: float | None, training: bool) -> str:
     return f"{'~' if training else ''}{100 * value:.1f}"
 
 
-def format_status(name: str, url: str, statuses: list[CellStatus], notes: list[str], now: float) -> str:
+def format_status(
+    name: str, url: str, statuses: list[CellStatus], notes: list[str], now: float, state: SweepState | None = None
+) -> str:
     counts = {state: sum(s.state == state for s in statuses) for state in STATES}
     lines = [
         f"sweep {name} ({url}): {len(statuses)} cells: "
@@ -281,6 +393,11 @@ def format_status(name: str, url: str, statuses: list[CellStatus], notes: list[s
     varied = [a for a in AXES if len({repr(s.axes.get(a)) for s in statuses}) > 1] or [
         a for a in AXES if any(a in s.axes for s in statuses)
     ]
+    if state is not None:
+        line = f"driver: {state.driver} ({state.detail})"
+        if state.driver == "running":
+            line += f"; the whole sweep needs about {_duration(state.eta_seconds)} more" if state.eta_seconds else ""
+        lines.append(line)
     robust_names = sorted({s.robust_metric for s in statuses if s.robust_metric.startswith("acc_pgd_")})
     robust_header = "PGD-" + "/".join(n.removeprefix("acc_pgd_") for n in robust_names) if robust_names else "adv"
     header = ["cell", "state", "epoch", "clean", robust_header, "time left", "updated", "axes"]
@@ -328,27 +445,69 @@ def format_status(name: str, url: str, statuses: list[CellStatus], notes: list[s
     return "\n".join(lines)
 
 
+def _spec_of(storage: SweepStorage) -> Spec | None:
+    try:
+        with storage.fs.open(storage.path("spec.yaml"), "rb") as f:
+            return parse_spec(f.read().decode("utf-8", errors="replace"), "spec.yaml")
+    except (OSError, SpecError):
+        return None
+
+
+def snapshot(url: str, now: float) -> tuple[SweepStorage, str, list[CellStatus], list[str], SweepState]:
+    """Everything `status` prints: the cells and the sweep as a whole. Raises NoSweepError."""
+    storage, name, statuses, notes = cell_statuses(url, now)
+    state = sweep_state(storage, statuses, now)
+    if state.driver == "running":
+        spec = _spec_of(storage)
+        if spec is not None:
+            try:
+                state.eta_seconds = sweep_eta(spec, expand(spec), statuses)
+            except Exception as err:  # a plan that no longer fits the spec's cluster: no estimate, say why
+                notes.append(f"no estimate of the time left ({type(err).__name__}: {str(err).splitlines()[0]})")
+    return storage, name, statuses, notes, state
+
+
+def _render(url: str, as_json: bool) -> tuple[str, SweepState]:
+    now = time.time()
+    storage, name, statuses, notes, state = snapshot(url, now)
+    if as_json:
+        cells = [{k: v for k, v in asdict(s).items() if k != "files"} for s in statuses]
+        document = {"sweep": name, "url": storage.url, "driver": asdict(state), "cells": cells, "notes": notes}
+        return json.dumps(document, indent=2), state
+    return format_status(name, storage.url, statuses, notes, now, state), state
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.status", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", help="the sweep's folder: STORAGE_URL/NAME, e.g. ./runs/smoke or s3://b/p/smoke")
     parser.add_argument("--json", action="store_true", help="print the cells as JSON")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=30.0,
+        metavar="SECONDS",
+        help="print again every SECONDS (default 30) until the driver is no longer running",
+    )
     args = parser.parse_args(argv)
-    now = time.time()
-    try:
-        storage, name, statuses, notes = cell_statuses(args.sweep, now)
-    except NoSweepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    if args.json:
-        cells = [{k: v for k, v in asdict(s).items() if k != "files"} for s in statuses]
-        text = json.dumps({"sweep": name, "url": storage.url, "cells": cells, "notes": notes}, indent=2)
-    else:
-        text = format_status(name, storage.url, statuses, notes, now)
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:  # `... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return EXIT_OK
+    while True:
+        try:
+            text, state = _render(args.sweep, args.json)
+        except NoSweepError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_INVALID
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # `... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+        if args.watch is None or state.driver != "running":
+            return EXIT_OK
+        try:
+            time.sleep(max(1.0, args.watch))  # a refresh interval for a person watching, not a wait on a condition
+        except KeyboardInterrupt:
+            return EXIT_OK
+        print()
 
 
 if __name__ == "__main__":
