@@ -84,6 +84,7 @@ MONITORING_DIR = DEPLOY_DIR / "monitoring"
 SCHEMA_DIR = DEPLOY_DIR / "schemas" / "kuberay"
 GRAFANA_DASHBOARD = MONITORING_DIR / "grafana-dashboard.json"
 
+LOCAL_OVERLAYS = ("local",)  # overlays whose cluster runs on this machine, with the image built here
 IMAGE_NAME = "adversarial-sweep"  # the last path component of the project image, any registry
 FLAVOURS = ("gpu", "cpu")
 S3_SECRET = "sweep-s3-credentials"
@@ -1468,6 +1469,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check_all()
+    if args.image is None and args.overlay in overlay_names() and args.overlay not in LOCAL_OVERLAYS:
+        # The base manifests name the image a local build is tagged with; a cluster would pull that name from a
+        # registry (Docker Hub, for an unqualified name) and fail or, worse, run someone else's image.
+        print(
+            f"error: --image is required for overlay {args.overlay!r}: name the image you pushed to your registry, "
+            "e.g. --image registry.example.org/team/adversarial-sweep:2.60.0-gpu "
+            f"(only {', '.join(LOCAL_OVERLAYS)} runs a locally built image)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         docs = render(args.spec, args.overlay, args.image)
     except (DeployError, SpecError) as err:

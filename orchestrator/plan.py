@@ -449,7 +449,8 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         "lower_bound_hours": plan.lower_bound_hours,
         "planning": plan.planning.model_dump(mode="json"),
         "decode_images_per_core_second": DECODE_IMAGES_PER_CORE_SECOND,
-        "input_cpus_per_worker": input_cpus_per_worker(plan.cells),
+        # Sized for GPU workers only, as the table shows: a CPU worker trains far slower than it decodes.
+        "input_cpus_per_worker": input_cpus_per_worker(plan.cells) if plan.device == "GPU" else None,
         "warnings": list(plan.warnings),
         "cells": [
             {
@@ -466,7 +467,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
                 "end_hours": p.end_hours,
                 "images_per_second": p.images_per_second,
                 "input_cores": p.input_cores,
-                "input_cpus_per_worker": p.input_cpus_per_worker,
+                "input_cpus_per_worker": p.input_cpus_per_worker if plan.device == "GPU" else None,
             }
             for p in plan.cells
         ],

@@ -1000,10 +1000,20 @@ def test_render_refuses_a_cluster_that_cannot_hold_the_largest_cell(tmp_path: Pa
 
 def test_cli_render_writes_one_applyable_file(tmp_path: Path) -> None:
     out = tmp_path / "sweep.yaml"
-    assert deploy.main(["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--out", str(out)]) == 0
+    image = "registry.example.org/team/adversarial-sweep:2.60.0-gpu"
+    args = ["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--image", image]
+    assert deploy.main([*args, "--out", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# Rendered by: python -m orchestrator.deploy render --spec sweeps/ablation.yaml")
-    assert canonical(list(yaml.safe_load_all(text))) == canonical(render("sweeps/ablation.yaml", "gpu-cluster"))
+    assert canonical(list(yaml.safe_load_all(text))) == canonical(render("sweeps/ablation.yaml", "gpu-cluster", image))
+
+
+def test_cli_render_for_a_cluster_requires_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep.yaml"
+    assert deploy.main(["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--out", str(out)]) == 2
+    assert "--image is required for overlay 'gpu-cluster'" in capsys.readouterr().err and not out.exists()
+    # The local overlay runs the image built on this machine: no registry, no --image needed.
+    assert deploy.main(["render", "--spec", "sweeps/tiny.yaml", "--overlay", "local", "--out", str(out)]) == 0
 
 
 @pytest.mark.parametrize(
@@ -1044,7 +1054,8 @@ def test_cli_cell_larger_than_the_cluster_is_one_line(tmp_path: Path, monkeypatc
         "grid: {seed: [0, 1]}\nresources: {use_gpu: true, max_workers_per_cell: 256, cluster_gpus: 128}\n"
     )
     monkeypatch.setattr(deploy, "PROJECT_ROOT", tmp_path)
-    assert deploy.main(["render", "--spec", str(spec), "--overlay", "gpu-cluster"]) == 2
+    image = "registry.example.org/adversarial-sweep:2.60.0-gpu"
+    assert deploy.main(["render", "--spec", str(spec), "--overlay", "gpu-cluster", "--image", image]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "256 GPUs" in err and "cluster_gpus" in err
 
