@@ -225,12 +225,16 @@ def _client_env(token_path: Path) -> dict[str, str]:
 
 @contextmanager
 def ray_head(
-    prefix: str = "ray-local-", markers: tuple[str, ...] = (), log: Callable[[str], None] = print
+    prefix: str = "ray-local-",
+    markers: tuple[str, ...] = (),
+    log: Callable[[str], None] = print,
+    head_env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
     """A one-node Ray head on 127.0.0.1 with 2 CPUs, no GPU and token authentication; on exit, its processes (and
     every process whose command line names its temp dir or one of `markers`) are stopped and nothing else. The
     temp dir (named `prefix`...) is removed unless some process survived SIGKILL: see `Cluster.survivors`.
-    RuntimeError if `ray start` fails or takes longer than START_TIMEOUT_S."""
+    RuntimeError if `ray start` fails or takes longer than START_TIMEOUT_S. `head_env` adds variables to the head's
+    environment only (its processes and the jobs' drivers inherit them), not to the clients'."""
     # A short path: Ray puts Unix sockets under <temp-dir>/session_*/sockets (at most 107 bytes per path).
     temp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     token = secrets.token_hex(32)
@@ -262,7 +266,13 @@ def ray_head(
     started = time.monotonic()
     # A session of its own: every process `ray start` spawns shares one process group that teardown can find.
     head = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        command,
+        cwd=REPO,
+        env={**env, **(head_env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     own = OwnProcesses(pgid=head.pid, markers=[str(temp_dir), *markers])
     cluster = Cluster(
