@@ -14,15 +14,14 @@ from typing import Any
 
 import pytest
 import yaml
-
 from scipy import stats as scipy_stats
 
 from orchestrator import health, report
 from orchestrator.grid import Cell, expand
 from orchestrator.report import build_report
 from orchestrator.results import write_results
-from orchestrator.stats import binomial_se
 from orchestrator.spec import Spec, parse_spec
+from orchestrator.stats import binomial_se
 from orchestrator.storage import SweepStorage
 from workloads.fs import open_fs
 
@@ -574,3 +573,156 @@ def test_cli_writes_the_report_and_exits_2_without_a_sweep(
     assert report.main([str(tmp_path / "nothing-here")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no sweep at") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pairing: BN and BN* of one seed
+
+
+def test_bn_star_against_bn_is_paired_by_seed(tmp_path: Path) -> None:
+    spec = make_spec(DIGITS_WORKLOAD, [{"norm": ["bn", "bn*"], "seed": [0, 1, 2, 3, 4]}])
+    # Seeds spread by several points; BN* is about 1 point above BN of the same seed, every time.
+    bn = [0.172, 0.215, 0.146, 0.121, 0.198]
+    star = [v + d for v, d in zip(bn, [0.006, 0.014, 0.008, 0.012, 0.010], strict=True)]
+    records = [
+        record(
+            c,
+            {
+                "main": {
+                    "acc_clean": 0.6,
+                    "acc_pgd_5": 0.3,
+                    "acc_pgd_10": (star if c.axes["norm"] == "bn*" else bn)[c.axes["seed"]],
+                }
+            },
+        )
+        for c in expand(spec)
+    ]
+    storage = write_sweep(str(tmp_path / "star"), spec, records)
+    build_report(storage.url)
+    markdown = read_text(storage, "report", "report.md")
+    found = comparison(
+        table_in(markdown, "Running statistics", comparisons=True),
+        "100% adv + 0% clean* vs 100% adv + 0% clean (ref)",
+        "PGD-10",
+    )
+    reference = scipy_stats.ttest_rel([100 * v for v in star], [100 * v for v in bn])
+    assert (found["n"], found["test"], found["p"]) == ("5 pairs", "paired t", f"{reference.pvalue:.3f}")
+    # Table 2: running statistics add robustness. (The digits evaluation's PGD-10, step 1, cannot reach eps 16.)
+    assert found["verdict"] == "reproduced ⚠ PGD-10 cannot reach eps"
+    # Unpaired, the seed-to-seed spread would hide it: the pairing is what makes it significant.
+    assert scipy_stats.ttest_ind(star, bn, equal_var=False).pvalue > 0.5 and reference.pvalue < 0.05
+    # Clean accuracy is identical in every seed: said so, no NaN.
+    same = comparison(
+        table_in(markdown, "Running statistics", comparisons=True),
+        "100% adv + 0% clean* vs 100% adv + 0% clean (ref)",
+        "clean",
+    )
+    assert same["verdict"] == "no difference (identical in every seed)"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training health
+
+
+def history(cell_id: str, loss: list[float], adv: list[float], lr: list[float]) -> list[dict[str, Any]]:
+    rows = zip(loss, adv, lr, strict=True)
+    return [
+        {"cell_id": cell_id, "epoch": e, "loss": value, "train_acc_adv": a, "train_acc_clean": None, "lr": r}
+        for e, (value, a, r) in enumerate(rows, start=1)
+    ]
+
+
+LR = [0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001]  # decays at epochs 4 and 7
+
+
+def test_stuck_seed_is_flagged_and_a_healthy_one_not() -> None:
+    flat_loss = [2.3, 2.0, 1.9, 1.85, 1.84, 1.84, 1.84]
+    rows = history("stuck", flat_loss, [0.10, 0.11, 0.12, 0.14, 0.15, 0.19, 0.18], LR)
+    rows += history("healthy", flat_loss, [0.10, 0.11, 0.12, 0.14, 0.15, 0.21, 0.18], LR)
+    rows += history("early", flat_loss[:3], [0.10, 0.10, 0.10], LR[:3])  # not past its first decay: not judged
+    flags = health.stuck_seeds(rows, num_classes=10)
+    assert [(f.cell_id, f.epoch) for f in flags] == [("stuck", 4)]
+    assert "19.0 % < 20.0 %" in flags[0].detail and "adversarial" in flags[0].detail
+    assert health.stuck_seeds(rows, num_classes=1000) == []  # 2 x chance is 0.2 % at 1000 classes
+
+
+def test_loss_still_falling_at_a_decay_is_flagged() -> None:
+    # Falling 20 % per epoch into the decay at epoch 4; flat before epoch 7, except that epoch 4 itself (the
+    # first at the lower LR) drops, which is the first decay's doing and must not count.
+    falling = history("falling", [2.0, 1.6, 1.28, 0.70, 0.70, 0.70, 0.69], [0.5] * 7, LR)
+    settled = history("settled", [2.0, 1.99, 1.98, 1.97, 1.97, 1.97, 1.96], [0.5] * 7, LR)
+    flags = health.loss_falling_at_decays(falling + settled)
+    assert [(f.cell_id, f.epoch) for f in flags] == [("falling", 4)]
+    # Least-squares slope through 2.0, 1.6, 1.28: -0.36 per epoch, relative to their mean.
+    assert flags[0].value == pytest.approx(0.36 / ((2.0 + 1.6 + 1.28) / 3))
+    assert health.relative_drop_per_epoch([(1, 1.0)]) is None
+
+
+def test_evaluation_attack_short_of_eps_is_flagged() -> None:
+    spec_eval = {"pgd_steps": [10, 16, 200], "eps": 16.0, "step_size": 1.0}
+    flags = health.attack_short_of_eps(
+        {None: spec_eval, "same": dict(spec_eval), "other": {**spec_eval, "step_size": 0.1}}
+    )
+    assert [(f.cell_id, f.metric) for f in flags] == [
+        (None, "acc_pgd_10"),
+        ("other", "acc_pgd_10"),
+        ("other", "acc_pgd_16"),
+    ]
+    assert flags[0].detail == "PGD-10 with step 1 moves a pixel at most 10 < eps 16"
+    assert health.note(flags, ["a", "b"], "acc_pgd_10") == "PGD-10 cannot reach eps"
+    assert health.note(flags, ["a", "b"], "acc_pgd_200") == ""
+
+
+def test_report_shows_health_flags_and_marks_verdicts_resting_on_them(tmp_path: Path) -> None:
+    spec = make_spec(DIGITS_WORKLOAD, [{"clean_ratio": [0.0, 1.0], "seed": [0, 1, 2]}])
+    storage = SweepStorage(str(tmp_path / "health"))
+    # The bundled dataset as the sweep converts it into its storage: 10 classes, 150 test images.
+    meta = {"num_classes": 10, "splits": {"test": {"num_images": 150}, "train": {"num_images": 1000}}}
+    storage.write_json(storage.path("datasets", "digits", "meta.json"), meta)
+    stuck = None
+    for cell_ in expand(spec):
+        adv = (
+            [0.1, 0.12, 0.13, 0.14]
+            if cell_.axes == {**cell_.axes, "clean_ratio": 1.0, "seed": 2}
+            else [0.3, 0.6, 0.8, 0.9]
+        )
+        stuck = cell_.cell_id if adv[-1] < 0.2 else stuck
+        epochs = [
+            {
+                "epoch": e,
+                "loss": 1.0,
+                "train_acc_adv": a,
+                "train_acc_clean": None,
+                "lr": lr,
+                "images_per_sec": 1.0,
+                "epoch_seconds": 1.0,
+            }
+            for e, (a, lr) in enumerate(zip(adv, [0.1, 0.1, 0.01, 0.01], strict=True), start=1)
+        ]
+        storage.write_json(
+            storage.cell_path(cell_.cell_id, "history.json"),
+            {"cell_id": cell_.cell_id, "axes": cell_.axes, "epochs": epochs},
+        )
+    records = [
+        record(c, {"main": values_at(R0 if c.axes["clean_ratio"] == 0.0 else R50, c.axes["seed"])})
+        for c in expand(spec)
+    ]
+    write_sweep(storage.url, spec, records)
+    build_report(storage.url)
+    markdown = read_text(storage, "report", "report.md")
+    section = markdown.split("## Training health", 1)[1].split("\n## ", 1)[0]
+    stuck_table = [t for t in tables(markdown) if t["section"] == "Training health" and t["header"][0] == "cell"][0]
+    assert [r["cell"] for r in stuck_table["rows"]] == [f"`{stuck}`"]
+    assert "PGD-5 with step 1 moves a pixel at most 5 < eps 16" in section  # the digits eval: step 1, eps 16
+    comparisons = table_in(markdown, "Clean ratio", comparisons=True)
+    label = "100% adv + 100% clean vs 100% adv + 0% clean (ref)"
+    assert comparison(comparisons, label, "clean")["verdict"].endswith("⚠ stuck in 1 of 6 cells")
+    assert comparison(comparisons, label, "PGD-5")["verdict"].endswith(
+        "⚠ stuck in 1 of 6 cells; PGD-5 cannot reach eps"
+    )
+    # The per-cell binomial error uses the evaluated images: eval.subset 200 capped by the 150 test images.
+    cells = table_in(markdown, "Every cell and branch")
+    assert cells["rows"][0]["clean"].endswith(
+        f"± {100 * binomial_se(float(cells['rows'][0]['clean'].split()[0]) / 100, 150):.1f}"
+    )
+    assert "150 evaluation images" in markdown
