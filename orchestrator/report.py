@@ -353,6 +353,8 @@ def health_section(data: SweepData, flags: list[health.Flag]) -> list[str]:
     short = [f for f in flags if f.kind == "attack short of eps"]
     if not flags:
         return [*out, "No cell or attack is flagged.", ""]
+    if not stuck and (data.dataset or {}).get("num_classes"):
+        out += ["Stuck seeds: none.", ""]
     if stuck:
         body = [
             [
