@@ -1,4 +1,5 @@
-"""The report: paper-style tables parsed back from the Markdown, the noise rule, figures, partial sweeps, S3.
+"""The report: paper-style tables parsed back from the Markdown, comparisons and verdicts, training health,
+figures, partial sweeps, S3.
 
 Every sweep here is hand-built: spec.yaml from a real Spec, results.parquet written by
 `orchestrator.results.write_results` from hand-made records with known accuracies. No Ray, no training.
@@ -13,12 +14,14 @@ from typing import Any
 
 import pytest
 import yaml
+from scipy import stats as scipy_stats
 
-from orchestrator import report
+from orchestrator import health, report
 from orchestrator.grid import Cell, expand
-from orchestrator.report import Stat, build_report, exceeds_noise
+from orchestrator.report import build_report
 from orchestrator.results import write_results
 from orchestrator.spec import Spec, parse_spec
+from orchestrator.stats import binomial_se
 from orchestrator.storage import SweepStorage
 from workloads.fs import open_fs
 
@@ -43,7 +46,8 @@ R50 = {"acc_clean": [0.70, 0.72, 0.74], "acc_pgd_5": [0.405, 0.415, 0.425], "acc
 R100 = {"acc_clean": [0.80], "acc_pgd_5": [0.30], "acc_pgd_10": [0.15]}  # seed 1 missing, seed 2 failed
 DEPTH34 = {"acc_clean": [0.61, 0.63, 0.65], "acc_pgd_5": [0.419, 0.429, 0.439], "acc_pgd_10": [0.33, 0.35, 0.37]}
 MBN_ADV = {"acc_clean": [0.50, 0.51, 0.52], "acc_pgd_5": [0.45, 0.46, 0.47], "acc_pgd_10": [0.40, 0.41, 0.42]}
-MBN_CLEAN = {"acc_clean": [0.78, 0.79, 0.80], "acc_pgd_5": [0.10, 0.11, 0.12], "acc_pgd_10": [0.05, 0.06, 0.07]}
+# MBN_clean - MBN_adv per network: exactly +0.28 clean (no variance), -0.35/-0.34/-0.36 at PGD-10 (a paired test).
+MBN_CLEAN = {"acc_clean": [0.78, 0.79, 0.80], "acc_pgd_5": [0.10, 0.11, 0.12], "acc_pgd_10": [0.05, 0.07, 0.06]}
 
 
 def make_spec(workload: dict[str, Any], grid: list[dict[str, Any]], name: str = "rep") -> Spec:
@@ -116,7 +120,7 @@ def read_text(storage: SweepStorage, *parts: str) -> str:
 # ------------------------------------------------------------------------------------------------------------
 # Reading the Markdown back
 
-CELL = re.compile(r"^(?P<mean>-?\d+\.\d)(?: ± (?P<std>\d+\.\d))?(?: \(Δ (?P<delta>[+-]\d+\.\d)(?P<flag> †)?\))?$")
+CELL = re.compile(r"^(?P<mean>-?\d+\.\d)(?: ± (?P<std>\d+\.\d))?(?: \(binomial ± (?P<binomial>\d+\.\d)\))?$")
 
 
 def tables(markdown: str) -> list[dict[str, Any]]:
@@ -145,8 +149,15 @@ def tables(markdown: str) -> list[dict[str, Any]]:
     return found
 
 
-def table_in(markdown: str, section_start: str, fixed_contains: str = "") -> dict[str, Any]:
-    matches = [t for t in tables(markdown) if t["section"].startswith(section_start) and fixed_contains in t["fixed"]]
+def table_in(markdown: str, section_start: str, fixed_contains: str = "", comparisons: bool = False) -> dict[str, Any]:
+    """The one table of a section (and 'Fixed:' line): its levels, or with `comparisons` the comparisons below."""
+    matches = [
+        t
+        for t in tables(markdown)
+        if t["section"].startswith(section_start)
+        and fixed_contains in t["fixed"]
+        and (t["header"][0] == "comparison") == comparisons
+    ]
     assert len(matches) == 1, f"{len(matches)} tables in {section_start!r} with {fixed_contains!r}"
     return matches[0]
 
@@ -162,9 +173,25 @@ def cell(text: str) -> dict[str, Any]:
     return {
         "mean": float(match["mean"]),
         "std": float(match["std"]) if match["std"] else None,
-        "delta": float(match["delta"]) if match["delta"] else None,
-        "flagged": bool(match["flag"]),
+        "binomial": float(match["binomial"]) if match["binomial"] else None,
     }
+
+
+def comparison(table: dict[str, Any], label: str, metric: str) -> dict[str, str]:
+    (found,) = [r for r in table["rows"] if r["comparison"] == label and r["accuracy"] == metric]
+    return found
+
+
+def welch_text(a: list[float], b: list[float]) -> tuple[str, str]:
+    """Δ [95% CI] and p as the report prints them, from scipy's Welch test on accuracies in points."""
+    result = scipy_stats.ttest_ind([100 * v for v in a], [100 * v for v in b], equal_var=False)
+    ci = result.confidence_interval(0.95)
+    delta = 100 * (sum(a) / len(a) - sum(b) / len(b))
+    p = float(result.pvalue)
+    return (
+        f"{delta:+.1f} [{ci.low:+.1f}, {ci.high:+.1f}]",
+        "<0.001" if p < 0.001 else f"{p:.2f}" if p >= 0.1 else f"{p:.3f}",
+    )
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -193,7 +220,7 @@ def test_build_report_returns_the_report_url(digits_sweep: dict[str, Any]) -> No
     assert Path(digits_sweep["url"]).is_file()
 
 
-def test_clean_ratio_table_has_means_stds_n_and_deltas(digits_sweep: dict[str, Any]) -> None:
+def test_clean_ratio_table_has_means_stds_n_and_binomial_error_for_one_seed(digits_sweep: dict[str, Any]) -> None:
     table = table_in(digits_sweep["markdown"], "Clean ratio", "depth=18")
     assert table["header"] == ["clean images kept", "n", "clean", "PGD-5", "PGD-10", "not finished"]
     assert [r["clean images kept"] for r in table["rows"]] == [
@@ -203,46 +230,73 @@ def test_clean_ratio_table_has_means_stds_n_and_deltas(digits_sweep: dict[str, A
     ]
     ref = row(table, "100% adv + 0% clean (ref)")
     assert ref["n"] == "3"
-    assert cell(ref["clean"]) == {"mean": 62.0, "std": 2.0, "delta": None, "flagged": False}
-    assert cell(ref["PGD-10"]) == {"mean": 31.0, "std": 1.0, "delta": None, "flagged": False}
+    assert cell(ref["clean"]) == {"mean": 62.0, "std": 2.0, "binomial": None}
+    assert cell(ref["PGD-10"]) == {"mean": 31.0, "std": 1.0, "binomial": None}
     half = row(table, "100% adv + 50% clean")
-    assert half["n"] == "3"
-    assert cell(half["clean"]) == {"mean": 72.0, "std": 2.0, "delta": 10.0, "flagged": True}
-    assert cell(half["PGD-5"]) == {"mean": 41.5, "std": 1.0, "delta": 0.5, "flagged": False}
-    assert cell(half["PGD-10"]) == {"mean": 21.0, "std": 1.0, "delta": -10.0, "flagged": True}
-    # One finished seed: no std, and never flagged however large the difference.
+    assert cell(half["PGD-5"]) == {"mean": 41.5, "std": 1.0, "binomial": None}
+    # One finished seed: no std; its evaluation subset's binomial error instead (eval.subset 200 images).
     full = row(table, "100% adv + 100% clean")
     assert full["n"] == "1"
-    assert cell(full["clean"]) == {"mean": 80.0, "std": None, "delta": 18.0, "flagged": False}
+    assert cell(full["clean"]) == {"mean": 80.0, "std": None, "binomial": round(100 * binomial_se(0.80, 200), 1)}
     assert full["not finished"] == "1 failed, 1 missing"
 
 
-def test_noise_rule_flags_only_differences_beyond_twice_the_pooled_std(digits_sweep: dict[str, Any]) -> None:
-    # Pooled std of two n=3 samples with std 1.0 and 1.0 is 1.0: 1.9 stays unflagged, 2.1 is flagged.
-    assert not exceeds_noise(Stat(3, 0.419, 0.01), Stat(3, 0.400, 0.01))
-    assert exceeds_noise(Stat(3, 0.421, 0.01), Stat(3, 0.400, 0.01))
-    # Unequal noise: stds 2.0 and 1.0 pool to sqrt(2.5) = 1.58, threshold 3.16.
-    assert not exceeds_noise(Stat(3, 0.03, 0.02), Stat(3, 0.0, 0.01))
-    assert exceeds_noise(Stat(3, 0.04, 0.02), Stat(3, 0.0, 0.01))
-    # n < 2 on either side: never flagged.
-    assert not exceeds_noise(Stat(1, 0.9, None), Stat(3, 0.1, 0.001))
-    assert not exceeds_noise(Stat(3, 0.9, 0.001), Stat(1, 0.1, None))
+def test_comparisons_show_delta_ci_p_test_n_and_verdict(digits_sweep: dict[str, Any]) -> None:
+    markdown = digits_sweep["markdown"]
+    assert "†" not in markdown and "## How differences are judged" in markdown
+    table = table_in(markdown, "Clean ratio", "depth=18", comparisons=True)
+    assert table["header"] == ["comparison", "accuracy", "n", "Δ [95% CI]", "p", "test", "the paper", "verdict"]
+    label = "100% adv + 50% clean vs 100% adv + 0% clean (ref)"
+    for metric, name in (("acc_clean", "clean"), ("acc_pgd_5", "PGD-5"), ("acc_pgd_10", "PGD-10")):
+        found = comparison(table, label, name)
+        assert (found["Δ [95% CI]"], found["p"]) == welch_text(R50[metric], R0[metric]), name
+        assert (found["n"], found["test"]) == ("3 vs 3", "Welch")
+    # The paper's finding on robustness (at the strongest attack, PGD-10 here) and on clean accuracy.
+    robust = comparison(table, label, "PGD-10")
+    assert robust["the paper"] == "removing clean images gains robustness (Section 4.1, Figure 1)"
+    assert robust["verdict"].startswith("reproduced")  # -10.0 points, p < 0.05
+    assert comparison(table, label, "clean")["verdict"].startswith("reproduced")  # +10.0: clean images help
+    weak = comparison(table, label, "PGD-5")  # +0.5: not significant, with what it could have detected
+    assert weak["the paper"] == "—"
+    assert re.fullmatch(r"no significant difference \(effects below \d+\.\d points undetectable\).*", weak["verdict"])
+    # One seed against three: no test, said so.
+    single = comparison(table, "100% adv + 100% clean vs 100% adv + 0% clean (ref)", "clean")
+    assert (single["n"], single["Δ [95% CI]"], single["p"], single["test"]) == ("1 vs 3", "+18.0", "—", "—")
+    assert single["verdict"].startswith("n too small")
 
-    table = table_in(digits_sweep["markdown"], "Depth")
-    assert [r["network"] for r in table["rows"]] == ["ResNet-18 (ref)", "ResNet-34"]
-    deeper = row(table, "ResNet-34")
-    assert cell(deeper["clean"]) == {"mean": 63.0, "std": 2.0, "delta": 1.0, "flagged": False}  # 1.0 < 2 x 2.0
-    assert cell(deeper["PGD-5"]) == {"mean": 42.9, "std": 1.0, "delta": 1.9, "flagged": False}  # 1.9 < 2 x 1.0
-    assert cell(deeper["PGD-10"]) == {"mean": 35.0, "std": 2.0, "delta": 4.0, "flagged": True}  # 4.0 > 3.16
+    depth = table_in(markdown, "Depth", comparisons=True)
+    deeper = comparison(depth, "ResNet-34 vs ResNet-18 (ref)", "PGD-10")
+    assert (deeper["Δ [95% CI]"], deeper["p"]) == welch_text(DEPTH34["acc_pgd_10"], R0["acc_pgd_10"])
+    assert deeper["the paper"] == "deeper networks are more robust (Section 5, Figure 7)"
+    # The findings with a direction are gathered at the top, with the same numbers.
+    findings = table_in(markdown, "The paper's findings")
+    (top,) = [
+        r for r in findings["rows"] if r["comparison"] == "ResNet-34 vs ResNet-18 (ref)" and r["accuracy"] == "PGD-10"
+    ]
+    assert (top["Δ [95% CI]"], top["verdict"]) == (deeper["Δ [95% CI]"], deeper["verdict"])
 
 
-def test_normalisation_table_compares_mbn_branches_with_bn(digits_sweep: dict[str, Any]) -> None:
+def test_normalisation_table_compares_mbn_branches_with_bn_and_with_each_other(digits_sweep: dict[str, Any]) -> None:
     table = table_in(digits_sweep["markdown"], "Normalisation")
     assert "clean_ratio=1" in table["fixed"] and "strategy=mixture" in table["fixed"]
     assert [r["normalisation"] for r in table["rows"]] == ["BN (ref)", "MBN_adv", "MBN_clean"]
-    assert cell(row(table, "MBN_adv")["PGD-10"]) == {"mean": 41.0, "std": 1.0, "delta": 26.0, "flagged": False}
-    assert cell(row(table, "MBN_clean")["clean"]) == {"mean": 79.0, "std": 1.0, "delta": -1.0, "flagged": False}
+    assert cell(row(table, "MBN_adv")["PGD-10"]) == {"mean": 41.0, "std": 1.0, "binomial": None}
     assert row(table, "MBN_adv")["n"] == "3"
+    comparisons = table_in(digits_sweep["markdown"], "Normalisation", comparisons=True)
+    assert comparison(comparisons, "MBN_adv vs BN (ref)", "PGD-10")["verdict"].startswith("n too small")  # BN: n=1
+    # The two branches of one network are paired: PGD-10 differs by -0.35, -0.34, -0.36 per network.
+    paired = comparison(comparisons, "MBN_clean vs MBN_adv (same networks)", "PGD-10")
+    reference = scipy_stats.ttest_rel(
+        [100 * v for v in MBN_CLEAN["acc_pgd_10"]], [100 * v for v in MBN_ADV["acc_pgd_10"]]
+    )
+    assert (paired["n"], paired["test"], paired["p"]) == ("3 pairs", "paired t", "<0.001")
+    assert reference.pvalue < 0.001
+    assert paired["verdict"].startswith("reproduced")  # the adversarial branch is the robust one
+    # Clean accuracy differs by exactly +0.28 in every network: no variance, no t-test, and no NaN.
+    constant = comparison(comparisons, "MBN_clean vs MBN_adv (same networks)", "clean")
+    assert (constant["test"], constant["p"], constant["Δ [95% CI]"]) == ("—", "—", "+28.0")
+    assert constant["verdict"].startswith("untestable (no variance)")
+    assert "nan" not in digits_sweep["markdown"].lower()
 
 
 def test_only_tables_the_grid_supports_and_a_note_on_the_rest(digits_sweep: dict[str, Any]) -> None:
@@ -502,7 +556,13 @@ def test_report_on_s3(s3_bucket: str) -> None:
     png_size(fs.cat_file(f"{root}/accuracy_vs_pgd.png"))
     markdown = fs.cat_file(f"{root}/report.md").decode()
     half = row(table_in(markdown, "Clean ratio"), "100% adv + 50% clean")
-    assert cell(half["clean"]) == {"mean": 72.0, "std": 2.0, "delta": 10.0, "flagged": True}
+    assert cell(half["clean"]) == {"mean": 72.0, "std": 2.0, "binomial": None}
+    found = comparison(
+        table_in(markdown, "Clean ratio", comparisons=True),
+        f"{half['clean images kept']} vs 100% adv + 0% clean (ref)",
+        "clean",
+    )
+    assert found["Δ [95% CI]"] == welch_text(R50["acc_clean"], R0["acc_clean"])[0]
 
 
 def test_cli_writes_the_report_and_exits_2_without_a_sweep(
@@ -513,3 +573,156 @@ def test_cli_writes_the_report_and_exits_2_without_a_sweep(
     assert report.main([str(tmp_path / "nothing-here")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no sweep at") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pairing: BN and BN* of one seed
+
+
+def test_bn_star_against_bn_is_paired_by_seed(tmp_path: Path) -> None:
+    spec = make_spec(DIGITS_WORKLOAD, [{"norm": ["bn", "bn*"], "seed": [0, 1, 2, 3, 4]}])
+    # Seeds spread by several points; BN* is about 1 point above BN of the same seed, every time.
+    bn = [0.172, 0.215, 0.146, 0.121, 0.198]
+    star = [v + d for v, d in zip(bn, [0.006, 0.014, 0.008, 0.012, 0.010], strict=True)]
+    records = [
+        record(
+            c,
+            {
+                "main": {
+                    "acc_clean": 0.6,
+                    "acc_pgd_5": 0.3,
+                    "acc_pgd_10": (star if c.axes["norm"] == "bn*" else bn)[c.axes["seed"]],
+                }
+            },
+        )
+        for c in expand(spec)
+    ]
+    storage = write_sweep(str(tmp_path / "star"), spec, records)
+    build_report(storage.url)
+    markdown = read_text(storage, "report", "report.md")
+    found = comparison(
+        table_in(markdown, "Running statistics", comparisons=True),
+        "100% adv + 0% clean* vs 100% adv + 0% clean (ref)",
+        "PGD-10",
+    )
+    reference = scipy_stats.ttest_rel([100 * v for v in star], [100 * v for v in bn])
+    assert (found["n"], found["test"], found["p"]) == ("5 pairs", "paired t", f"{reference.pvalue:.3f}")
+    # Table 2: running statistics add robustness. (The digits evaluation's PGD-10, step 1, cannot reach eps 16.)
+    assert found["verdict"] == "reproduced ⚠ PGD-10 cannot reach eps"
+    # Unpaired, the seed-to-seed spread would hide it: the pairing is what makes it significant.
+    assert scipy_stats.ttest_ind(star, bn, equal_var=False).pvalue > 0.5 and reference.pvalue < 0.05
+    # Clean accuracy is identical in every seed: said so, no NaN.
+    same = comparison(
+        table_in(markdown, "Running statistics", comparisons=True),
+        "100% adv + 0% clean* vs 100% adv + 0% clean (ref)",
+        "clean",
+    )
+    assert same["verdict"] == "no difference (identical in every seed)"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training health
+
+
+def history(cell_id: str, loss: list[float], adv: list[float], lr: list[float]) -> list[dict[str, Any]]:
+    rows = zip(loss, adv, lr, strict=True)
+    return [
+        {"cell_id": cell_id, "epoch": e, "loss": value, "train_acc_adv": a, "train_acc_clean": None, "lr": r}
+        for e, (value, a, r) in enumerate(rows, start=1)
+    ]
+
+
+LR = [0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001]  # decays at epochs 4 and 7
+
+
+def test_stuck_seed_is_flagged_and_a_healthy_one_not() -> None:
+    flat_loss = [2.3, 2.0, 1.9, 1.85, 1.84, 1.84, 1.84]
+    rows = history("stuck", flat_loss, [0.10, 0.11, 0.12, 0.14, 0.15, 0.19, 0.18], LR)
+    rows += history("healthy", flat_loss, [0.10, 0.11, 0.12, 0.14, 0.15, 0.21, 0.18], LR)
+    rows += history("early", flat_loss[:3], [0.10, 0.10, 0.10], LR[:3])  # not past its first decay: not judged
+    flags = health.stuck_seeds(rows, num_classes=10)
+    assert [(f.cell_id, f.epoch) for f in flags] == [("stuck", 4)]
+    assert "19.0 % < 20.0 %" in flags[0].detail and "adversarial" in flags[0].detail
+    assert health.stuck_seeds(rows, num_classes=1000) == []  # 2 x chance is 0.2 % at 1000 classes
+
+
+def test_loss_still_falling_at_a_decay_is_flagged() -> None:
+    # Falling 20 % per epoch into the decay at epoch 4; flat before epoch 7, except that epoch 4 itself (the
+    # first at the lower LR) drops, which is the first decay's doing and must not count.
+    falling = history("falling", [2.0, 1.6, 1.28, 0.70, 0.70, 0.70, 0.69], [0.5] * 7, LR)
+    settled = history("settled", [2.0, 1.99, 1.98, 1.97, 1.97, 1.97, 1.96], [0.5] * 7, LR)
+    flags = health.loss_falling_at_decays(falling + settled)
+    assert [(f.cell_id, f.epoch) for f in flags] == [("falling", 4)]
+    # Least-squares slope through 2.0, 1.6, 1.28: -0.36 per epoch, relative to their mean.
+    assert flags[0].value == pytest.approx(0.36 / ((2.0 + 1.6 + 1.28) / 3))
+    assert health.relative_drop_per_epoch([(1, 1.0)]) is None
+
+
+def test_evaluation_attack_short_of_eps_is_flagged() -> None:
+    spec_eval = {"pgd_steps": [10, 16, 200], "eps": 16.0, "step_size": 1.0}
+    flags = health.attack_short_of_eps(
+        {None: spec_eval, "same": dict(spec_eval), "other": {**spec_eval, "step_size": 0.1}}
+    )
+    assert [(f.cell_id, f.metric) for f in flags] == [
+        (None, "acc_pgd_10"),
+        ("other", "acc_pgd_10"),
+        ("other", "acc_pgd_16"),
+    ]
+    assert flags[0].detail == "PGD-10 with step 1 moves a pixel at most 10 < eps 16"
+    assert health.note(flags, ["a", "b"], "acc_pgd_10") == "PGD-10 cannot reach eps"
+    assert health.note(flags, ["a", "b"], "acc_pgd_200") == ""
+
+
+def test_report_shows_health_flags_and_marks_verdicts_resting_on_them(tmp_path: Path) -> None:
+    spec = make_spec(DIGITS_WORKLOAD, [{"clean_ratio": [0.0, 1.0], "seed": [0, 1, 2]}])
+    storage = SweepStorage(str(tmp_path / "health"))
+    # The bundled dataset as the sweep converts it into its storage: 10 classes, 150 test images.
+    meta = {"num_classes": 10, "splits": {"test": {"num_images": 150}, "train": {"num_images": 1000}}}
+    storage.write_json(storage.path("datasets", "digits", "meta.json"), meta)
+    stuck = None
+    for cell_ in expand(spec):
+        adv = (
+            [0.1, 0.12, 0.13, 0.14]
+            if cell_.axes == {**cell_.axes, "clean_ratio": 1.0, "seed": 2}
+            else [0.3, 0.6, 0.8, 0.9]
+        )
+        stuck = cell_.cell_id if adv[-1] < 0.2 else stuck
+        epochs = [
+            {
+                "epoch": e,
+                "loss": 1.0,
+                "train_acc_adv": a,
+                "train_acc_clean": None,
+                "lr": lr,
+                "images_per_sec": 1.0,
+                "epoch_seconds": 1.0,
+            }
+            for e, (a, lr) in enumerate(zip(adv, [0.1, 0.1, 0.01, 0.01], strict=True), start=1)
+        ]
+        storage.write_json(
+            storage.cell_path(cell_.cell_id, "history.json"),
+            {"cell_id": cell_.cell_id, "axes": cell_.axes, "epochs": epochs},
+        )
+    records = [
+        record(c, {"main": values_at(R0 if c.axes["clean_ratio"] == 0.0 else R50, c.axes["seed"])})
+        for c in expand(spec)
+    ]
+    write_sweep(storage.url, spec, records)
+    build_report(storage.url)
+    markdown = read_text(storage, "report", "report.md")
+    section = markdown.split("## Training health", 1)[1].split("\n## ", 1)[0]
+    stuck_table = [t for t in tables(markdown) if t["section"] == "Training health" and t["header"][0] == "cell"][0]
+    assert [r["cell"] for r in stuck_table["rows"]] == [f"`{stuck}`"]
+    assert "PGD-5 with step 1 moves a pixel at most 5 < eps 16" in section  # the digits eval: step 1, eps 16
+    comparisons = table_in(markdown, "Clean ratio", comparisons=True)
+    label = "100% adv + 100% clean vs 100% adv + 0% clean (ref)"
+    assert comparison(comparisons, label, "clean")["verdict"].endswith("⚠ stuck in 1 of 6 cells")
+    assert comparison(comparisons, label, "PGD-5")["verdict"].endswith(
+        "⚠ stuck in 1 of 6 cells; PGD-5 cannot reach eps"
+    )
+    # The per-cell binomial error uses the evaluated images: eval.subset 200 capped by the 150 test images.
+    cells = table_in(markdown, "Every cell and branch")
+    assert cells["rows"][0]["clean"].endswith(
+        f"± {100 * binomial_se(float(cells['rows'][0]['clean'].split()[0]) / 100, 150):.1f}"
+    )
+    assert "150 evaluation images" in markdown
