@@ -277,7 +277,7 @@ def render_report(data: SweepData, paper: str = "auto") -> Report:
             lacks.append(f"{factor.title}: no two cells differ only in {factor.what}")
     out = _summary_lines(data, failed_rows) + findings_section(judged)
     out += _reading_guide(paper, use_paper, differences) + tables
-    out += health_section(data, flags)
+    out += health_section(data, flags) + provenance_section(data.rows)
     figures: dict[str, bytes] = {}
     out += figures_section(setting_list, metrics, use_paper, defaults, figures, lacks)
     out += training_curves_section(data, figures, lacks, defaults)
@@ -330,6 +330,32 @@ def health_flags(data: SweepData, lacks: list[str]) -> list[health.Flag]:
     else:
         lacks.append("evaluation attack reach: no spec.yaml or cell config.json says its eps and step size")
     return flags
+
+
+def provenance_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Which code and device produced which rows (orchestrator.provenance): one line per distinct combination,
+    so a table that mixes results of two code versions says so."""
+    groups: dict[tuple[str, str, str, str], set[str]] = {}
+    for row in rows:
+        if row.get("status") != "finished":
+            continue
+        commit = row.get("git_commit")
+        key = (
+            str(row.get("source_hash") or "not recorded"),
+            f"{commit[:12]}{' (dirty)' if row.get('git_dirty') else ''}" if commit else "-",
+            str(row.get("torch") or "-"),
+            str(row.get("device") or "-"),
+        )
+        groups.setdefault(key, set()).add(row["cell_id"])
+    if not groups:
+        return []
+    out = ["", "## Code that produced these results", ""]
+    if len({key[0] for key in groups}) > 1:
+        out += ["These results come from more than one version of the workload code.", ""]
+    out += ["| workload source hash | git commit | torch | device | cells |", "| --- | --- | --- | --- | --- |"]
+    for (source, commit, torch, device), cells in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        out.append(f"| `{source}` | {commit} | {torch} | {device} | {len(cells)} |")
+    return [*out, ""]
 
 
 def health_section(data: SweepData, flags: list[health.Flag]) -> list[str]:
@@ -485,21 +511,26 @@ def not_finished_section(failed_rows: list[dict[str, Any]], missing: list[dict[s
     ]
 
 
-def write_report(storage: SweepStorage, report: Report) -> str:
-    folder = storage.path(REPORT_DIR)
+def write_report(storage: SweepStorage, report: Report, folder: str = REPORT_DIR) -> str:
+    """The report's files under `<storage>/<folder>`; the report's URL."""
+    where = f"{storage.url}/{folder}".rstrip("/")
+    folder = storage.path(folder) if folder else storage.root
     for name, png in report.figures.items():
         storage.write_bytes_atomic(f"{folder}/{name}", png)
     storage.write_bytes_atomic(f"{folder}/{REPORT_FILE}", report.markdown.encode("utf-8"))
+    if where != f"{storage.url}/{REPORT_DIR}":
+        return f"{where}/{REPORT_FILE}"  # a folder of the user's choosing: never remove anything there
     fs = storage.fs
     for path in fs.ls(folder, detail=False):  # figures of an earlier report that this one no longer has
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if name.endswith(".png") and name not in report.figures:
             fs.rm(path)
-    return f"{storage.url}/{REPORT_DIR}/{REPORT_FILE}"
+    return f"{where}/{REPORT_FILE}"
 
 
-def build_report(sweep_url: str, paper: str = "auto") -> str:
-    """Write `report/report.md` and its figures for the sweep at `sweep_url`; return the report's URL.
+def build_report(sweep_url: str, paper: str = "auto", out: str | None = None) -> str:
+    """Write `report/report.md` and its figures for the sweep at `sweep_url` (or into the folder `out`, for a
+    sweep in storage one may only read); return the report's URL.
 
     `paper`: "auto" prints the paper's numbers only where the workload is the paper's setting, "always" or
     "never". Raises NoSweepError when nothing at `sweep_url` looks like a sweep.
@@ -507,7 +538,10 @@ def build_report(sweep_url: str, paper: str = "auto") -> str:
     if paper not in ("auto", "always", "never"):
         raise ValueError(f"paper must be auto, always or never, not {paper!r}")
     data = load_sweep(sweep_url)
-    return write_report(data.storage, render_report(data, paper))
+    report = render_report(data, paper)
+    if out is None:
+        return write_report(data.storage, report)
+    return write_report(sweep_storage(out), report, folder="")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -519,9 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="auto",
         help="print the paper's numbers beside ours: only for the paper's setting (auto), always, never",
     )
+    parser.add_argument(
+        "--out", help="write report.md and its figures into this folder (path or URL) instead of SWEEP/report/"
+    )
     args = parser.parse_args(argv)
     try:
-        url = build_report(args.sweep, args.paper)
+        url = build_report(args.sweep, args.paper, args.out)
     except NoSweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
