@@ -27,6 +27,7 @@ from benchmarks import (
     input_pipeline,
     orchestration_overhead,
     pgd_vs_torchattacks,
+    plan_vs_actual,
     planning,
     scheduler_sim,
     step_cost,
@@ -63,6 +64,7 @@ MODULES: dict[str, ModuleType] = {
     "data_reader": data_reader,
     "input_pipeline": input_pipeline,
     "orchestration_overhead": orchestration_overhead,
+    "plan_vs_actual": plan_vs_actual,
     # Last: minutes on a GPU; on a machine without CUDA they report "skipped" at once.
     "gpu_feed": gpu_feed,
     "gpu_throughput": gpu_throughput,
@@ -258,6 +260,7 @@ DETAILS: dict[str, Callable[[dict[str, Any]], str]] = {
     "data_reader": data_reader.details_markdown,
     "input_pipeline": input_pipeline.details_markdown,
     "orchestration_overhead": _orchestration_details,
+    "plan_vs_actual": plan_vs_actual.details_markdown,
     "gpu_feed": gpu_feed.details_markdown,
     "gpu_throughput": gpu_throughput.details_markdown,
 }

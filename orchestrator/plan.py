@@ -19,8 +19,8 @@ Work of a cell, in multiply-accumulates (MACs):
   x train_images x epochs
   + eval: eval.subset x (1 clean forward + sum over eval PGD-N of (2N + 1)), x 2 for MBN (both branches)
 
-GPU-hours = work x (6656 GPU-h / work of the paper's cell) / planning.relative_speed. A cell's wall time is
-its GPU-hours over its GPUs (perfect data-parallel scaling; communication and input pipelines are not
+GPU-hours = work x (6656 GPU-h / work of the paper's cell) / planning.relative_speed, plus the cell's start-up
+(planning.cell_overhead_s) on each of its GPUs. A cell's wall time is its GPU-hours over its GPUs (perfect data-parallel scaling; communication and input pipelines are not
 modelled, so read it as a lower estimate at very large worker counts). Depth, PGD-N, clean ratio, epochs,
 dataset size and resolution enter through the formula; the norm type (BN, MBN, GN, BN*) is cost-neutral.
 
@@ -28,7 +28,7 @@ CPU specs (use_gpu false): every worker is one slot, the cluster has floor(clust
 slots, and hours are worker-hours of a device `relative_speed` times as fast as one of the paper's GPUs (set
 planning.relative_speed accordingly, e.g. ~0.01 for a CPU core on a small ResNet).
 
-Makespan: the driver's admission policy (`orchestrator.packing`, the same code the Tune searcher in
+Makespan: planning.sweep_overhead_s (Ray's start, data conversion, the report) plus the driver's admission policy (`orchestrator.packing`, the same code the Tune searcher in
 orchestrator/scheduler.py runs, DESIGN.md section 6) replayed on a simulated clock with the estimated wall times:
 the widest cell that fits first while every pending cell is short next to the remaining work / GPUs; then the
 longest first, a cell that does not fit getting a reservation at the earliest time enough GPUs free up, which
@@ -284,9 +284,11 @@ def make_plan(
     _check_feasible(cells, device, capacity, gpus_per_node)
 
     costs: list[tuple[int, float, float]] = []  # (slots, device_hours, wall_hours)
+    overhead = planning.cell_overhead_s / 3600
     for cell in cells:
         slots = cell.gpus if device == "GPU" else cell.num_workers
-        hours = estimate_device_hours(cell.config, planning)
+        # The devices are held through the cell's start-up too: its overhead costs device-hours on every slot.
+        hours = estimate_device_hours(cell.config, planning) + overhead * slots
         costs.append((slots, hours, hours / slots))
     # The driver's policy on a simulated clock; the scheduler counts one resource here (GPUs, or worker slots).
     starts = simulate(
@@ -318,8 +320,8 @@ def make_plan(
         gpus_per_node=gpus_per_node,
         cells=plans,
         total_device_hours=total,
-        makespan_hours=max((p.end_hours for p in plans), default=0.0),
-        lower_bound_hours=max(total / capacity if capacity else 0.0, longest),
+        makespan_hours=max((p.end_hours for p in plans), default=0.0) + planning.sweep_overhead_s / 3600,
+        lower_bound_hours=max(total / capacity if capacity else 0.0, longest) + planning.sweep_overhead_s / 3600,
         planning=planning,
         warnings=_input_warnings(plans) if device == "GPU" else (),
     )

@@ -304,11 +304,38 @@ class Resources(_Strict):
     placement_timeout_s: float = Field(900.0, gt=0, le=7 * 86_400)
 
 
+class Tracking(_Strict):
+    """Opt-in experiment tracking through Ray Tune's logger callbacks (orchestrator.tracking): one tracked run per
+    cell, named by its cell id, with its resolved configuration, per-epoch metrics and final evaluation."""
+
+    # An MLflow tracking URI (http://host:5000, databricks, a file path). Credentials stay in the environment
+    # (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD), never in the spec.
+    mlflow: str | None = Field(None, min_length=1)
+    # The MLflow experiment; default: the sweep's name.
+    experiment: str | None = Field(None, min_length=1, max_length=500)
+    # TensorBoard event files under <storage>/<name>/tensorboard/<cell_id>/, kept with the sweep.
+    tensorboard: bool = False
+
+    @field_validator("mlflow")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        why = _credential_in_text(uri) if uri else None
+        if why:
+            raise ValueError(f"contains {why}; {CREDENTIALS_HINT}")
+        return uri
+
+
 class Planning(_Strict):
     """Inputs of the cost model (orchestrator.plan); defaults are the paper's ImageNet setting (Section 3)."""
 
     train_images: int = Field(1_281_167, ge=1, le=10**11)
     image_size: int = Field(224, ge=8, le=8192)
+    # Wall seconds a cell holds its workers without training: its trial, Train controller and worker processes
+    # starting, data opened, the model built, the evaluation set loaded (benchmarks/orchestration_overhead
+    # measures 13-18 s of it on 2 cores; a GPU node adds its CUDA and NCCL set-up).
+    cell_overhead_s: float = Field(20.0, ge=0, le=86_400)
+    # Wall seconds of the sweep's own start and end: Ray's start, built-in data converted, results and report.
+    sweep_overhead_s: float = Field(30.0, ge=0, le=86_400)
     # Throughput of one worker device relative to one of the paper's GPUs as the cost model estimates it (e.g.
     # ~0.01 for a CPU worker; an H200 ran PGD-10 ResNets at ~4.7 in bf16 with 32 images per GPU, ~8 with 64,
     # ~2.5 in fp32: docs/benchmarks.md, gpu_throughput).
@@ -322,6 +349,7 @@ class Spec(_Strict):
     grid: list[GridEntry] | None = None
     resources: Resources = Resources()
     planning: Planning = Planning()
+    tracking: Tracking = Tracking()
     checkpoint_every: int = Field(5, ge=1, le=100_000)
     keep_checkpoints: int = Field(2, ge=1, le=1_000)
     # Ray Train worker-group restarts per cell; finite on purpose (DESIGN.md section 6).

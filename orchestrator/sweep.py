@@ -267,6 +267,7 @@ def _run_cells(
     from orchestrator.progress import SweepProgress
     from orchestrator.runner import TRIAL_CPU, resource_demand, run_cell
     from orchestrator.scheduler import ResourceBudgetSearcher
+    from orchestrator.tracking import tracking_callbacks
 
     env = ray_compat.driver_environment()
     dashboard = "(connected to an existing Ray instance)"
@@ -304,7 +305,7 @@ def _run_cells(
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{int(time.time())}",
                 storage_path=scratch,
-                callbacks=[progress],
+                callbacks=[progress, *tracking_callbacks(spec, storage.url, driver_provenance())],
                 verbose=0,
                 # A trial lost with its node (or its Train controller lost with one) is run again and resumes
                 # from the cell's checkpoints in storage; cells that fail on their own end their trials

@@ -74,8 +74,25 @@ def test_the_papers_cell_costs_6656_gpu_hours_and_52_hours_on_128_gpus() -> None
     assert p.gpu_hours == pytest.approx(PAPER_GPU_HOURS, rel=0.01)
     assert p.gpu_hours > PAPER_GPU_HOURS
     assert p.wall_hours == pytest.approx(52.0, rel=0.01)
-    assert plan.makespan_hours == pytest.approx(p.wall_hours)
+    assert plan.makespan_hours == pytest.approx(p.wall_hours + spec.planning.sweep_overhead_s / 3600)
     assert plan.total_gpu_hours == pytest.approx(p.gpu_hours)
+
+
+def test_start_up_overheads_enter_cost_and_makespan() -> None:
+    """A cell holds its devices while it starts (planning.cell_overhead_s), and the sweep pays its own start
+    once (planning.sweep_overhead_s): negligible for the paper's cell, most of a CPU smoke cell."""
+    spec = paper_spec()
+    (cell,) = expand(spec)
+    lean = spec.model_copy(
+        update={"planning": spec.planning.model_copy(update={"cell_overhead_s": 0.0, "sweep_overhead_s": 0.0})}
+    )
+    slow = spec.model_copy(
+        update={"planning": spec.planning.model_copy(update={"cell_overhead_s": 3600.0, "sweep_overhead_s": 7200.0})}
+    )
+    base, padded = plan_spec(lean, [cell]), plan_spec(slow, [cell])
+    assert padded.cells[0].gpu_hours == pytest.approx(base.cells[0].gpu_hours + cell.gpus)  # an hour on each GPU
+    assert padded.cells[0].wall_hours == pytest.approx(base.cells[0].wall_hours + 1.0)
+    assert padded.makespan_hours == pytest.approx(base.makespan_hours + 1.0 + 2.0)
 
 
 def test_cost_is_monotone_in_depth() -> None:
@@ -135,10 +152,12 @@ def test_cost_scales_with_epochs_images_and_speed() -> None:
 
 def gang_spec(cluster_gpus: int, batches: list[int], seeds: list[int]) -> Spec:
     resources = f"resources: {{cluster_gpus: {cluster_gpus}, gpus_per_node: 8}}\n"
+    # No start-up overheads: the cells' work is then independent of their width, which these tests rely on.
     text = (
         "name: gang\n"
         "workload: {data: {url: x}, model: {depth: 18}, recipe: {epochs: 1, per_worker_batch: 32}}\n"
         f"grid: {{batch_size: {batches}, seed: {seeds}}}\n{resources}"
+        "planning: {cell_overhead_s: 0, sweep_overhead_s: 0}\n"
     )
     return parse_spec(text)
 
@@ -176,7 +195,7 @@ def test_whole_cluster_cells_run_one_after_another_and_the_plan_says_so() -> Non
     plan = plan_spec(load_spec(SWEEPS / "ablation.yaml"))
     whole = sum(p.wall_hours for p in plan.cells if p.gpus == 128)
     others = max(p.wall_hours for p in plan.cells if p.gpus < 128)
-    assert plan.makespan_hours == pytest.approx(whole + others)
+    assert plan.makespan_hours == pytest.approx(whole + others + plan.planning.sweep_overhead_s / 3600)
     assert plan.makespan_hours > 1.1 * plan.lower_bound_hours
     assert "cells too wide to share the cluster run one after another" in format_plan(plan)
     # A study whose cells take a quarter of the cluster at most is packed close to the lower bound.
@@ -192,7 +211,8 @@ def test_makespan_is_at_least_the_lower_bound(cluster: int) -> None:
     spec = paper_spec(grid, f"resources: {{cluster_gpus: {cluster}, max_workers_per_cell: 8}}\n")
     plan = plan_spec(spec)
     longest = max(p.wall_hours for p in plan.cells)
-    assert plan.lower_bound_hours == pytest.approx(max(plan.total_gpu_hours / cluster, longest))
+    start = plan.planning.sweep_overhead_s / 3600
+    assert plan.lower_bound_hours == pytest.approx(max(plan.total_gpu_hours / cluster, longest) + start)
     assert plan.makespan_hours >= plan.lower_bound_hours * (1 - 1e-9)
     # Never two cells more than the cluster at once.
     events = sorted({p.start_hours for p in plan.cells})

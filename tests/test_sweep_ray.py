@@ -30,8 +30,10 @@ import pytest
 
 from orchestrator import sweep
 from orchestrator.grid import expand
+from orchestrator.provenance import source_hash
 from orchestrator.spec import load_spec
 from tests.conftest import tiny_spec, write_spec
+from tests.mlflow_server import mlflow_server
 from workloads.faults import FAULT_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -199,14 +201,25 @@ class SweepRun:
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(ray_local: None, metrics_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SweepRun]:
-    """The module's main sweep (TINY to local storage), with the sweep's gauges scraped while it runs."""
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A live MLflow tracking server (tests/mlflow_server.py) the module's main sweep reports to."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(
+    ray_local: None, metrics_port: int, mlflow_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SweepRun]:
+    """The module's main sweep (TINY to local storage), with the sweep's gauges scraped while it runs, tracked in
+    MLflow and TensorBoard (switched on by command-line overrides, as a user would)."""
     root = tmp_path_factory.mktemp("tiny")
     spec = write_spec(root, TINY)
     scraper = GaugeScraper(metrics_port, "tiny")
     scraper.start()
     started = time.monotonic()
-    code = sweep.main([str(spec), "--storage", str(root / "runs")])
+    tracking = [f"tracking.mlflow={mlflow_url}", "tracking.tensorboard=true"]
+    code = sweep.main([str(spec), *tracking, "--storage", str(root / "runs")])
     run = SweepRun(spec, root / "runs", code, started, time.monotonic(), scraper)
     try:
         yield run
@@ -251,6 +264,45 @@ def test_tiny_sweep_writes_the_storage_layout_and_results_table(tiny_sweep: Swee
         assert row["train_seconds"] > 0 and row["gpu_hours"] == 0.0
         for column in ("acc_clean", *(f"acc_pgd_{n}" for n in EVAL_STEPS)):
             assert row[column] is not None and 0.0 <= row[column] <= 1.0, (column, row)
+
+
+def test_each_cell_is_an_mlflow_run_with_config_epochs_and_evaluation(tiny_sweep: SweepRun, mlflow_url: str) -> None:
+    from mlflow import MlflowClient
+
+    assert tiny_sweep.code == sweep.EXIT_OK
+    client = MlflowClient(mlflow_url)
+    experiment = client.get_experiment_by_name("tiny")  # default experiment: the sweep's name
+    assert experiment is not None
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    cells = expand(load_spec(tiny_sweep.spec))
+    assert set(runs) == {cell.cell_id for cell in cells}
+    for cell in cells:
+        run = runs[cell.cell_id]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["config.model.norm"] == cell.config.model.norm
+        assert run.data.params["config.attack.steps"] == str(cell.config.attack.steps)
+        assert run.data.tags["sweep"] == "tiny" and run.data.tags["provenance.source_hash"] == source_hash()
+        losses = client.get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in losses] == [1] and math.isfinite(losses[0].value)  # one per epoch
+        branch = "mbn_adv" if cell.config.model.norm == "mbn" else "main"
+        assert 0.0 <= run.data.metrics[f"eval/{branch}/acc_clean"] <= 1.0
+
+
+def test_tensorboard_events_persist_in_the_sweeps_storage(tiny_sweep: SweepRun) -> None:
+    for cell in expand(load_spec(tiny_sweep.spec)):
+        events = list((tiny_sweep.folder / "tensorboard" / cell.cell_id).glob("events.out.tfevents.*"))
+        assert events, f"no TensorBoard events for cell {cell.cell_id}"
+        payload = b"".join(path.read_bytes() for path in events)
+        assert b"loss" in payload and b"eval/" in payload  # the scalars' tags
+
+
+def test_results_record_the_code_and_device_that_produced_them(tiny_sweep: SweepRun) -> None:
+    for cell in expand(load_spec(tiny_sweep.spec)):
+        result = json.loads((tiny_sweep.folder / "cells" / cell.cell_id / "result.json").read_text())
+        assert result["provenance"]["source_hash"] == source_hash()
+        assert result["provenance"]["device"].startswith("cpu")  # the Train worker's own device
+    rows = pq.read_table(tiny_sweep.folder / "results.parquet").to_pylist()
+    assert {r["source_hash"] for r in rows} == {source_hash()} and {r["sweep"] for r in rows} == {"tiny"}
 
 
 def test_every_epoch_is_in_the_cells_history_and_the_history_table(tiny_sweep: SweepRun) -> None:
