@@ -55,8 +55,11 @@ AS_BEFORE: dict[str, Callable[[TrainConfig], bool]] = {
     # Unused without warm-up. With warm-up it always enters: the earlier ramp (from lr x 1e-3 / warmup_epochs, up
     # to the scaled LR whatever it was) is gone, so a warm-up cell trained before must not be resumed.
     "recipe.warmup_start_lr": lambda c: c.recipe.warmup_epochs == 0,
-    # The rule only derives the step: where the resolved step is the one stored, the stored step (in the id) says it.
-    "attack.reach_eps": lambda c: not c.attack.reach_eps or c.attack.step_size == c.attack.resolved_step_size,
+    # The rule only derives the step: where the resolved step is the one stored, the stored step (in the id) says it;
+    # without an attack (standard training) there is no step.
+    "attack.reach_eps": lambda c: (
+        not c.attack.reach_eps or c.attack.steps == 0 or c.attack.step_size == c.attack.resolved_step_size
+    ),
 }
 ID_HEX_DIGITS = 12
 

@@ -283,8 +283,12 @@ def test_each_pipeline_field_changes_the_id_only_where_it_changes_training() -> 
     assert changed("recipe", warmup_epochs=5) != base
     assert changed("recipe", warmup_start_lr=0.5) == base  # no warm-up: the start LR is never used
     assert changed("attack", reach_eps=True) != base  # PGD-1: step 16 instead of 4
-    # A set step that already reaches eps trains the same under either rule.
+    # A set step that already reaches eps trains the same under either rule, and standard training has no step.
     assert changed("attack", step_size=16.0) == changed("attack", step_size=16.0, reach_eps=True)
+    standard = {"grid": {"strategy": ["standard"]}}
+    assert ids(expand(make_spec(**standard, workload=PIPELINE_AS_BEFORE))) == ids(
+        expand(make_spec(**standard, workload={**PIPELINE_AS_BEFORE, "attack": {"reach_eps": True}}))
+    )
 
 
 def test_the_papers_cells_take_the_pipeline_recipe_and_new_ids() -> None:

@@ -114,8 +114,9 @@ class RecipeConfig(_Strict):
     """Section 3: momentum SGD, 110 epochs, LR /10 at epochs 35, 70, 95, batch 4096 on 128 GPUs (32 per GPU).
 
     The paper trains with "the publicly available adversarial training pipeline" (Section 3, footnote 1:
-    facebookresearch/ImageNet-Adversarial-Training); where the paper is silent, the defaults are that pipeline's.
-    Each such field names the pipeline file it comes from; its other value trains as this code did before.
+    facebookresearch/ImageNet-Adversarial-Training); where the paper is silent, the defaults are that pipeline's,
+    each citing the pipeline file it comes from. The recipe before them is nesterov false, label_smoothing 0,
+    weight_decay_on "all", warmup_epochs 0 (and AttackConfig.reach_eps false).
     """
 
     epochs: int = Field(110, ge=1, le=10000)
