@@ -3,7 +3,8 @@
 Every derived parameter is resolved here, in `_Resolver.resolve`, and nowhere else:
 
 - PGD step size from the number of training steps N (Appendix B.1, footnote 6: 4 for PGD-5, 2 for PGD-10,
-  else 1), unless the workload sets `attack.step_size`;
+  else 1), unless the workload sets `attack.step_size`; with `attack.reach_eps` (the default) at least eps/N, as
+  the pipeline's adv_model.py (PGDAttacker) has it;
 - the learning rate follows the batch size through `RecipeConfig.lr` (linear scaling): nothing to store;
 - data-parallel workers from the batch size (`spec.workers_for`), the rest being gradient accumulation;
 - BN* epochs from a starred norm (Section 4.3: running statistics in training for the last 10 of 110 epochs);
@@ -15,7 +16,10 @@ purely operational fields (`checkpoint_every`, `keep_checkpoints`, `performance.
 same id on every submission and machine, so a re-run finds its checkpoints and results. Equal ids collapse (first
 one kept). Fields and sections added after ids were first handed out (`LATE_FIELDS`) enter the id only when they
 differ from their defaults, so the cells of existing sweeps keep their ids (and with them their checkpoints and
-results).
+results). The public pipeline's recipe (Nesterov, label smoothing, decay on conv/fc weights only, warm-up from
+0.1, the eps/N step floor) came later with defaults unlike the earlier behaviour: those fields (`AS_BEFORE`) enter
+the id only where they change what the cell trains, so studies that keep the earlier recipe keep their ids and the
+paper's cells, which take the pipeline's defaults, got new ids once.
 
 No torch, no ray.
 """
@@ -25,13 +29,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
 
 from orchestrator.spec import AXES, GridEntry, Spec, SpecError, format_validation_error, workers_for
-from workloads.config import TrainConfig, paper_step_size
+from workloads.config import TrainConfig, attack_step_size
 
 # Changing these does not change what a cell trains, so they stay out of its id.
 OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
@@ -40,6 +45,22 @@ OPERATIONAL_SUBFIELDS: dict[str, frozenset[str]] = {"performance": frozenset({"c
 # Fields (dotted paths) that enter the id only when set away from their defaults: they came after the first ids.
 # A new config field goes here, or every existing cell would get a new id and lose its checkpoints and results.
 LATE_FIELDS: tuple[str, ...] = ("performance", "data.augment")
+# Late fields whose defaults train differently from the code before them: the public pipeline's recipe
+# (workloads.config cites each one's source). Each test says whether a config trains exactly as before the field
+# existed (the field at its earlier behaviour, or without effect); there the field stays out of the id.
+AS_BEFORE: dict[str, Callable[[TrainConfig], bool]] = {
+    "recipe.nesterov": lambda c: not c.recipe.nesterov,
+    "recipe.label_smoothing": lambda c: c.recipe.label_smoothing == 0,
+    "recipe.weight_decay_on": lambda c: c.recipe.weight_decay_on == "all",
+    # Unused without warm-up. With warm-up it always enters: the earlier ramp (from lr x 1e-3 / warmup_epochs, up
+    # to the scaled LR whatever it was) is gone, so a warm-up cell trained before must not be resumed.
+    "recipe.warmup_start_lr": lambda c: c.recipe.warmup_epochs == 0,
+    # The rule only derives the step: where the resolved step is the one stored, the stored step (in the id) says it;
+    # without an attack (standard training) there is no step.
+    "attack.reach_eps": lambda c: (
+        not c.attack.reach_eps or c.attack.steps == 0 or c.attack.step_size == c.attack.resolved_step_size
+    ),
+}
 ID_HEX_DIGITS = 12
 
 
@@ -123,6 +144,10 @@ def cell_id(config: TrainConfig) -> str:
             mine, theirs = mine[name], theirs[name]
         if mine.get(leaf) == theirs.get(leaf):
             mine.pop(leaf, None)
+    for path, as_before in AS_BEFORE.items():
+        if as_before(config):
+            section, leaf = path.split(".")
+            payload[section].pop(leaf)
     if changed := revisions(config):
         payload["revisions"] = changed
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -185,8 +210,10 @@ class _Resolver:
         star = norm.endswith("*")
         steps: int = axes["pgd_steps"]
         step_size = workload.attack.step_size
-        if step_size is None and steps > 0:
-            step_size = paper_step_size(steps)  # Appendix B.1, footnote 6
+        if steps > 0:
+            # Appendix B.1, footnote 6; at least eps/N with reach_eps (the pipeline's adv_model.py, PGDAttacker).
+            attack = workload.attack
+            step_size = attack_step_size(steps, attack.eps, step_size, reach_eps=attack.reach_eps)
         num_workers = workers_for(
             axes["batch_size"], workload.recipe.per_worker_batch, spec.resources.max_workers_per_cell
         )

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from orchestrator.grid import Cell, bn_star_epochs, cell_id, expand
-from orchestrator.spec import AXES, Spec, SpecError
+from orchestrator.spec import AXES, Spec, SpecError, load_spec
 from tests.test_spec import _DROP, make_spec, spec_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +93,12 @@ def test_step_size_from_pgd_steps(steps: int, size: float) -> None:
 
 
 def test_explicit_step_size_wins() -> None:
-    cells = expand(make_spec(grid={"pgd_steps": [5, 30]}, workload={"attack": {"step_size": 0.5}}))
+    as_given = {"attack": {"step_size": 0.5, "reach_eps": False}}
+    cells = expand(make_spec(grid={"pgd_steps": [5, 30]}, workload=as_given))
     assert [c.config.attack.step_size for c in cells] == [0.5, 0.5]
+    # With the pipeline's floor (adv_model.py, PGDAttacker): at least eps/N, here eps 16.
+    cells = expand(make_spec(grid={"pgd_steps": [5, 30]}, workload={"attack": {"step_size": 0.8}}))
+    assert [c.config.attack.step_size for c in cells] == [pytest.approx(16 / 5), 0.8]
 
 
 @pytest.mark.parametrize(
@@ -245,3 +249,61 @@ def test_standard_training_with_mbn_is_rejected_naming_the_cell() -> None:
         ("mbn", "mixture"),
         ("bn", "standard"),
     }
+
+
+# --- the public pipeline's recipe and ids -----------------------------------------------------------------
+
+PIPELINE_AS_BEFORE = {
+    "recipe": {"nesterov": False, "label_smoothing": 0.0, "weight_decay_on": "all", "warmup_epochs": 0},
+    "attack": {"reach_eps": False},
+}
+
+
+@pytest.mark.parametrize("study", ["digits-strong-gap", "digits-weak-gap", "digits-strong-width"])
+def test_studies_that_keep_the_earlier_recipe_keep_the_ids_of_their_committed_results(study: str) -> None:
+    """The pipeline's recipe fields enter an id only where they change training: these studies set the earlier
+    recipe, so their cells are still the ones whose results docs/results/ holds."""
+    import pyarrow.parquet as pq
+
+    results = pq.read_table(ROOT / "docs" / "results" / study / "results.parquet", columns=["cell_id"])
+    assert set(ids(expand(load_spec(ROOT / "sweeps" / f"{study}.yaml")))) == set(results.column("cell_id").to_pylist())
+
+
+def test_each_pipeline_field_changes_the_id_only_where_it_changes_training() -> None:
+    before = make_spec(grid={"pgd_steps": [1]}, workload=PIPELINE_AS_BEFORE)
+    (base,) = ids(expand(before))
+
+    def changed(section: str, **fields: object) -> str:
+        workload = {**PIPELINE_AS_BEFORE, section: {**PIPELINE_AS_BEFORE[section], **fields}}
+        (new,) = ids(expand(make_spec(grid={"pgd_steps": [1]}, workload=workload)))
+        return new
+
+    for field, value in [("nesterov", True), ("label_smoothing", 0.1), ("weight_decay_on", "conv_fc_weights")]:
+        assert changed("recipe", **{field: value}) != base, field
+    assert changed("recipe", warmup_epochs=5) != base
+    assert changed("recipe", warmup_start_lr=0.5) == base  # no warm-up: the start LR is never used
+    assert changed("attack", reach_eps=True) != base  # PGD-1: step 16 instead of 4
+    # A set step that already reaches eps trains the same under either rule, and standard training has no step.
+    assert changed("attack", step_size=16.0) == changed("attack", step_size=16.0, reach_eps=True)
+    standard = {"grid": {"strategy": ["standard"]}}
+    assert ids(expand(make_spec(**standard, workload=PIPELINE_AS_BEFORE))) == ids(
+        expand(make_spec(**standard, workload={**PIPELINE_AS_BEFORE, "attack": {"reach_eps": True}}))
+    )
+
+
+def test_the_papers_cells_take_the_pipeline_recipe_and_new_ids() -> None:
+    for name in ("ablation", "paper-study"):
+        cells = expand(load_spec(ROOT / "sweeps" / f"{name}.yaml"))
+        for cell in cells:
+            recipe = cell.config.recipe
+            assert (recipe.nesterov, recipe.label_smoothing, recipe.weight_decay_on) == (True, 0.1, "conv_fc_weights")
+            assert recipe.warms_up() and (recipe.warmup_epochs, recipe.warmup_start_lr) == (5, 0.1)
+            assert cell.config.attack.reach_eps
+        # The same cells with the earlier recipe: the ids they had before the pipeline's fields existed.
+        earlier = {
+            cell_id(
+                c.config.model_copy(update={"recipe": c.config.recipe.model_copy(update=PIPELINE_AS_BEFORE["recipe"])})
+            )
+            for c in cells
+        }
+        assert earlier.isdisjoint(ids(cells))  # every cell of the paper's studies has a new id, once

@@ -35,6 +35,14 @@ from workloads.train import adversarial_loss, learning_rate, main, run
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
+# The recipe before the public pipeline's additions (workloads/config.py): for tests whose thresholds were measured
+# with it and which are about something else (precision, the digits recipe of sweeps/smoke.yaml).
+EARLIER_RECIPE: dict[str, Any] = {
+    "nesterov": False,
+    "label_smoothing": 0.0,
+    "weight_decay_on": "all",
+    "warmup_epochs": 0,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -195,9 +203,7 @@ def test_two_ddp_workers_running_the_real_loop_match_one_process_on_the_same_glo
     steps = steps_per_epoch(cfg)
     network = replica(cfg)
     initial = {name: p.detach().clone() for name, p in network.named_parameters()}
-    optimizer = torch.optim.SGD(
-        network.parameters(), lr=cfg.recipe.lr, momentum=cfg.recipe.momentum, weight_decay=cfg.recipe.weight_decay
-    )
+    optimizer = train.make_optimizer(network, cfg.recipe)
     folded = FoldedForAttack(network)
     generators = [torch.Generator().manual_seed(cfg.seed * 1009 + r) for r in range(WORLD)]
     total_loss, adv_correct, adv_seen = 0.0, 0.0, 0
@@ -260,7 +266,14 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(synthetic_u
         synthetic_url,
         model={"norm": "mbn", "bn_star_epochs": 1},
         training={"strategy": "mixture", "clean_ratio": 0.5},
-        recipe={"epochs": 4, "batch_size": 32, "per_worker_batch": 16, "base_lr": 0.8, "warmup_epochs": 1},
+        recipe={
+            "epochs": 4,
+            "batch_size": 32,
+            "per_worker_batch": 16,
+            "base_lr": 0.8,
+            "warmup_epochs": 1,
+            "warmup_start_lr": 0.05,  # below the scaled LR 0.1, so the first epoch warms up
+        },
         checkpoint_every=2,
     )
     whole = LocalSession(tmp_path / "whole")
@@ -303,11 +316,19 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(synthetic_u
 # A real digits cell: standard training learns, PGD training is clearly more robust
 
 # The smallest recipe found (CPU, one thread) for which both hold with a wide margin; sweeps/smoke.yaml reuses
-# it. Same recipe for both strategies; eps 16 for training and evaluation as in the paper.
+# it, without the public pipeline's additions (sweeps/smoke.yaml says why). Same recipe for both strategies; eps 16
+# for training and evaluation as in the paper.
 DIGITS_RECIPE: dict[str, Any] = {
     "model": {"depth": 18, "norm": "bn", "width": 1 / 8, "stem": "small"},
-    "attack": {"steps": 1, "eps": 16.0},  # PGD-1, step 4 (footnote 6), clean start with probability 0.2
-    "recipe": {"epochs": 6, "batch_size": 32, "per_worker_batch": 32, "base_lr": 1.6},  # lr 0.2
+    # PGD-1, step 4 (footnote 6, without the pipeline's eps/N floor), clean start with probability 0.2
+    "attack": {"steps": 1, "eps": 16.0, "reach_eps": False},
+    "recipe": {
+        "epochs": 6,
+        "batch_size": 32,
+        "per_worker_batch": 32,
+        "base_lr": 1.6,  # lr 0.2
+        **EARLIER_RECIPE,
+    },
     "eval": {"pgd_steps": [20], "eps": 16.0, "subset": 200, "batch_size": 50},
 }
 
@@ -440,7 +461,7 @@ def test_linear_scaling_rule() -> None:
     assert RecipeConfig(batch_size=256).lr == pytest.approx(0.1)
     assert RecipeConfig(batch_size=4096).lr == pytest.approx(1.6)  # the paper's batch
     assert RecipeConfig(batch_size=32, base_lr=1.6).lr == pytest.approx(0.2)
-    assert learning_rate(RecipeConfig(batch_size=4096), 0) == pytest.approx(1.6)
+    assert learning_rate(RecipeConfig(batch_size=4096), 5) == pytest.approx(1.6)  # after the warm-up
 
 
 @pytest.mark.parametrize(
@@ -448,7 +469,7 @@ def test_linear_scaling_rule() -> None:
     [(110, [35, 70, 95]), (220, [70, 140, 190]), (22, [7, 14, 19]), (10, [3, 6, 9]), (6, [2, 4, 5])],
 )
 def test_lr_divides_by_10_at_the_scaled_decay_points(epochs: int, milestones: list[int]) -> None:
-    recipe = RecipeConfig(epochs=epochs, batch_size=512)  # lr 0.2
+    recipe = RecipeConfig(epochs=epochs, batch_size=512, warmup_epochs=0)  # lr 0.2
     assert recipe.lr_milestones() == milestones
     assert learning_rate(recipe, 0) == pytest.approx(0.2)
     for i, m in enumerate(milestones):
@@ -459,21 +480,10 @@ def test_lr_divides_by_10_at_the_scaled_decay_points(epochs: int, milestones: li
 
 def test_a_short_run_still_ends_at_the_papers_final_lr() -> None:
     # 4 epochs: 95/110 and 70/110 both round to epoch 3; both decays must happen there.
-    recipe = RecipeConfig(epochs=4, batch_size=512)
+    recipe = RecipeConfig(epochs=4, batch_size=512, warmup_epochs=0)
     assert recipe.lr_milestones() == [1, 3, 3]
     assert learning_rate(recipe, 2.5) == pytest.approx(0.2e-1)
     assert learning_rate(recipe, 3.5) == pytest.approx(0.2e-3)
-
-
-def test_warmup_ramps_linearly_to_the_scaled_lr_then_the_schedule_takes_over() -> None:
-    recipe = RecipeConfig(epochs=110, batch_size=1024, warmup_epochs=5)  # lr 0.4
-    ramp = [learning_rate(recipe, e / 4) for e in range(20)]  # quarter-epoch steps through the warm-up
-    assert all(0 < a < b for a, b in zip(ramp, ramp[1:], strict=False))
-    assert ramp[0] < 0.4 * 1e-3
-    assert learning_rate(recipe, 2.5) == pytest.approx(0.2, rel=1e-3)
-    assert learning_rate(recipe, 5) == pytest.approx(0.4)
-    assert learning_rate(recipe, 34.9) == pytest.approx(0.4)
-    assert learning_rate(recipe, 35) == pytest.approx(0.04)
 
 
 def test_a_pgd_n_result_does_not_depend_on_the_other_n_evaluated(synthetic_url: str, tmp_path: Path) -> None:
@@ -600,7 +610,7 @@ def test_bf16_training_learns_like_fp32_and_resumes_exactly(synthetic_url: str, 
             synthetic_url,
             model={"bn_star_epochs": 1},
             training={"strategy": "mixture", "clean_ratio": 0.5},
-            recipe={"epochs": 4, "batch_size": 32, "per_worker_batch": 16, "base_lr": 1.6},
+            recipe={"epochs": 4, "batch_size": 32, "per_worker_batch": 16, "base_lr": 1.6, **EARLIER_RECIPE},
             performance={"precision": precision},
         )
 

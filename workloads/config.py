@@ -73,10 +73,15 @@ class AttackConfig(_Strict):
     # None: derived from steps as in the paper (Appendix B.1 footnote 6: step 4 for PGD-5, 2 for PGD-10, else 1).
     step_size: float | None = Field(None, gt=0, le=255)
     clean_start_prob: float = Field(0.2, ge=0, le=1)
+    # The pipeline's step rule (ImageNet-Adversarial-Training, adv_model.py, PGDAttacker.__init__:
+    # `step_size = max(step_size, epsilon / num_iter)`): the step is at least eps/N, so N steps can cover the
+    # eps-ball. At eps 16 it changes none of the paper's N (5, 10, 20, 30 give 4, 2, 1, 1 either way); it lifts
+    # short attacks, e.g. PGD-1 from step 4 to 16 and PGD-12 from 1 to 4/3. False: the step as derived or set.
+    reach_eps: bool = True
 
     @property
     def resolved_step_size(self) -> float:
-        return self.step_size if self.step_size is not None else paper_step_size(self.steps)
+        return attack_step_size(self.steps, self.eps, self.step_size, reach_eps=self.reach_eps)
 
 
 def paper_step_size(steps: int) -> float:
@@ -86,6 +91,15 @@ def paper_step_size(steps: int) -> float:
     if steps <= 10:
         return 2.0
     return 1.0
+
+
+def attack_step_size(steps: int, eps: float, step_size: float | None = None, *, reach_eps: bool = True) -> float:
+    """The training attack's step on the 0-255 scale: `step_size`, or the paper's for N steps when None
+    (footnote 6), raised to eps/N when `reach_eps` (the pipeline's adv_model.py, PGDAttacker)."""
+    step = step_size if step_size is not None else paper_step_size(steps)
+    if reach_eps and steps > 0:
+        step = max(step, eps / steps)
+    return step
 
 
 class TrainingConfig(_Strict):
@@ -98,7 +112,13 @@ class TrainingConfig(_Strict):
 
 
 class RecipeConfig(_Strict):
-    """Section 3: momentum SGD, 110 epochs, LR /10 at epochs 35, 70, 95, batch 4096 on 128 GPUs (32 per GPU)."""
+    """Section 3: momentum SGD, 110 epochs, LR /10 at epochs 35, 70, 95, batch 4096 on 128 GPUs (32 per GPU).
+
+    The paper trains with "the publicly available adversarial training pipeline" (Section 3, footnote 1:
+    facebookresearch/ImageNet-Adversarial-Training); where the paper is silent, the defaults are that pipeline's,
+    each citing the pipeline file it comes from. The recipe before them is nesterov false, label_smoothing 0,
+    weight_decay_on "all", warmup_epochs 0 (and AttackConfig.reach_eps false).
+    """
 
     epochs: int = Field(110, ge=1, le=10000)
     batch_size: int = Field(4096, ge=1)
@@ -107,8 +127,23 @@ class RecipeConfig(_Strict):
     base_lr: float = Field(0.1, gt=0)
     lr_reference_batch: int = Field(256, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
+    # Nesterov momentum: the pipeline's optimizer is `tf.train.MomentumOptimizer(lr, 0.9, use_nesterov=True)`
+    # (third_party/imagenet_utils.py, ImageNetModel.optimizer); torch's SGD(nesterov=True) is the same update.
+    nesterov: bool = True
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: int = Field(0, ge=0)
+    # Which parameters weight decay applies to. The pipeline decays the variables matching
+    # `weight_decay_pattern = '.*/W'` (third_party/imagenet_utils.py): conv and fc weights, not the BN/GN scale
+    # and shift nor the fc bias. "all": every parameter (torch's SGD weight_decay on model.parameters()).
+    weight_decay_on: Literal["all", "conv_fc_weights"] = "conv_fc_weights"
+    # Label smoothing of the training loss: the pipeline's `AdvImageNetModel.label_smoothing = 0.1` (adv_model.py),
+    # applied in its cross-entropy like F.cross_entropy(label_smoothing=...). Evaluation counts accuracy only.
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    # Gradual warm-up (Goyal et al. 2017, Sec. 2.2), as the pipeline's main.py (do_train) does it: when the scaled
+    # LR exceeds `warmup_start_lr`, the LR rises linearly per step from `warmup_start_lr` to the scaled LR over the
+    # first `warmup_epochs` epochs (main.py: 0.1 to BASE_LR over 5 epochs, step-based, only if BASE_LR > 0.1).
+    # 0 epochs: no warm-up.
+    warmup_epochs: int = Field(5, ge=0)
+    warmup_start_lr: float = Field(0.1, ge=0)
     # Decay points as fractions of the run, so shorter runs keep the paper's 35/70/95-of-110 shape.
     lr_decay_at: tuple[float, ...] = (35 / 110, 70 / 110, 95 / 110)
 
@@ -122,12 +157,23 @@ class RecipeConfig(_Strict):
         epochs = (round(f * self.epochs) for f in self.lr_decay_at)
         return sorted(max(1, e) for e in epochs if e < self.epochs)
 
+    def warms_up(self) -> bool:
+        """Whether the run starts with a warm-up: only when the scaled LR exceeds the start (main.py: the pipeline
+        warms up only if BASE_LR > 0.1, i.e. for batches above 256)."""
+        return self.warmup_epochs > 0 and self.lr > self.warmup_start_lr
+
     @field_validator("lr_decay_at")
     @classmethod
     def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         if any(not 0 < f < 1 for f in v):
             raise ValueError("every decay point must be a fraction of the run in (0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> RecipeConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0 (set nesterov: false for plain SGD)")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -148,6 +194,14 @@ class EvalConfig(_Strict):
         if any(n < 1 for n in v):
             raise ValueError("PGD steps must be >= 1")
         return tuple(sorted(set(v)))
+
+    def unreachable_steps(self) -> tuple[int, ...]:
+        """The PGD step counts N of `pgd_steps` with N x step_size < eps: such an attack cannot move an image the
+        whole eps from where it starts (e.g. PGD-10 at the paper's step 1 and eps 16 moves at most 10). The
+        pipeline's PGDAttacker, which its evaluation runs too, lifts such a step to eps/N (adv_model.py); this
+        config's step_size is used as given."""
+        # A relative tolerance, so N x (eps / N) counts as reaching eps despite rounding.
+        return tuple(n for n in self.pgd_steps if n * self.step_size < self.eps * (1 - 1e-9))
 
 
 class DataConfig(_Strict):

@@ -110,12 +110,7 @@ def set_up(cfg: TrainConfig, session: Session) -> TrainingRun:
     network = build_model(cfg.model, info.num_classes, in_channels=info.image_shape[0]).to(session.device)
     if execution.channels_last:
         use_channels_last(network)
-    optimizer = torch.optim.SGD(
-        network.parameters(),
-        lr=cfg.recipe.lr,
-        momentum=cfg.recipe.momentum,
-        weight_decay=cfg.recipe.weight_decay,
-    )
+    optimizer = make_optimizer(network, cfg.recipe)
     start_epoch, train_seconds = 0, 0.0
     state = session.latest_state()
     if state is not None:
@@ -254,11 +249,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run(config["train"], RaySession())
 
 
+def make_optimizer(network: nn.Module, recipe: RecipeConfig) -> torch.optim.SGD:
+    """Momentum SGD (Section 3) as the pipeline configures it: Nesterov when `recipe.nesterov`, weight decay on the
+    parameters `recipe.weight_decay_on` names (third_party/imagenet_utils.py: `weight_decay_pattern = '.*/W'`).
+
+    The pipeline adds 1e-4 x sum(W^2) / 2 (tf l2_regularizer) to the loss, whose gradient 1e-4 x W is what torch's
+    SGD weight_decay adds. With "all" there is one parameter group, as before the option existed, so the optimizer
+    state of older checkpoints still loads.
+    """
+    options: dict[str, Any] = {"lr": recipe.lr, "momentum": recipe.momentum, "nesterov": recipe.nesterov}
+    if recipe.weight_decay_on == "all":
+        return torch.optim.SGD(network.parameters(), weight_decay=recipe.weight_decay, **options)
+    decayed, kept = split_decayed_parameters(network)
+    groups = [{"params": decayed, "weight_decay": recipe.weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, **options)
+
+
+def split_decayed_parameters(network: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(conv and fc weights, every other parameter): the pipeline's `.*/W` variables are the weights of its Conv2D
+    and FullyConnected layers; BN/GN gamma and beta and the fc bias are left undecayed (third_party/imagenet_utils.py,
+    resnet_model.py). Grouped by layer type, not by name, so MBN's two branches and GN are covered alike."""
+    layers = {id(m.weight) for m in network.modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    params = list(network.parameters())
+    return [p for p in params if id(p) in layers], [p for p in params if id(p) not in layers]
+
+
 def learning_rate(recipe: RecipeConfig, epoch: float) -> float:
-    """Linear scaling rule for the base LR; optional linear warm-up; /10 at each decay point (Section 3)."""
+    """The LR at `epoch` (fractional: the loop asks once per optimizer step, at epoch + step / steps_per_epoch):
+    the linear scaling rule, a linear warm-up from `warmup_start_lr` over `warmup_epochs` when the scaled LR exceeds
+    it (the pipeline's main.py), and /10 at each decay point (Section 3)."""
     lr = recipe.lr
-    if recipe.warmup_epochs and epoch < recipe.warmup_epochs:
-        lr *= (epoch + 1e-3) / recipe.warmup_epochs
+    if recipe.warms_up() and epoch < recipe.warmup_epochs:
+        lr = recipe.warmup_start_lr + (lr - recipe.warmup_start_lr) * epoch / recipe.warmup_epochs
     return lr * 0.1 ** sum(epoch >= m for m in recipe.lr_milestones())
 
 
@@ -321,7 +343,7 @@ def adversarial_loss(
         with autocast(images.device, amp_dtype):
             logits = model(images)
         logits = logits.float() if amp_dtype is not None else logits
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.recipe.label_smoothing)
         return loss, {"clean_correct": (logits.argmax(1) == labels).sum(), "clean_seen": n}
 
     adv = pgd(
@@ -344,7 +366,8 @@ def adversarial_loss(
     with autocast(images.device, amp_dtype):
         logits = model(batch, split=n)
     logits = logits.float() if amp_dtype is not None else logits
-    loss = F.cross_entropy(logits, targets)
+    # Label smoothing as in the pipeline's training loss (adv_model.py, AdvImageNetModel.label_smoothing).
+    loss = F.cross_entropy(logits, targets, label_smoothing=cfg.recipe.label_smoothing)
     if training.strategy == "alp" and n_clean:
         # ALP (Kannan et al. 2018, Section 4.1 "Adversarial logits pairing"): pull each adversarial image's logits
         # towards its clean counterpart's.
