@@ -20,16 +20,18 @@ Work of a cell, in multiply-accumulates (MACs):
   + eval: eval.subset x (1 clean forward + sum over eval PGD-N of (2N + 1)), x 2 for MBN (both branches)
 
 GPU-hours = work x (6656 GPU-h / work of the paper's cell) / planning.relative_speed, plus the cell's start-up
-(planning.cell_overhead_s) on each of its GPUs. A cell's wall time is its GPU-hours over its GPUs (perfect data-parallel scaling; communication and input pipelines are not
-modelled, so read it as a lower estimate at very large worker counts). Depth, PGD-N, clean ratio, epochs,
-dataset size and resolution enter through the formula; the norm type (BN, MBN, GN, BN*) is cost-neutral.
+(planning.cell_overhead_s) on each of its GPUs. A cell's wall time is its GPU-hours over its GPUs (perfect
+data-parallel scaling; communication and input pipelines are not modelled, so read it as a lower estimate at very
+large worker counts). Depth, PGD-N, clean ratio, epochs, dataset size and resolution enter through the formula; the
+norm type (BN, MBN, GN, BN*) is cost-neutral.
 
 CPU specs (use_gpu false): every worker is one slot, the cluster has floor(cluster_cpus / cpus_per_worker)
 slots, and hours are worker-hours of a device `relative_speed` times as fast as one of the paper's GPUs (set
 planning.relative_speed accordingly, e.g. ~0.01 for a CPU core on a small ResNet).
 
-Makespan: planning.sweep_overhead_s (Ray's start, data conversion, the report) plus the driver's admission policy (`orchestrator.packing`, the same code the Tune searcher in
-orchestrator/scheduler.py runs, DESIGN.md section 6) replayed on a simulated clock with the estimated wall times:
+Makespan: planning.sweep_overhead_s (Ray's start, data conversion, the report) plus the driver's admission policy
+(`orchestrator.packing`, the same code the Tune searcher in orchestrator/scheduler.py runs) replayed on a simulated
+clock with the estimated wall times:
 the widest cell that fits first while every pending cell is short next to the remaining work / GPUs; then the
 longest first, a cell that does not fit getting a reservation at the earliest time enough GPUs free up, which
 smaller cells may fill only if they end by then or leave it what it needs (EASY backfilling). It is never below
