@@ -325,7 +325,22 @@ def make_plan(
         makespan_hours=max((p.end_hours for p in plans), default=0.0) + planning.sweep_overhead_s / 3600,
         lower_bound_hours=max(total / capacity if capacity else 0.0, longest) + planning.sweep_overhead_s / 3600,
         planning=planning,
-        warnings=_input_warnings(plans) if device == "GPU" else (),
+        warnings=(_input_warnings(plans) if device == "GPU" else ()) + _reach_warnings(cells),
+    )
+
+
+def _reach_warnings(cells: Sequence[Cell]) -> tuple[str, ...]:
+    """Evaluation attacks that cannot reach eps (N x step < eps): their accuracy measures a weaker attack than
+    the eps the table names, and PGD-k curves flatten for that reason, not because the attack converged."""
+    short: dict[tuple[float, float], set[int]] = {}
+    for cell in cells:
+        evaluation = cell.config.eval
+        if evaluation.unreachable_steps():
+            short.setdefault((evaluation.eps, evaluation.step_size), set()).update(evaluation.unreachable_steps())
+    return tuple(
+        f"evaluation PGD-{', PGD-'.join(str(n) for n in sorted(steps))} with step {step:g} cannot reach eps {eps:g} "
+        f"(N x step < eps); their accuracies measure a weaker attack (workload.eval.step_size or pgd_steps)"
+        for (eps, step), steps in sorted(short.items())
     )
 
 

@@ -357,7 +357,9 @@ def test_plan_json(name: str) -> None:
     assert plan["device"] == "CPU" and plan["unit"] == "worker-hours"
     assert plan["total_device_hours"] == pytest.approx(sum(c["device_hours"] for c in plan["cells"]))
     assert plan["makespan_hours"] >= plan["lower_bound_hours"] > 0
-    assert plan["makespan_hours"] == pytest.approx(max(c["end_hours"] for c in plan["cells"]))
+    start = plan["planning"]["sweep_overhead_s"] / 3600  # the sweep's own start and end, once
+    assert plan["makespan_hours"] == pytest.approx(max(c["end_hours"] for c in plan["cells"]) + start)
+    assert plan["input_cpus_per_worker"] is None  # sized for GPU workers only, as the table shows "-"
 
 
 def test_plan_neither_starts_ray_nor_imports_it() -> None:
