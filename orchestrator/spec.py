@@ -60,7 +60,10 @@ AXES: tuple[str, ...] = ("clean_ratio", "norm", "pgd_steps", "depth", "batch_siz
 # The grid's norm values: the workload's norms, plus BN* of those with running statistics ('bn*', 'mbn*':
 # running statistics used in training for the last epochs, Section 4.3, Table 2).
 GRID_NORMS: tuple[str, ...] = NORMS + tuple(f"{norm}*" for norm in RUNNING_STATS_NORMS)
-STORAGE_SCHEMES: tuple[str, ...] = ("file", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory")
+# Storage every part of a sweep can write: the driver and its records (fsspec), and Ray Train's checkpoints
+# (pyarrow, orchestrator.storage.ray_storage), from every node. Google Cloud Storage and Azure would need gcsfs or
+# adlfs, which the project does not install; memory:// lives inside one process, so no Train worker could see it.
+STORAGE_SCHEMES: tuple[str, ...] = ("file", "s3")
 NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 
 CREDENTIALS_HINT = (

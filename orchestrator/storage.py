@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow.fs
 
-from workloads.fs import open_fs, with_retries, write_atomic
+from workloads.fs import S3Settings, open_fs, with_retries, write_atomic
 
 # Where a relative local storage path resolves when the driver runs as a Ray job (docs: README "On a cluster").
 STORAGE_ROOT_ENV = "SWEEP_STORAGE_ROOT"
@@ -173,18 +173,20 @@ class SweepStorage:
 
         Ray Train puts run `<name>` under `<storage_path>/<name>`, so with the cell id as name the checkpoints land
         in `cells/<cell_id>/`. pyarrow ignores AWS_ENDPOINT_URL (DESIGN section 6): pass it explicitly, with no
-        `s3://` prefix on the path when a filesystem is given. Credentials stay in the environment.
+        `s3://` prefix on the path when a filesystem is given. Credentials stay in the environment; the endpoint
+        and region come from `workloads.fs.S3Settings`, as for every other storage access.
         """
         parsed = urlparse(self.url)
-        if parsed.scheme == "s3":
-            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        if parsed.scheme in ("s3", "s3a"):
+            settings = S3Settings.from_environment()  # the same settings open_fs gives s3fs
             options: dict[str, Any] = {}
-            if endpoint:
-                endpoint_url = urlparse(endpoint)
+            if settings.endpoint_url:
+                endpoint_url = urlparse(settings.endpoint_url)
                 options["endpoint_override"] = endpoint_url.netloc
                 options["scheme"] = endpoint_url.scheme or "https"
-            region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-            if region:
-                options["region"] = region
+            if settings.region:
+                options["region"] = settings.region
             return f"{parsed.netloc}{parsed.path}/cells", pyarrow.fs.S3FileSystem(**options)
+        if parsed.scheme not in ("", "file", "local"):
+            raise ValueError(f"storage {self.url!r}: Ray Train cannot write checkpoints there (s3:// or a path)")
         return self.path("cells"), None

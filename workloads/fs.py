@@ -12,13 +12,32 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["is_transient", "open_fs", "process_exists", "with_retries", "write_atomic"]
+__all__ = ["S3Settings", "is_transient", "open_fs", "process_exists", "with_retries", "write_atomic"]
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where S3 requests go, as botocore reads the environment: the service-specific endpoint variable wins over
+    the general one (AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL), AWS_REGION over AWS_DEFAULT_REGION. The one
+    source for both clients the project uses (fsspec's s3fs here, pyarrow's S3FileSystem for Ray Train's
+    checkpoints in orchestrator.storage), so sweep records and checkpoints can never go to two different stores."""
+
+    endpoint_url: str | None
+    region: str | None
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> S3Settings:
+        env = os.environ if environ is None else environ
+        endpoint = (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "").strip() or None
+        region = (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip() or None
+        return cls(endpoint, region)
 
 
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -26,15 +45,14 @@ def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     protocol = fsspec.utils.get_protocol(url)
     options: dict[str, Any] = {}
     if protocol in ("s3", "s3a"):
+        settings = S3Settings.from_environment()
         client_kwargs: dict[str, str] = {}
         # Not every botocore/aiobotocore release honours AWS_ENDPOINT_URL (pyarrow never does), so a MinIO,
-        # Ceph or moto endpoint is passed explicitly; the service-specific variable wins, as in botocore.
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            client_kwargs["endpoint_url"] = endpoint
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            client_kwargs["region_name"] = region
+        # Ceph or moto endpoint is passed explicitly.
+        if settings.endpoint_url:
+            client_kwargs["endpoint_url"] = settings.endpoint_url
+        if settings.region:
+            client_kwargs["region_name"] = settings.region
         options["client_kwargs"] = client_kwargs
         # The driver, trial actors and train workers write the same prefixes from different processes; s3fs
         # answers exists()/ls() from a per-process listings cache, which would hide the other processes'
