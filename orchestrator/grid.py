@@ -179,6 +179,11 @@ def expand(spec: Spec) -> list[Cell]:
     return list(cells.values())
 
 
+def resolve_cell(spec: Spec, axes: dict[str, Any]) -> Cell:
+    """The cell of `spec` with these axis values (every axis named), resolved as `expand` resolves it."""
+    return _Resolver(spec).resolve(dict(axes))
+
+
 class _Resolver:
     """Turns one combination of axis values into a Cell: the one place where derived values are computed."""
 

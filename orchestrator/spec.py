@@ -328,6 +328,25 @@ class Tracking(_Strict):
         return uri
 
 
+class Replication(_Strict):
+    """Noise-adaptive replication (orchestrator.replication): seeds [min, max] per setting, more seeds only for
+    settings whose named comparisons are still undecided, within a budget."""
+
+    seeds: tuple[int, int]
+    effect: float = Field(gt=0, le=100)  # the smallest difference that matters, in accuracy points
+    budget_device_hours: float | None = Field(None, gt=0)  # GPU-hours (worker-hours for a CPU spec), planned
+    metric: str | None = None  # a results column: acc_clean or acc_pgd_<N>; default the strongest PGD-N
+    decide: list[str] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_range(cls, seeds: tuple[int, int]) -> tuple[int, int]:
+        low, high = seeds
+        if low < 2 or high < low or high > 1000:
+            raise ValueError(f"[{low}, {high}]: want [min, max] with 2 <= min <= max <= 1000 (a test needs 2 seeds)")
+        return seeds
+
+
 class Planning(_Strict):
     """Inputs of the cost model (orchestrator.plan); defaults are the paper's ImageNet setting (Section 3)."""
 
@@ -353,6 +372,7 @@ class Spec(_Strict):
     resources: Resources = Resources()
     planning: Planning = Planning()
     tracking: Tracking = Tracking()
+    replication: Replication | None = None
     checkpoint_every: int = Field(5, ge=1, le=100_000)
     keep_checkpoints: int = Field(2, ge=1, le=1_000)
     # Ray Train worker-group restarts per cell; finite on purpose (DESIGN.md section 6).
@@ -428,8 +448,11 @@ class Spec(_Strict):
     # -- checks that span fields -----------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Cross-field checks (batch sizes vs workers, ALP vs clean ratio, max_cells); raises SpecError."""
-        errors = list(_semantic_errors(self))
+        """Cross-field checks (batch sizes vs workers, ALP vs clean ratio, max_cells, replication vs grid); raises
+        SpecError."""
+        from orchestrator import replication
+
+        errors = list(_semantic_errors(self)) + replication.check(self)
         if errors:
             raise SpecError(_join(errors))
 

@@ -21,7 +21,8 @@ if __name__ == "__main__":
 
     check_interpreter()
 
-from orchestrator.grid import Cell, describe_axes, expand  # noqa: E402
+from orchestrator import replication  # noqa: E402
+from orchestrator.grid import Cell, describe_axes  # noqa: E402
 from orchestrator.lease import DriverLease, LeaseHeldError  # noqa: E402
 from orchestrator.placement import NodeType  # noqa: E402
 from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json  # noqa: E402
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = spec.with_storage(args.storage)
         if not args.plan:
             spec = _lasting_storage(spec)
-        cells = expand(spec)
+        cells = replication.initial_cells(spec)
         plan = plan_spec(spec, cells)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -93,9 +94,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_this_ray_job()
         return EXIT_INVALID
     if args.plan:
-        print(json.dumps(plan_to_json(plan), indent=2) if args.json else format_plan(plan))
+        document, text = plan_to_json(plan), format_plan(plan)
+        if spec.replication is not None:
+            bounds = _replication_bounds(spec, plan)
+            document["replication"] = bounds
+            text += (
+                f"\nreplication: {bounds['min_cells']} cells first ({bounds['min_device_hours']:.3g} {plan.unit}), "
+                f"at most {bounds['max_cells']} ({bounds['max_device_hours']:.3g} {plan.unit}"
+                + (", the budget" if bounds["budget_bound"] else "")
+                + ") as undecided comparisons get more seeds"
+            )
+        print(json.dumps(document, indent=2) if args.json else text)
         return EXIT_OK
     return run_sweep(spec, cells, plan, takeover=args.takeover, rerun_changed=args.rerun_changed)
+
+
+def _replication_bounds(spec: Spec, plan: Plan) -> dict[str, float | int | bool]:
+    """The least and the most a replicated sweep costs: its first seeds, and every setting at the maximum (capped
+    by the budget, which the driver never exceeds)."""
+    rep = spec.replication
+    assert rep is not None
+    most = plan_spec(spec, replication.maximum_cells(spec))
+    budget = rep.budget_device_hours
+    capped = budget is not None and most.total_device_hours > budget
+    return {
+        "min_cells": len(plan.cells),
+        "min_device_hours": plan.total_device_hours,
+        "max_cells": len(most.cells),
+        "max_device_hours": min(most.total_device_hours, budget) if capped and budget else most.total_device_hours,
+        "budget_bound": capped,
+    }
 
 
 def _lasting_storage(spec: Spec) -> Spec:
@@ -146,29 +174,68 @@ def _finished_cells(storage: SweepStorage, wanted: set[str], rerun_changed: bool
     return set(records)
 
 
-def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepStorage, rerun_changed: bool) -> int:
-    storage.write_bytes_atomic(storage.path("spec.yaml"), spec.dump_yaml().encode())
+def _run_round(
+    spec: Spec, storage: SweepStorage, cells: list[Cell], plan: Plan, rerun_changed: bool, total: int
+) -> int | None:
+    """Run whichever of `cells` have not finished; an exit status when the sweep must stop, else None."""
     wanted = {cell.cell_id for cell in cells}
     finished = _finished_cells(storage, wanted, rerun_changed)
     todo = [cell for cell in cells if cell.cell_id not in finished]
     print(f"sweep {spec.name}: {len(cells)} cells, {len(finished)} already finished, {len(todo)} to run")
     print(f"storage: {storage.url}")
-    if todo:
-        for cell in todo:
-            storage.write_json(
-                storage.cell_path(cell.cell_id, CONFIG_FILE),
-                {
-                    "cell_id": cell.cell_id,
-                    "axes": cell.axes,
-                    "train": cell.config.model_dump(mode="json"),
-                    "provenance": driver_provenance(),
-                },
-            )
-        try:
-            _run_cells(spec, storage, todo, plan, already_finished=len(finished), total=len(cells))
-        except InfeasibleError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_INVALID
+    if not todo:
+        return None
+    for cell in todo:
+        storage.write_json(
+            storage.cell_path(cell.cell_id, CONFIG_FILE),
+            {
+                "cell_id": cell.cell_id,
+                "axes": cell.axes,
+                "train": cell.config.model_dump(mode="json"),
+                "provenance": driver_provenance(),
+            },
+        )
+    try:
+        _run_cells(spec, storage, todo, plan, already_finished=total - len(todo), total=total)
+    except InfeasibleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    return None
+
+
+def _more_seeds(spec: Spec, storage: SweepStorage, cells: list[Cell], cost: dict[str, float]) -> list[Cell]:
+    """The next round of noise-adaptive replication (orchestrator.replication), said in the log."""
+    metric = replication.metric_of(spec)
+    values = {cid: replication.result_value(r, metric) for cid, r in storage.cell_records().items()}
+    known = {cell.cell_id for cell in cells}
+    judgements = replication.judge(spec, cells, values)
+    undecided = [j for j in judgements if not j.decided]
+    more = [cell for cell in replication.next_cells(spec, cells, values, cost) if cell.cell_id not in known]
+    print(
+        f"replication: {len(judgements) - len(undecided)} of {len(judgements)} comparisons decided on {metric}; "
+        + (f"{len(more)} more cells (one more seed each)" if more else "no more cells (decided, at most, or budget)")
+    )
+    return more
+
+
+def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepStorage, rerun_changed: bool) -> int:
+    storage.write_bytes_atomic(storage.path("spec.yaml"), spec.dump_yaml().encode())
+    round_cells, round_plan = list(cells), plan
+    cells = list(cells)
+    cost = {c.cell_id: c.device_hours for c in plan.cells}
+    while True:
+        stop = _run_round(spec, storage, round_cells, round_plan, rerun_changed, total=len(cells))
+        if stop is not None:
+            return stop
+        if spec.replication is None:
+            break
+        round_cells = _more_seeds(spec, storage, cells, cost)
+        if not round_cells:
+            break
+        round_plan = plan_spec(spec, round_cells)
+        cost |= {c.cell_id: c.device_hours for c in round_plan.cells}
+        cells += round_cells
+    wanted = {cell.cell_id for cell in cells}
     records = {cid: r for cid, r in storage.cell_records().items() if cid in wanted}
     missing = wanted - records.keys()
     for cell_id in sorted(missing):  # a trial that died before writing anything still shows as failed
