@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks import (
+    adaptive_replication,
     checkpoint_io,
     data_reader,
     gpu_feed,
@@ -58,6 +59,7 @@ COMMAND = ".venv/bin/python -m benchmarks.run_all"
 MODULES: dict[str, ModuleType] = {
     "planning": planning,
     "scheduler_sim": scheduler_sim,
+    "adaptive_replication": adaptive_replication,
     "step_cost": step_cost,
     "pgd_vs_torchattacks": pgd_vs_torchattacks,
     "checkpoint_io": checkpoint_io,
@@ -261,6 +263,7 @@ DETAILS: dict[str, Callable[[dict[str, Any]], str]] = {
     "input_pipeline": input_pipeline.details_markdown,
     "orchestration_overhead": _orchestration_details,
     "plan_vs_actual": plan_vs_actual.details_markdown,
+    "adaptive_replication": adaptive_replication.details_markdown,
     "gpu_feed": gpu_feed.details_markdown,
     "gpu_throughput": gpu_throughput.details_markdown,
 }

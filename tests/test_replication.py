@@ -129,3 +129,11 @@ def test_seeds_in_the_grid_and_a_bad_metric_are_refused() -> None:
         spec(metric="acc_pgd_7")
     with pytest.raises(SpecError, match="2 <= min <= max"):
         spec(seeds=[1, 3])
+
+
+def test_the_replay_on_a_committed_study_finds_every_cell_and_saves_some() -> None:
+    from benchmarks.adaptive_replication import replay
+
+    result = replay("digits-weak-gap", "acc_clean")  # raises if a replayed cell's id is not in the results
+    assert result["adaptive_cells"] < result["fixed_cells"] == 15
+    assert all(pair["fixed"] == pair["adaptive"] for pair in result["pairs"])
