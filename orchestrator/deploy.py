@@ -1050,14 +1050,15 @@ def check_grafana_dashboard(path: Path = GRAFANA_DASHBOARD, exported: dict[str, 
 # In the driver: an invalid spec is not retried
 
 
-def stop_this_ray_job(wait_s: float = 60.0) -> bool:
+def stop_this_ray_job(why: str = "an invalid spec", wait_s: float = 60.0) -> bool:
     """Where the deployment asks for it (SWEEP_STOP_JOB_ON_INVALID_SPEC=1 on a RayJob's head), stop the Ray job
     this driver runs in, so that it ends STOPPED rather than FAILED; returns False where it did not.
 
     KubeRay reads only the Ray job's status, never the driver's exit status: a FAILED job (any non-zero exit) is
     retried on a new cluster up to backoffLimit times, a STOPPED one is complete and never retried. A spec that is
     invalid stays invalid, so `orchestrator.sweep` calls this before it exits with status 2. The job supervisor
-    then ends this process; were it still alive after `wait_s`, the driver exits as usual.
+    then ends this process; were it still alive after `wait_s`, the driver exits as usual. The driver does the same
+    for every other outcome a retry cannot change (README "Exit status and retries"), named by `why`.
     """
     if os.environ.get(STOP_ON_INVALID_ENV) != "1":
         return False
@@ -1076,7 +1077,7 @@ def stop_this_ray_job(wait_s: float = 60.0) -> bool:
             file=sys.stderr,
         )
         return False
-    print(f"stopping Ray job {submission_id}: an invalid spec is not retried", file=sys.stderr, flush=True)
+    print(f"stopping Ray job {submission_id}: {why} is not retried", file=sys.stderr, flush=True)
     time.sleep(wait_s)
     return True
 

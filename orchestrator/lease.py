@@ -1,11 +1,15 @@
 """One driver per sweep: a lease object in the sweep's storage, renewed by a heartbeat.
 
 Two drivers on one sweep would run the same cells twice and race on result.json and results.parquet. The driver
-writes `<sweep>/driver.lease` ({owner, host, pid, expires_at}) and renews it every `ttl / 3` seconds. Another
-driver refuses to start while the lease is live, unless
-- the holder ran on this host and its process is gone (a killed driver: take over at once), or
-- the lease has expired (the holder stopped renewing: its host died or lost storage), or
-- `takeover=True` (the user says the holder is dead, e.g. its node was lost before the lease expired).
+writes `<sweep>/driver.lease` ({owner, host, pid, expires_at, ttl_s}) and renews it every `ttl / 3` seconds.
+Another driver
+- takes the lease at once when it has expired, when its holder ran on this host and that process is gone, or with
+  `takeover=True` (the user says the holder is dead);
+- otherwise watches it for one renewal interval (and a margin): a holder that renews it is alive, and the new
+  driver is refused (LeaseHeldError); a holder that does not is gone (a head restarted by KubeRay, whose
+  resubmitted driver runs on a new pod; a container restarted in place with a reused pid), and the new driver
+  waits until the lease expires, saying why and for how long, then takes it. A resubmission after a crash thus
+  costs at most one TTL, never a failed job.
 
 Object stores offer no compare-and-swap through fsspec, so acquisition is write-then-read-back: two drivers
 starting within the same second could both write; the read-back makes the later writer win and the earlier one
@@ -20,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +43,7 @@ class LeaseHeldError(Exception):
 class DriverLease:
     storage: SweepStorage
     ttl_s: float = DEFAULT_TTL_S
+    poll_s: float = 2.0  # how often a waiting driver reads the lease
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     lost: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -53,25 +59,53 @@ class DriverLease:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "expires_at": time.time() + self.ttl_s,
+            "ttl_s": self.ttl_s,
         }
 
     def current(self) -> dict[str, Any] | None:
         return self.storage.read_json(self.path)
 
-    def acquire(self, takeover: bool = False) -> None:
+    def acquire(self, takeover: bool = False, log: Callable[[str], None] = print) -> None:
         held = self.current()
         if held and held.get("owner") != self.owner and not takeover and _is_live(held):
-            left = max(0.0, held["expires_at"] - time.time())
-            raise LeaseHeldError(
-                f"another driver is running this sweep (host {held.get('host')}, pid {held.get('pid')}); "
-                f"its lease expires in {left:.0f} s unless renewed. Wait for it to finish, or pass --takeover "
-                "if you know it is gone."
-            )
+            self._wait_for_a_silent_holder(held, log)
         self.storage.write_json(self.path, self._record())
         if (self.current() or {}).get("owner") != self.owner:
             raise LeaseHeldError("another driver took this sweep's lease at the same moment; try again")
         self._thread = threading.Thread(target=self._heartbeat, name="sweep-lease", daemon=True)
         self._thread.start()
+
+    def _wait_for_a_silent_holder(self, held: dict[str, Any], log: Callable[[str], None]) -> None:
+        """Return once `held` has expired without a renewal; LeaseHeldError as soon as its holder renews it."""
+        who = f"host {held.get('host')}, pid {held.get('pid')}"
+        ttl = float(held.get("ttl_s") or DEFAULT_TTL_S)
+        # A live holder renews every ttl/3: watching one interval (and a margin for a slow store) tells.
+        watch_until = time.time() + ttl / 3 + max(1.0, ttl / 12)
+        said = False
+        while True:
+            now = time.time()
+            expires = float(held.get("expires_at", 0))
+            if now >= expires:
+                if said:
+                    log("lease: the silent driver's lease expired; this driver takes over the sweep")
+                return
+            if now >= watch_until and not said:
+                log(
+                    f"lease: the driver holding this sweep ({who}) has not renewed its lease for "
+                    f"{now - (expires - ttl):.0f} s: it is gone; waiting {expires - now:.0f} s for the lease to expire"
+                )
+                said = True
+            time.sleep(min(self.poll_s, max(0.05, expires - now)))
+            latest = self.current()
+            if not latest or latest.get("owner") == self.owner:
+                return  # released meanwhile
+            if latest.get("owner") != held.get("owner") or float(latest.get("expires_at", 0)) > expires:
+                left = max(0.0, float(latest["expires_at"]) - time.time())
+                raise LeaseHeldError(
+                    f"another driver is running this sweep (host {latest.get('host')}, pid {latest.get('pid')}) "
+                    f"and renews its lease (it expires in {left:.0f} s unless renewed again). Wait for it to finish, "
+                    "or pass --takeover if you know it is gone."
+                )
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):

@@ -32,8 +32,11 @@ from orchestrator.report import build_report  # noqa: E402
 from orchestrator.results import write_results  # noqa: E402
 from orchestrator.spec import Spec, SpecError, load_spec  # noqa: E402
 from orchestrator.storage import CONFIG_FILE, SweepStorage, resolve_storage_url  # noqa: E402
+from workloads.fs import is_transient  # noqa: E402
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+# The exit-status and retry contract (README "Exit status and retries"): 0 and 1 are final, 2 is final and stops
+# the driver's own Ray job (so KubeRay does not retry it on a new cluster), 3 is worth retrying as it is.
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_RETRY = 0, 1, 2, 3
 
 
 class InfeasibleError(Exception):
@@ -86,13 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells = replication.initial_cells(spec)
         plan = plan_spec(spec, cells)
     except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if not args.plan:
-            # KubeRay retries a RayJob whose driver failed; an invalid spec would fail again on every new cluster.
-            from orchestrator.deploy import stop_this_ray_job
-
-            stop_this_ray_job()
-        return EXIT_INVALID
+        if args.plan:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_INVALID
+        # KubeRay retries a RayJob whose driver failed; an invalid spec would fail again on every new cluster.
+        return _refuse(str(err), "an invalid spec")
     if args.plan:
         document, text = plan_to_json(plan), format_plan(plan)
         if spec.replication is not None:
@@ -107,6 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(document, indent=2) if args.json else text)
         return EXIT_OK
     return run_sweep(spec, cells, plan, takeover=args.takeover, rerun_changed=args.rerun_changed)
+
+
+def _refuse(message: str, why: str) -> int:
+    """Exit 2 for what no retry can change, stopping this driver's Ray job where the deployment asks for it."""
+    from orchestrator import deploy
+
+    print(f"error: {message}", file=sys.stderr)
+    deploy.stop_this_ray_job(why)
+    return EXIT_INVALID
 
 
 def _replication_bounds(spec: Spec, plan: Plan) -> dict[str, float | int | bool]:
@@ -144,12 +154,37 @@ def run_sweep(spec: Spec, cells: list[Cell], plan: Plan, takeover: bool = False,
     try:
         lease.acquire(takeover=takeover)
     except LeaseHeldError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
+        return _refuse(str(err), "a sweep another live driver runs")
+    except Exception as err:
+        if is_transient(err):
+            return _storage_unreachable(storage, err)
+        raise
     try:
-        return _run_and_collect(spec, cells, plan, storage, rerun_changed)
+        status = _run_and_collect(spec, cells, plan, storage, rerun_changed)
+    except Exception as err:
+        if not is_transient(err):
+            raise
+        return _storage_unreachable(storage, err)
     finally:
-        lease.release()
+        try:
+            lease.release()
+        except Exception as err:  # storage gone at the very end: the lease expires on its own after its TTL
+            print(f"warning: the lease could not be released ({type(err).__name__}); it expires by itself")
+    if status == EXIT_FAILED:
+        # Cells that failed on their own (NaN, their own bugs) fail again on a new cluster: a person decides.
+        from orchestrator import deploy
+
+        deploy.stop_this_ray_job("a sweep whose cells failed on their own")
+    return status
+
+
+def _storage_unreachable(storage: SweepStorage, err: BaseException) -> int:
+    print(
+        f"error: the sweep's storage {storage.url} stayed unreachable ({type(err).__name__}: "
+        f"{redact(str(err))[:300]}); submitting again resumes the sweep",
+        file=sys.stderr,
+    )
+    return EXIT_RETRY
 
 
 def _finished_cells(storage: SweepStorage, wanted: set[str], rerun_changed: bool) -> set[str]:
@@ -198,8 +233,7 @@ def _run_round(
     try:
         _run_cells(spec, storage, todo, plan, already_finished=total - len(todo), total=total)
     except InfeasibleError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
+        return _refuse(str(err), "a sweep this cluster cannot run")
     return None
 
 

@@ -1264,7 +1264,7 @@ def test_invalid_spec_stops_the_ray_job_and_exits_2(tmp_path: Path, monkeypatch:
     from orchestrator import sweep
 
     stopped: list[bool] = []
-    monkeypatch.setattr(deploy, "stop_this_ray_job", lambda: stopped.append(True) or True)
+    monkeypatch.setattr(deploy, "stop_this_ray_job", lambda *why: stopped.append(True) or True)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nworkload: {data: {url: x}}\ngrid: {norm: [batchnorm]}\n")
     assert sweep.main([str(bad)]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def storage(tmp_path: Path) -> SweepStorage:
 
 
 def test_second_driver_refuses_while_the_first_holds_the_lease(storage: SweepStorage) -> None:
-    first = DriverLease(storage)
+    first = DriverLease(storage, ttl_s=1.5)  # renews every 0.5 s: the second driver sees it renewed at once
     first.acquire()
     try:
         with pytest.raises(LeaseHeldError, match="another driver is running this sweep"):
@@ -46,17 +47,48 @@ def test_a_killed_driver_on_this_host_is_taken_over_at_once(storage: SweepStorag
     lease.release()
 
 
-def test_a_live_lease_from_another_host_needs_takeover_until_it_expires(storage: SweepStorage) -> None:
-    record = {"owner": "remote", "host": "some-other-node", "pid": 1, "expires_at": time.time() + 600}
-    storage.write_json(storage.path(LEASE_FILE), record)
-    with pytest.raises(LeaseHeldError, match="--takeover"):
-        DriverLease(storage).acquire()
+def test_a_renewing_holder_on_another_host_is_refused_and_needs_takeover(storage: SweepStorage) -> None:
+    stop = threading.Event()
+
+    def remote_driver() -> None:  # a live driver elsewhere: renews its lease every 0.3 s
+        while not stop.is_set():
+            record = {"owner": "remote", "host": "some-other-node", "pid": 1, "expires_at": time.time() + 1.0}
+            storage.write_json(storage.path(LEASE_FILE), record | {"ttl_s": 1.0})
+            stop.wait(0.3)
+
+    renewer = threading.Thread(target=remote_driver)
+    renewer.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(LeaseHeldError, match="renews its lease.*--takeover"):
+            DriverLease(storage, poll_s=0.1).acquire()
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        renewer.join()
     forced = DriverLease(storage)
     forced.acquire(takeover=True)
     forced.release()
-    storage.write_json(storage.path(LEASE_FILE), record | {"expires_at": time.time() - 1})
+
+
+def test_a_silent_holder_is_waited_out_not_refused(storage: SweepStorage) -> None:
+    """A resubmitted driver (another pod after a head restart) meets the dead driver's lease, still unexpired:
+    it waits until the lease expires, saying why and for how long, then runs."""
+    ttl = 3.0
+    record = {"owner": "dead", "host": "old-head-pod", "pid": 4242, "expires_at": time.time() + ttl, "ttl_s": ttl}
+    storage.write_json(storage.path(LEASE_FILE), record)
+    said: list[str] = []
+    lease = DriverLease(storage, poll_s=0.1)
+    lease.acquire(log=said.append)
+    try:
+        assert time.time() >= record["expires_at"]
+        assert storage.read_json(storage.path(LEASE_FILE))["owner"] == lease.owner
+        assert any("has not renewed its lease" in line and "waiting" in line for line in said), said
+    finally:
+        lease.release()
     expired = DriverLease(storage)
-    expired.acquire()
+    storage.write_json(storage.path(LEASE_FILE), record | {"expires_at": time.time() - 1})
+    expired.acquire()  # an expired lease is taken at once
     expired.release()
 
 
@@ -81,7 +113,7 @@ def test_cli_refuses_a_second_driver_with_exit_2(tmp_path: Path) -> None:
     spec_file = tmp_path / "tiny.yaml"
     spec_file.write_text(spec)
     storage = SweepStorage.for_sweep(str(tmp_path / "runs"), "tiny")
-    holder = DriverLease(storage)
+    holder = DriverLease(storage, ttl_s=3.0)  # renews every second, so the second driver sees it alive
     holder.acquire()
     try:
         run = subprocess.run(

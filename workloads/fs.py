@@ -110,10 +110,11 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, _transient_types())
 
 
-def with_retries(operation: Callable[[], T], what: str, deadline_s: float = RETRY_DEADLINE_S) -> T:
+def with_retries(operation: Callable[[], T], what: str, deadline_s: float | None = None) -> T:
     """Run a storage operation, retrying transient failures with exponential backoff and full jitter until
     `deadline_s`; then the last error propagates and the caller fails cleanly. Every retry is said on stdout
     (the job log), so an outage is visible while it lasts."""
+    deadline_s = RETRY_DEADLINE_S if deadline_s is None else deadline_s  # read at call time: tests shorten it
     started = time.monotonic()
     delay = 0.5
     while True:

@@ -1,0 +1,86 @@
+"""The driver's exit status and retry contract (README "Exit status and retries"): what a retry cannot change
+exits 2 and stops the driver's own Ray job (so KubeRay does not recreate the cluster to fail again); cells that
+failed on their own exit 1 and stop it too; storage that stayed unreachable exits 3 and leaves the job to be
+retried. The Ray job API is replaced by a recorder here (there is no Ray job to stop in a unit test)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import deploy, sweep
+from orchestrator.grid import expand
+from orchestrator.lease import LEASE_FILE
+from orchestrator.spec import load_spec
+from orchestrator.storage import ERROR_FILE, SweepStorage
+from tests.conftest import tiny_spec, write_spec
+
+
+@pytest.fixture
+def stopped(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    monkeypatch.setattr(deploy, "stop_this_ray_job", lambda why="": calls.append(why) or True)
+    return calls
+
+
+def test_a_sweep_another_live_driver_runs_exits_2_and_stops_the_job(tmp_path: Path, stopped: list[str]) -> None:
+    spec_path = write_spec(tmp_path, tiny_spec("held", {"seed": [0]}, storage=str(tmp_path / "runs")))
+    storage = SweepStorage.for_sweep(str(tmp_path / "runs"), "held")
+    stop = threading.Event()
+
+    def live_driver() -> None:  # renews its lease every 0.5 s from another host
+        while not stop.is_set():
+            lease = {"owner": "x", "host": "other-node", "pid": 7, "expires_at": time.time() + 1.5, "ttl_s": 1.5}
+            storage.write_json(storage.path(LEASE_FILE), lease)
+            stop.wait(0.5)
+
+    holder = threading.Thread(target=live_driver)
+    holder.start()
+    try:
+        assert sweep.main([str(spec_path)]) == sweep.EXIT_INVALID
+    finally:
+        stop.set()
+        holder.join()
+    assert stopped == ["a sweep another live driver runs"]
+
+
+def test_unreachable_storage_exits_3_and_leaves_the_job_to_be_retried(
+    tmp_path: Path, stopped: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import workloads.fs
+
+    monkeypatch.setattr(workloads.fs, "RETRY_DEADLINE_S", 1.0)
+    for variable, value in {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens: connection refused, as in an outage
+        "AWS_ACCESS_KEY_ID": "outage-test",
+        "AWS_SECRET_ACCESS_KEY": "outage-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    spec_path = write_spec(tmp_path, tiny_spec("gone", {"seed": [0]}, storage="s3://bucket/sweeps"))
+    assert sweep.main([str(spec_path)]) == sweep.EXIT_RETRY
+    err = capsys.readouterr().err
+    assert "stayed unreachable" in err and "submitting again resumes" in err and "Traceback" not in err
+    assert stopped == []
+
+
+def test_cells_that_failed_on_their_own_exit_1_and_stop_the_job(
+    tmp_path: Path, stopped: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # How a cell fails is the fault matrix's business (tests/test_faults_ray.py); here the cells' trials are
+    # replaced by one that records a failure of the cell's own, and only the driver's reaction is checked.
+    def failing_cells(spec: Any, storage: SweepStorage, todo: list[Any], *args: Any, **kwargs: Any) -> None:
+        for cell in todo:
+            record = {"cell_id": cell.cell_id, "axes": cell.axes, "status": "failed", "error": "loss is NaN"}
+            storage.write_json(storage.cell_path(cell.cell_id, ERROR_FILE), record)
+
+    monkeypatch.setattr(sweep, "_run_cells", failing_cells)
+    spec_path = write_spec(tmp_path, tiny_spec("nan", {"seed": [0]}, storage=str(tmp_path / "runs")))
+    assert len(expand(load_spec(spec_path))) == 1
+    assert sweep.main([str(spec_path)]) == sweep.EXIT_FAILED
+    assert stopped == ["a sweep whose cells failed on their own"]
