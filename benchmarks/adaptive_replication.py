@@ -11,8 +11,9 @@ five seeds of three settings: BN at 0 % and at 100 % clean, and BN* at 0 % clean
 and answers its requests from the study's own results: a cell the rule asks for is "trained" by reading that
 seed's stored result, so the rule sees exactly what it would have seen had it run the study. Fixed replication is
 all five seeds. Verdict of a pair, the answer to the rule's question: "|a - b| < 5" (the CI lies inside +-5
-points, whether or not it excludes 0), else "a > b" / "a < b" (the CI excludes 0), else "undecided". CPU-hours are the stored training seconds of the cells each uses. The goal: the same
-verdicts as fixed 5 seeds with at most 60 % of its cells.
+points, whether or not it excludes 0), else "a > b" / "a < b" (the CI excludes 0), else "undecided". CPU-hours
+are the stored training seconds of the cells each uses. The goal: the same verdicts as fixed 5 seeds with at most
+60 % of its cells.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def verdict(judgement: replication.Judgement) -> str:
     if not judgement.decided:
         return "undecided"
     low, high = stats.ci_low, stats.ci_high
-    if low is None or high is None or (-EFFECT < low and high < EFFECT):
+    if low is None or high is None or (low > -EFFECT and high < EFFECT):
         return f"|a - b| < {EFFECT:g}"
     return "a > b" if low > 0 else "a < b"
 

@@ -375,6 +375,9 @@ class Spec(_Strict):
     replication: Replication | None = None
     checkpoint_every: int = Field(5, ge=1, le=100_000)
     keep_checkpoints: int = Field(2, ge=1, le=1_000)
+    # How long every storage operation of the sweep (records, checkpoint upload and restore, shard reads) rides
+    # out an unreachable store before it fails: training waits meanwhile (workloads.fs.with_retries).
+    storage_outage_tolerance_s: float = Field(3600.0, ge=1, le=30 * 86_400)
     # Ray Train worker-group restarts per cell; finite on purpose (DESIGN.md section 6).
     max_failures: int = Field(2, ge=0, le=1_000)
     # Bound on the product sizes before duplicates collapse: guards against a typo that expands to millions.

@@ -32,7 +32,7 @@ from orchestrator.report import build_report  # noqa: E402
 from orchestrator.results import write_results  # noqa: E402
 from orchestrator.spec import Spec, SpecError, load_spec  # noqa: E402
 from orchestrator.storage import CONFIG_FILE, SweepStorage, resolve_storage_url  # noqa: E402
-from workloads.fs import is_transient  # noqa: E402
+from workloads.fs import OUTAGE_TOLERANCE_ENV, is_transient  # noqa: E402
 
 # The exit-status and retry contract (README "Exit status and retries"): 0 and 1 are final, 2 is final and stops
 # the driver's own Ray job (so KubeRay does not retry it on a new cluster), 3 is worth retrying as it is.
@@ -150,6 +150,7 @@ def _lasting_storage(spec: Spec) -> Spec:
 
 def run_sweep(spec: Spec, cells: list[Cell], plan: Plan, takeover: bool = False, rerun_changed: bool = False) -> int:
     storage = SweepStorage.for_sweep(spec.storage, spec.name)
+    os.environ[OUTAGE_TOLERANCE_ENV] = f"{spec.storage_outage_tolerance_s:g}"  # the driver's own records too
     lease = DriverLease(storage)
     try:
         lease.acquire(takeover=takeover)
@@ -371,6 +372,8 @@ def _run_cells(
     from orchestrator.tracking import tracking_callbacks
 
     env = ray_compat.driver_environment()
+    # Every process of the sweep rides out storage outages as long as the spec says (workloads.fs).
+    env[OUTAGE_TOLERANCE_ENV] = os.environ[OUTAGE_TOLERANCE_ENV] = f"{spec.storage_outage_tolerance_s:g}"
     dashboard = "(connected to an existing Ray instance)"
     if not ray.is_initialized():
         context = ray.init(runtime_env={"env_vars": env})

@@ -130,8 +130,8 @@ MECHANISMS = """## What makes these pass
   by the worker's upload thread; Ray Train registers it only once the upload has completed. On resume the newest
   checkpoint that loads is used; an unreadable one is skipped with `warning: checkpoint ... is unreadable`.
 - **Retries with limits.** Storage calls (the driver's, the data reader's, the checkpoint upload and download)
-  retry connection errors, timeouts, throttling and 5xx with exponential backoff and jitter for up to 120 s,
-  saying so in the log (`storage: ... failed (...); retry in <= N s`); then the cell fails cleanly and the sweep
+  retry connection errors, timeouts, throttling and 5xx with exponential backoff and jitter for up to `storage_outage_tolerance_s` (default an hour),
+  saying so in the log (`storage: unreachable for N s (...); retrying for up to M s more`, then once a minute); then the cell fails cleanly and the sweep
   goes on. A lost worker restarts the cell's worker group from its last checkpoint up to `max_failures` times.
   A non-finite loss fails the cell with `non-finite loss`.
 - **One driver per sweep.** A lease in storage with a heartbeat; a second driver refuses and names the holder;

@@ -51,9 +51,6 @@ def test_a_sweep_another_live_driver_runs_exits_2_and_stops_the_job(tmp_path: Pa
 def test_unreachable_storage_exits_3_and_leaves_the_job_to_be_retried(
     tmp_path: Path, stopped: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import workloads.fs
-
-    monkeypatch.setattr(workloads.fs, "RETRY_DEADLINE_S", 1.0)
     for variable, value in {
         "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens: connection refused, as in an outage
         "AWS_ACCESS_KEY_ID": "outage-test",
@@ -62,7 +59,8 @@ def test_unreachable_storage_exits_3_and_leaves_the_job_to_be_retried(
     }.items():
         monkeypatch.setenv(variable, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    spec_path = write_spec(tmp_path, tiny_spec("gone", {"seed": [0]}, storage="s3://bucket/sweeps"))
+    spec = tiny_spec("gone", {"seed": [0]}, storage="s3://bucket/sweeps", storage_outage_tolerance_s=2)
+    spec_path = write_spec(tmp_path, spec)
     assert sweep.main([str(spec_path)]) == sweep.EXIT_RETRY
     err = capsys.readouterr().err
     assert "stayed unreachable" in err and "submitting again resumes" in err and "Traceback" not in err
@@ -84,3 +82,30 @@ def test_cells_that_failed_on_their_own_exit_1_and_stop_the_job(
     assert len(expand(load_spec(spec_path))) == 1
     assert sweep.main([str(spec_path)]) == sweep.EXIT_FAILED
     assert stopped == ["a sweep whose cells failed on their own"]
+
+
+def test_an_outage_is_ridden_out_and_said_once_a_minute_not_every_retry(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import workloads.fs
+
+    monkeypatch.setattr(workloads.fs, "RETRY_LOG_INTERVAL_S", 0.5)  # "a minute", compressed
+    monkeypatch.setattr(workloads.fs.random, "uniform", lambda low, high: 0.05)  # short, fixed backoff sleeps
+    monkeypatch.setenv(workloads.fs.OUTAGE_TOLERANCE_ENV, "30")
+    attempts: list[float] = []
+    outage_ends = time.monotonic() + 1.6
+
+    def read() -> str:
+        attempts.append(time.monotonic())
+        if time.monotonic() < outage_ends:
+            raise ConnectionError("store down")
+        return "data"
+
+    assert workloads.fs.with_retries(read, "read x") == "data"
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if line.startswith("storage: unreachable")]
+    assert len(attempts) > 10 and 2 <= len(said) <= 5, (len(attempts), said)
+    assert "storage: reachable again after" in out
+    monkeypatch.setenv(workloads.fs.OUTAGE_TOLERANCE_ENV, "0.3")  # beyond the tolerance the error propagates
+    with pytest.raises(ConnectionError):
+        workloads.fs.with_retries(lambda: (_ for _ in ()).throw(ConnectionError("down")), "read y")

@@ -232,7 +232,7 @@ def test_s3_outage_mid_checkpoint_is_retried_and_loses_nothing(
     assert code == sweep.EXIT_OK
     retried = proxy.requests_after(outage.ended, outage.key)
     assert {"PUT", "POST"} & set(retried), f"{outage.key} was not uploaded again after the outage: {retried}"
-    assert re.search(r"storage: upload checkpoint checkpoint_\S+ failed \(OSError", out), out[-3000:]
+    assert re.search(r"storage: unreachable for \d+ s \(upload checkpoint checkpoint_\S+: OSError", out), out[-3000:]
 
     client = boto3.client("s3", endpoint_url=s3_server)  # straight to moto, around the proxy
     prefix = f"study/outage/cells/{cell}/"

@@ -19,7 +19,16 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["S3Settings", "is_transient", "open_fs", "process_exists", "with_retries", "write_atomic"]
+__all__ = [
+    "OUTAGE_TOLERANCE_ENV",
+    "S3Settings",
+    "is_transient",
+    "open_fs",
+    "process_exists",
+    "retry_deadline",
+    "with_retries",
+    "write_atomic",
+]
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,20 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 T = TypeVar("T")
-RETRY_DEADLINE_S = 120.0
+# How long a storage operation rides out an outage before it fails: the spec's storage_outage_tolerance_s, which
+# the sweep's driver hands every process of the sweep through this variable; an hour where it is not set. A
+# 10-minute S3 or MinIO outage then pauses training (every save and read waits) instead of failing cells.
+OUTAGE_TOLERANCE_ENV = "SWEEP_STORAGE_OUTAGE_TOLERANCE_S"
+RETRY_DEADLINE_S = 3600.0
+RETRY_LOG_INTERVAL_S = 60.0  # an outage is said at its first failure, then once a minute while it lasts
+
+
+def retry_deadline() -> float:
+    """The outage tolerance of this process: $SWEEP_STORAGE_OUTAGE_TOLERANCE_S, else RETRY_DEADLINE_S."""
+    try:
+        return float(os.environ[OUTAGE_TOLERANCE_ENV])
+    except (KeyError, ValueError):
+        return RETRY_DEADLINE_S
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -111,25 +133,33 @@ def is_transient(err: BaseException) -> bool:
 
 
 def with_retries(operation: Callable[[], T], what: str, deadline_s: float | None = None) -> T:
-    """Run a storage operation, retrying transient failures with exponential backoff and full jitter until
-    `deadline_s`; then the last error propagates and the caller fails cleanly. Every retry is said on stdout
-    (the job log), so an outage is visible while it lasts."""
-    deadline_s = RETRY_DEADLINE_S if deadline_s is None else deadline_s  # read at call time: tests shorten it
+    """Run a storage operation, retrying transient failures with capped exponential backoff and full jitter for
+    up to `deadline_s` (default: `retry_deadline()`); then the last error propagates and the caller fails cleanly.
+    The outage is said on stdout (the job log) at its first failure, then once a minute, and when it ends."""
+    deadline_s = retry_deadline() if deadline_s is None else deadline_s
     started = time.monotonic()
     delay = 0.5
+    said_at: float | None = None
     while True:
         try:
-            return operation()
+            result = operation()
         except Exception as err:
-            if not is_transient(err) or time.monotonic() - started + delay > deadline_s:
-                raise
             waited = time.monotonic() - started
-            print(
-                f"storage: {what} failed ({type(err).__name__}, {waited:.0f} s so far); retry in <= {delay:.1f} s",
-                flush=True,
-            )
+            if not is_transient(err) or waited + delay > deadline_s:
+                raise
+            if said_at is None or time.monotonic() - said_at >= RETRY_LOG_INTERVAL_S:
+                print(
+                    f"storage: unreachable for {waited:.0f} s ({what}: {type(err).__name__}); retrying for up to "
+                    f"{deadline_s - waited:.0f} s more",
+                    flush=True,
+                )
+                said_at = time.monotonic()
             time.sleep(random.uniform(0, delay))
             delay = min(delay * 2, 8.0)
+            continue
+        if said_at is not None:
+            print(f"storage: reachable again after {time.monotonic() - started:.0f} s ({what})", flush=True)
+        return result
 
 
 def process_exists(pid: int) -> bool:

@@ -157,7 +157,7 @@ class RaySession(Session):
 
 
 def upload_checkpoint(source: str, source_filesystem: Any, destination: str, target: Any, name: str) -> None:
-    """Copy a checkpoint folder to storage, riding out a storage outage of up to `fs.RETRY_DEADLINE_S` (Ray
+    """Copy a checkpoint folder to storage, riding out a storage outage of up to `fs.retry_deadline()` (Ray
     Train's own upload gives up after 3 quick attempts). Re-copying after a partial failure is safe: the
     destination is new and each file is overwritten whole."""
     import pyarrow.fs
