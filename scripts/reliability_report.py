@@ -130,12 +130,13 @@ MECHANISMS = """## What makes these pass
   by the worker's upload thread; Ray Train registers it only once the upload has completed. On resume the newest
   checkpoint that loads is used; an unreadable one is skipped with `warning: checkpoint ... is unreadable`.
 - **Retries with limits.** Storage calls (the driver's, the data reader's, the checkpoint upload and download)
-  retry connection errors, timeouts, throttling and 5xx with exponential backoff and jitter for up to `storage_outage_tolerance_s` (default an hour),
-  saying so in the log (`storage: unreachable for N s (...); retrying for up to M s more`, then once a minute); then the cell fails cleanly and the sweep
-  goes on. A lost worker restarts the cell's worker group from its last checkpoint up to `max_failures` times.
+  retry connection errors, timeouts, throttling and 5xx with exponential backoff and jitter for up to
+  `storage_outage_tolerance_s` (default an hour), so training waits out an outage; the log says so at once
+  (`storage: unreachable for N s (...); retrying for up to M s more`) and then once a minute. Past the tolerance
+  the cell fails cleanly and the sweep goes on. A lost worker restarts the cell's worker group from its last checkpoint up to `max_failures` times.
   A non-finite loss fails the cell with `non-finite loss`.
-- **One driver per sweep.** A lease in storage with a heartbeat; a second driver refuses and names the holder;
-  `--takeover` or an expired lease lets a new driver in.
+- **One driver per sweep.** A lease in storage with a heartbeat; a second driver refuses a holder that renews it
+  and names it, waits out one that stopped renewing (a dead driver), and `--takeover` lets a new driver in at once.
 - **Stuck detection.** A cell whose workers fit on no live node is logged as `UNSCHEDULABLE` as soon as it is
   admitted and shown as `unschedulable` by `orchestrator.status`; the autoscaler (when the deployment sets
   `SWEEP_AUTOSCALER_MAX_*`) is asked for the room; the cell fails after `resources.placement_timeout_s`. On a
