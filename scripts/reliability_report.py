@@ -133,7 +133,8 @@ MECHANISMS = """## What makes these pass
   retry connection errors, timeouts, throttling and 5xx with exponential backoff and jitter for up to
   `storage_outage_tolerance_s` (default an hour), so training waits out an outage; the log says so at once
   (`storage: unreachable for N s (...); retrying for up to M s more`) and then once a minute. Past the tolerance
-  the cell fails cleanly and the sweep goes on. A lost worker restarts the cell's worker group from its last checkpoint up to `max_failures` times.
+  the cell fails cleanly and the sweep goes on. A lost worker restarts the cell's worker group from its last
+  checkpoint up to `max_failures` times.
   A non-finite loss fails the cell with `non-finite loss`.
 - **One driver per sweep.** A lease in storage with a heartbeat; a second driver refuses a holder that renews it
   and names it, waits out one that stopped renewing (a dead driver), and `--takeover` lets a new driver in at once.
