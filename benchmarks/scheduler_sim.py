@@ -2,7 +2,7 @@
 
 `.venv/bin/python -m benchmarks.scheduler_sim [--seeds 5] [--draws 5] [--noise 0.3]`
 
-No Ray and no GPUs: the policy (`orchestrator.packing`, the code the Tune searcher runs; DESIGN.md section 6)
+No Ray and no GPUs: the policy (`orchestrator.packing`, the code the Tune searcher runs; docs/design.md section 6)
 is replayed on a simulated clock. new = `widest-then-longest`: widest cell first (first fit) while every pending
 cell is short next to the remaining work / GPUs, then longest estimated wall time first with EASY backfilling
 (a cell that does not fit gets a reservation that others may not delay), estimates rescaled by what finished

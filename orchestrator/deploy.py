@@ -1,4 +1,4 @@
-"""Running a sweep on Kubernetes with KubeRay: render the manifests for a spec, and check them (DESIGN.md section 7).
+"""Running a sweep on Kubernetes with KubeRay: render the manifests for a spec and check them (docs/design.md 7).
 
     python -m orchestrator.deploy render --spec sweeps/ablation.yaml --overlay gpu-cluster [--image IMAGE] [--out FILE]
     python -m orchestrator.deploy check

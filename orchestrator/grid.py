@@ -1,4 +1,4 @@
-"""Grid expansion: a `Spec` -> the list of resolved cells, each with a stable id (DESIGN.md section 3.2).
+"""Grid expansion: a `Spec` -> the list of resolved cells, each with a stable id (docs/design.md section 3.2).
 
 Every derived parameter is resolved here, in `_Resolver.resolve`, and nowhere else:
 

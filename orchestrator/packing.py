@@ -1,4 +1,4 @@
-"""The placement policy: which pending cell starts now, given what is free and what is running (DESIGN.md s. 6).
+"""The placement policy: which pending cell starts now, given what is free and what is running (docs/design.md s. 6).
 
 One implementation serves both the real run and the plan: `orchestrator.scheduler.ResourceBudgetSearcher` asks a
 `Packer` each time Tune wants a trial, with the wall clock; `orchestrator.plan` replays the same `Packer` on a

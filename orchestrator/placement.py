@@ -1,7 +1,7 @@
 """Can a cell's worker group be placed on the cluster at all? Said at once, waited for, then given up on.
 
 Ray Train gang-schedules a cell's workers in a placement group and, when it cannot be placed, retries every 60 s
-for ever with nothing in the sweep's log to say why (DESIGN section 6). The trial checks first: a cell that fits
+for ever with nothing in the sweep's log to say why (docs/design.md section 6). The trial checks first: a cell that fits
 no live node is reported `UNSCHEDULABLE` (log line, `unschedulable.json` shown by orchestrator.status) and fails
 after `resources.placement_timeout_s`, time for an autoscaler to add a node.
 
@@ -37,7 +37,7 @@ def placement_problem(num_workers: int, bundle: dict[str, float], nodes: list[di
     Capacity, not availability: cells already running are the searcher's business (it admits a cell only when
     its resources are free). This catches what no waiting fixes unless the cluster grows: a bundle larger than
     any node, or a resource the cluster does not have. Ray Train itself would retry such a worker group every 60
-    s for ever, with nothing in the sweep's log to say why (DESIGN section 6).
+    s for ever, with nothing in the sweep's log to say why (docs/design.md section 6).
     """
     slots = sum(_slots(bundle, node) for node in nodes)
     if slots >= num_workers:

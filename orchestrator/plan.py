@@ -1,4 +1,4 @@
-"""Planning: per-cell cost, total cost, makespan and feasibility, without Ray (DESIGN.md section 3.3).
+"""Planning: per-cell cost, total cost, makespan and feasibility, without Ray (docs/design.md section 3.3).
 
 Cost model
 ----------
@@ -81,7 +81,7 @@ EVAL_FORWARDS = 1.0  # the final forward that scores an image
 # <= 512 px, random-resized crop to 224, colour jitter, flip). benchmarks/input_pipeline.py measured 422 per
 # CPU-second for the whole reader on this project's 2-core machine, 434 with the colour maps left to a GPU, and
 # benchmarks/gpu_feed.py 285 on an H200 machine's 16 Xeon cores (docs/benchmarks.md); planning takes the low end
-# of DESIGN.md's 150-200 budget, headroom for larger source images, slower cores and the training process's work.
+# of docs/design.md's 150-200 budget, headroom for larger source images, slower cores and the training process's work.
 DECODE_IMAGES_PER_CORE_SECOND = 150.0
 
 

@@ -1,6 +1,6 @@
 """Keep credentials out of everything the sweep writes or prints.
 
-Credentials reach the processes only through the environment (DESIGN section 4). An error message can still echo
+Credentials reach the processes only through the environment (docs/design.md section 4). An error message can still echo
 one (a botocore error quoting a signed URL, an exception that prints the environment), so every error text that
 goes to storage or to the log passes through `redact`, which masks the value of every environment variable whose
 name says it is a credential.

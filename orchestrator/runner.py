@@ -17,7 +17,7 @@ from orchestrator.placement import UnschedulableError, wait_until_placeable
 from orchestrator.redact import redact
 from orchestrator.storage import ERROR_FILE, RESULT_FILE, SweepStorage
 
-TRIAL_CPU = 0.01  # not 0: Tune rejects a trial with no resources (DESIGN section 6)
+TRIAL_CPU = 0.01  # not 0: Tune rejects a trial with no resources (docs/design.md section 6)
 # The last result of a trial whose cell failed for reasons of its own (orchestrator.progress counts it as failed).
 CELL_FAILED = "cell_failed"
 
@@ -80,7 +80,7 @@ def run_cell(config: dict[str, Any], sweep_url: str, provenance: dict[str, Any] 
             storage_path=storage_path,
             storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cell.config.keep_checkpoints),
-            # Static typing sees Train V1's classes; at run time these are V2's (DESIGN section 6). A finite
+            # Static typing sees Train V1's classes; at run time these are V2's (docs/design.md section 6). A finite
             # controller failure limit keeps an unplaceable worker group from retrying forever.
             failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]
                 max_failures=cell.max_failures, controller_failure_limit=1

@@ -1,7 +1,7 @@
 """Admission of cells onto the cluster: a Tune search algorithm that only starts a cell when its resources are free.
 
 Why not let Ray queue the work: each cell's Train workers live in a gang-scheduled placement group that Tune cannot
-see, and a worker group that cannot be placed fails after 60 s (DESIGN section 6). So the searcher keeps its own
+see, and a worker group that cannot be placed fails after 60 s (docs/design.md section 6). So the searcher keeps its own
 budget of the cluster's GPUs and CPUs, suggests the next cell only when it fits, returns None (Tune asks again
 later) when nothing fits, and gives the resources back when the trial completes, errored or not.
 

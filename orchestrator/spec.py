@@ -1,4 +1,4 @@
-"""The sweep spec: one YAML file -> a validated, typed `Spec` (DESIGN.md sections 3.1 and 4).
+"""The sweep spec: one YAML file -> a validated, typed `Spec` (docs/design.md sections 3.1 and 4).
 
 A researcher describes a whole ablation study (Xie & Yuille, ICLR 2020, Tables 1-7) in one file::
 
@@ -17,7 +17,7 @@ Validation is strict (unknown keys, wrong types and out-of-range values are erro
 one line that names the field path, the bad value and what is allowed, e.g.
 ``grid.norm[2]: 'batchnorm' is not one of bn, mbn, gn, bn*, mbn*``. Credentials are never accepted: a key
 that looks like one, or a URL carrying a user:password or signed query, is rejected without echoing the
-value, because the spec is copied to storage (``spec.yaml``) and printed in logs (DESIGN.md section 4).
+value, because the spec is copied to storage (``spec.yaml``) and printed in logs (docs/design.md section 4).
 
 This module imports neither torch nor ray: a spec is validated and planned in well under a second.
 """
@@ -248,7 +248,7 @@ Seed = Annotated[int, AfterValidator(_range_check(0, MAX_SEED))]
 
 
 class GridEntry(_Strict):
-    """One product of axis values; an axis left out takes the workload default (DESIGN.md section 4)."""
+    """One product of axis values; an axis left out takes the workload default (docs/design.md section 4)."""
 
     clean_ratio: list[CleanRatio] | None = None
     norm: list[GridNorm] | None = None
@@ -293,7 +293,7 @@ Workload = WorkloadConfig
 class Resources(_Strict):
     use_gpu: bool = True
     gpus_per_worker: int = Field(1, ge=1, le=64)
-    # Fractional CPUs let several workers share a core on small machines (DESIGN.md section 6).
+    # Fractional CPUs let several workers share a core on small machines (docs/design.md section 6).
     cpus_per_worker: float = Field(1.0, gt=0, le=1024)
     # workers = min(batch_size // per_worker_batch, max_workers_per_cell); the rest is gradient accumulation.
     max_workers_per_cell: int = Field(128, ge=1, le=100_000)
@@ -378,7 +378,7 @@ class Spec(_Strict):
     # How long every storage operation of the sweep (records, checkpoint upload and restore, shard reads) rides
     # out an unreachable store before it fails: training waits meanwhile (workloads.fs.with_retries).
     storage_outage_tolerance_s: float = Field(3600.0, ge=1, le=30 * 86_400)
-    # Ray Train worker-group restarts per cell; finite on purpose (DESIGN.md section 6).
+    # Ray Train worker-group restarts per cell; finite on purpose (docs/design.md section 6).
     max_failures: int = Field(2, ge=0, le=1_000)
     # Bound on the product sizes before duplicates collapse: guards against a typo that expands to millions.
     max_cells: int = Field(100_000, ge=1, le=10_000_000)

@@ -12,7 +12,7 @@ The driver's state comes from its lease (`driver.lease`, orchestrator.lease):
 The whole sweep's time left is the plan's makespan over the cells not yet finished (orchestrator.plan), rescaled
 by the ratio of measured to planned seconds per epoch of the cells that have trained.
 
-A cell's state (DESIGN section 4's layout):
+A cell's state (docs/design.md section 4's layout):
   finished  cells/<id>/result.json exists;
   failed    cells/<id>/error.json exists and nothing was written to the cell's folder after it;
   running   the Train run left a trace (a checkpoint, Ray Train's checkpoint_manager_snapshot.json or its

@@ -1,4 +1,4 @@
-"""The sweep's storage layout on any fsspec URL (DESIGN section 4):
+"""The sweep's storage layout on any fsspec URL (docs/design.md section 4):
 
     <storage>/<name>/spec.yaml                      the spec as submitted (no secrets by construction)
     <storage>/<name>/cells/<cell_id>/config.json    the resolved TrainConfig and grid axes
@@ -172,7 +172,7 @@ class SweepStorage:
         """`storage_path` and `storage_filesystem` for Ray Train runs of this sweep's cells.
 
         Ray Train puts run `<name>` under `<storage_path>/<name>`, so with the cell id as name the checkpoints land
-        in `cells/<cell_id>/`. pyarrow ignores AWS_ENDPOINT_URL (DESIGN section 6): pass it explicitly, with no
+        in `cells/<cell_id>/`. pyarrow ignores AWS_ENDPOINT_URL (docs/design.md section 6): pass it explicitly, with no
         `s3://` prefix on the path when a filesystem is given. Credentials stay in the environment; the endpoint
         and region come from `workloads.fs.S3Settings`, as for every other storage access.
         """

@@ -1,7 +1,7 @@
 """A one-node Ray head of its own on 127.0.0.1, for the end-to-end test and the monitoring snapshot.
 
 `ray_head()` starts `ray start --head` on free ports with a temp dir of its own and token authentication on
-(DESIGN.md section 6): a fresh token is written to that temp dir and handed to the head and to every client through
+(docs/design.md section 6): a fresh token is written to that temp dir and handed to the head and to every client through
 `RAY_AUTH_TOKEN_PATH` with `RAY_AUTH_MODE=token`, so the user's `~/.ray/auth_token` is neither read nor written.
 
 `ray stop` would stop every Ray instance on the machine (other sessions' included), so on exit only this head's

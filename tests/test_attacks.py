@@ -1,4 +1,4 @@
-"""Targeted PGD (workloads.attacks) against the paper's recipe (Section 3, DESIGN section 5)."""
+"""Targeted PGD (workloads.attacks) against the paper's recipe (Section 3, docs/design.md section 5)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ wheel lacks the example config `ray.cluster_utils.AutoscalingCluster` needs; tha
 unless `provider.gcs_address` names the head's address and port, so it does. Teardown stops this cluster's
 processes only (found by a variable in their environment, tests/multinode.py), never with `ray stop`.
 
-Fake GPUs: Ray schedules on them; the workload, finding no CUDA, trains on the CPU with gloo (DESIGN section 6).
+Fake GPUs: Ray schedules on them; the workload, finding no CUDA, trains on the CPU with gloo (docs/design.md section 6).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The command line, as a user meets it: `python -m orchestrator.sweep SPEC [--storage URL] [--plan [--json]]`.
 
-Every test runs the real CLI in a subprocess (no Ray is started anywhere in this file). Contracts from DESIGN.md
+Every test runs the real CLI in a subprocess (no Ray is started anywhere in this file). Contracts from docs/design.md
 sections 3 and 4: an invalid spec or argument exits with status 2 and one message that names the field and what
 is allowed, never a traceback, and never echoes a secret; `--plan` validates and plans without Ray.
 """
@@ -222,7 +222,7 @@ def test_batch_size_not_divisible_by_workers_times_per_worker_batch(tmp_path: Pa
     )
 
 
-# --- credentials: rejected, never echoed (DESIGN.md section 4) -------------------------------------------
+# --- credentials: rejected, never echoed (docs/design.md section 4) -------------------------------------------
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzzSECRET"
 

@@ -1,8 +1,8 @@
-"""End to end, the way DESIGN.md section 1 runs a study: `ray start --head`, then
+"""End to end, the way docs/design.md section 1 runs a study: `ray start --head`, then
 `ray job submit --working-dir . -- python -m orchestrator.sweep sweeps/tiny.yaml`, then the results in storage.
 
 The cluster is this module's own (scripts/local_ray.py): free ports, a dedicated `--temp-dir`, and its own auth
-token. Token authentication stays on (DESIGN.md section 6): the token is generated there and handed to the head and
+token. Token authentication stays on (docs/design.md section 6): the token is generated there and handed to the head and
 to every client through `RAY_AUTH_TOKEN_PATH`, with `RAY_AUTH_MODE=token`, so the user's `~/.ray/auth_token` is
 neither read nor overwritten (checked below). `ray stop` would stop every Ray instance on the machine (other
 sessions' included), so teardown stops only this cluster: its head's process group, processes whose command line

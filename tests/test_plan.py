@@ -304,7 +304,7 @@ def test_input_cost_of_the_papers_cell() -> None:
 
     plan = plan_spec(paper_spec())
     (cell,) = plan.cells
-    # 110 epochs of 1,281,167 images in 52 h: about 750 img/s over 128 GPUs (DESIGN.md section 5).
+    # 110 epochs of 1,281,167 images in 52 h: about 750 img/s over 128 GPUs (docs/design.md section 5).
     assert cell.images_per_second == pytest.approx(1_281_167 * 110 / (52 * 3600), rel=0.02)
     assert cell.input_cores == pytest.approx(cell.images_per_second / DECODE_IMAGES_PER_CORE_SECOND)
     assert cell.input_cpus_per_worker == 2 and input_cpus_per_worker(plan.cells) == 2

@@ -1,4 +1,4 @@
-"""Admission of cells onto GPUs: the ResourceBudgetSearcher alone, then a sweep on 8 fake GPUs (DESIGN section 6).
+"""Admission of cells onto GPUs: the ResourceBudgetSearcher alone, then a sweep on 8 fake GPUs (docs/design.md 6).
 
 The fake GPUs are `ray.init(num_gpus=8)` on a CPU box: Ray Train places one worker per "GPU" and the workload,
 finding no CUDA, trains on the CPU (gloo). Cells need 2, 4 and 8 GPUs; Ray Train would make a worker group that

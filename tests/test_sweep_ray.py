@@ -1,4 +1,4 @@
-"""The sweep driver on a real local Ray instance: `orchestrator.sweep.main` end to end (DESIGN sections 3, 4, 6).
+"""The sweep driver on a real local Ray instance: `orchestrator.sweep.main` end to end (docs/design.md 3, 4, 6).
 
 One Ray instance for the module (2 CPUs, half a CPU per Train worker, finite failure limits), started after the
 session's moto server so that every worker inherits the S3 endpoint and credentials from the raylet's
@@ -388,7 +388,7 @@ def test_sweep_to_s3_storage(ray_local: None, s3_bucket: str, tmp_path: Path) ->
         assert result["status"] == "finished" and result["cell_id"] == cell.cell_id
         states = [k for k in keys if k.startswith(prefix + "checkpoint_") and k.endswith("/state.pt")]
         assert states, f"no checkpoint under s3://{bucket}/{prefix}: {[k for k in keys if k.startswith(prefix)]}"
-    # Nothing written to storage carries the credentials that were in the environment (DESIGN section 4).
+    # Nothing written to storage carries the credentials that were in the environment (docs/design.md section 4).
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"].encode(), os.environ["AWS_ACCESS_KEY_ID"].encode()]
     for key in keys:
         if key.endswith((".json", ".yaml", ".lease", ".parquet")):

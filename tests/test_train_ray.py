@@ -1,6 +1,6 @@
 """The real Ray Train path: a TorchTrainer runs `workloads.train.train_loop_per_worker` on two DDP workers (gloo).
 
-One local Ray instance per module, 2 CPUs, half a CPU per worker and finite failure limits (DESIGN section 6: on
+One local Ray instance per module, 2 CPUs, half a CPU per worker and finite failure limits (docs/design.md section 6: on
 a 2-CPU machine whole-CPU workers deadlock and, by default, the controller retries forever).
 
 What Ray Train V2 (2.60) does when `fit()` is called again with the same `RunConfig(name, storage_path)`, read

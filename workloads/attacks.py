@@ -85,7 +85,7 @@ def pgd(
       the caller passes a module outside DDP, so no all-reduce happens during the attack. The training loop and
       the evaluation pass the network's BN-folded copy (`workloads.bn_fold`: the same function with fewer
       layers), or the `torch.compile`d network (compiled code folds eval-mode BN itself).
-    - BN runs in inference mode during the attack (DESIGN section 5: the attack must not see or change batch
+    - BN runs in inference mode during the attack (docs/design.md section 5: the attack must not see or change batch
       statistics); the model's train/eval mode is restored afterwards.
     - `amp_dtype` (bf16): each iteration's forward runs under autocast; the loss is taken on fp32 logits, and the
       image, its gradient, the sign step and the projection stay fp32, so the eps-box and pixel range are exact.

@@ -1,6 +1,6 @@
 """The attack's BN-folded copy of a ResNet: the same function with half the layers.
 
-During the attack BN runs on its running statistics (DESIGN section 5: the attack must not see or change batch
+During the attack BN runs on its running statistics (docs/design.md section 5: the attack must not see or change batch
 statistics), so each BN is an affine map that can be merged into the preceding convolution's weights. Every PGD
 iteration (a forward and an input gradient) then runs through fewer layers; with PGD-N training costing about
 (2N + 3) / 3 clean steps (Section 3), the attack is most of a cell's compute. MBN folds the branch in use; GN

@@ -3,7 +3,7 @@
 S3 endpoint and credentials come from the environment only (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, or whatever else botocore's default credential chain finds,
 e.g. IRSA on Kubernetes), never from a spec, so nothing the project writes or logs can hold a secret
-(DESIGN.md section 4). This module never logs or returns credentials.
+(docs/design.md section 4). This module never logs or returns credentials.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class RaySession(Session):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        # Fake GPUs (scheduling tests, DESIGN section 6) get GPU ids but no CUDA: train on the CPU there.
+        # Fake GPUs (scheduling tests, docs/design.md section 6) get GPU ids but no CUDA: train on the CPU there.
         self._device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         for folder in remove_orphaned_checkpoint_folders():
             print(f"removed {folder}, a checkpoint folder left by a worker that died before uploading it")

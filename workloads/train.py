@@ -8,7 +8,7 @@ network for DDP, and `execution` moves batches and counts. Everything Ray-specif
 
 `train_loop_per_worker` is the function a `ray.train.torch.TorchTrainer` runs on every worker (DDP); `main` runs
 the same loop in one process without Ray, for debugging a cell: `python -m workloads.train CELL.json --out DIR`.
-Standard training is the strategy "no attack" of this one loop (DESIGN section 9), not a second loop.
+Standard training is the strategy "no attack" of this one loop (docs/design.md section 9), not a second loop.
 """
 
 from __future__ import annotations
