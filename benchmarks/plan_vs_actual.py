@@ -73,28 +73,11 @@ def run(specs: tuple[str, ...] = SPECS) -> dict[str, Any]:
     return {"name": NAME, "rows": rows, "load_before": load_before, "load_after": load_average(), "checks": checks}
 
 
-def print_result(result: dict[str, Any]) -> None:
-    print(
-        format_table(
-            ["spec", "cells", "planned min", "actual min", "actual / planned"],
-            [
-                [
-                    r["spec"],
-                    r["cells"],
-                    f"{r['planned_seconds'] / 60:.1f}",
-                    f"{r['actual_seconds'] / 60:.1f}",
-                    f"{r['ratio']:.2f}",
-                ]
-                for r in result["rows"]
-            ],
-        )
-    )
-    print(f"1-min load average before / after: {result['load_before']:.2f} / {result['load_after']:.2f}")
-    print_checks(NAME, result["checks"])
+HEADERS = ["spec", "cells", "planned min", "actual min", "actual / planned"]
 
 
-def details_markdown(result: dict[str, Any]) -> str:
-    rows = [
+def _rows(result: dict[str, Any]) -> list[list[Any]]:
+    return [
         [
             r["spec"],
             r["cells"],
@@ -104,12 +87,21 @@ def details_markdown(result: dict[str, Any]) -> str:
         ]
         for r in result["rows"]
     ]
+
+
+def print_result(result: dict[str, Any]) -> None:
+    print(format_table(HEADERS, _rows(result)))
+    print(f"1-min load average before / after: {result['load_before']:.2f} / {result['load_after']:.2f}")
+    print_checks(NAME, result["checks"])
+
+
+def details_markdown(result: dict[str, Any]) -> str:
     return "\n\n".join(
         [
             "Each sweep planned as `--plan` plans it on this machine, then run as a user runs it "
             "(`python -m orchestrator.sweep SPEC --storage EMPTY_TMP`, a fresh local Ray each). Goal: actual / "
             f"planned within {GOAL_LOW:g}-{GOAL_HIGH:g}.",
-            markdown_table(["spec", "cells", "planned min", "actual min", "actual / planned"], rows),
+            markdown_table(HEADERS, _rows(result)),
             f"1-min load average before / after: {result['load_before']:.2f} / {result['load_after']:.2f}.",
         ]
     )

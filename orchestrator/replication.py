@@ -143,24 +143,21 @@ def settings(spec: Spec) -> list[Cell]:
     return expand(spec)
 
 
+def _seeds_of_every_setting(spec: Spec, count: int) -> list[Cell]:
+    base = settings(spec)
+    return [cell for seed in range(count) for cell in _with_seed(spec, base, seed)]
+
+
 def initial_cells(spec: Spec) -> list[Cell]:
     """Seeds 0..min-1 of every setting (the grid's cells when the spec has no replication section)."""
-    from orchestrator.grid import expand
-
     rep = spec.replication
-    if rep is None:
-        return expand(spec)
-    base = settings(spec)
-    return [cell for seed in range(rep.seeds[0]) for cell in _with_seed(spec, base, seed)]
+    return settings(spec) if rep is None else _seeds_of_every_setting(spec, rep.seeds[0])
 
 
 def maximum_cells(spec: Spec) -> list[Cell]:
     """Every cell replication may add: each setting at the maximum number of seeds."""
     rep = spec.replication
-    if rep is None:
-        return initial_cells(spec)
-    base = settings(spec)
-    return [cell for seed in range(rep.seeds[1]) for cell in _with_seed(spec, base, seed)]
+    return settings(spec) if rep is None else _seeds_of_every_setting(spec, rep.seeds[1])
 
 
 @dataclass(frozen=True)
