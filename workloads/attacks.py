@@ -6,7 +6,9 @@ Images live in [0, 1]; eps and step size are given on the paper's 0-255 scale an
 
 from __future__ import annotations
 
+import collections
 import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -113,15 +115,7 @@ def pgd(
         raise ValueError(f"steps must be >= 0, got {steps}")
     schedule = _Schedule(steps, eps / PIXEL_SCALE, step_size / PIXEL_SCALE, clean_start_prob, targeted, amp_dtype)
     images = images.detach()
-    draw, where = _draws_for(images.device, generator)
-    if targeted and targets is None:
-        targets = random_targets(labels, num_classes, draw)
-    goal = targets if targeted else labels
-    assert goal is not None
-    # Every random draw happens here, before the attack proper: a captured attack replays the same kernels with
-    # these numbers as its inputs, so both paths take the same draws from `generator`.
-    noise = torch.rand(images.shape, generator=draw, device=where)
-    coin = torch.rand(images.shape[0], generator=draw, device=where) if clean_start_prob > 0 else None
+    goal, noise, coin = _draw(images, labels, num_classes, schedule, targets, generator)
     if steps == 0:
         return _attack(model, images, goal, noise, coin, schedule)
 
@@ -133,6 +127,64 @@ def pgd(
         return _attack(model, images, goal, noise, coin, schedule)
     finally:
         model.train(was_training)
+
+
+@torch.enable_grad()
+def pgd_curve(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    record_at: Iterable[int],
+    num_classes: int,
+    eps: float,
+    step_size: float,
+    targeted: bool = True,
+    targets: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[int, torch.Tensor]:
+    """`pgd`'s adversarial images after k steps, for every k in `record_at`, from one run to the largest k.
+
+    PGD-k from the same random start, targets and step size is the first k steps of PGD-K for K > k, so one
+    trajectory gives the whole PGD curve (evaluation: 10 to 2000 steps, Section 3) for the cost of its longest
+    attack: each entry equals `pgd(..., steps=k)` with a generator in the same state. Random start always (the
+    evaluation's start, `clean_start_prob=0`).
+    """
+    wanted = sorted(set(record_at))
+    if not wanted or wanted[0] < 0:
+        raise ValueError(f"record_at must hold step counts >= 0, got {wanted}")
+    schedule = _Schedule(wanted[-1], eps / PIXEL_SCALE, step_size / PIXEL_SCALE, 0.0, targeted, amp_dtype)
+    images = images.detach()
+    goal, noise, _ = _draw(images, labels, num_classes, schedule, targets, generator)
+    was_training = model.training
+    model.eval()
+    try:
+        steps = _iterates(model, images, goal, noise, None, schedule)
+        return {k: adv for k, adv in enumerate(steps) if k in wanted}
+    finally:
+        model.train(was_training)
+
+
+def _draw(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    schedule: _Schedule,
+    targets: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The attack's goal (targets, or the labels untargeted) and its random draws: start noise, clean-start coins."""
+    draw, where = _draws_for(images.device, generator)
+    if schedule.targeted and targets is None:
+        targets = random_targets(labels, num_classes, draw)
+    goal = targets if schedule.targeted else labels
+    assert goal is not None
+    # Every random draw happens here, before the attack proper: a captured attack replays the same kernels with
+    # these numbers as its inputs, so both paths take the same draws from `generator`.
+    noise = torch.rand(images.shape, generator=draw, device=where)
+    coin = torch.rand(images.shape[0], generator=draw, device=where) if schedule.clean_start_prob > 0 else None
+    return goal, noise, coin
 
 
 def _attack(
@@ -147,12 +199,28 @@ def _attack(
 ) -> torch.Tensor:
     """The attack from its random draws (`noise` uniform in [0, 1) per pixel, `coin` per image): no host-device
     synchronisation and no branch on a tensor's value, so that it can be captured as one CUDA graph."""
+    (last,) = collections.deque(_iterates(model, images, goal, noise, coin, schedule, cache_casts=cache_casts), 1)
+    return last
+
+
+def _iterates(
+    model: nn.Module,
+    images: torch.Tensor,
+    goal: torch.Tensor,
+    noise: torch.Tensor,
+    coin: torch.Tensor | None,
+    schedule: _Schedule,
+    *,
+    cache_casts: bool = True,
+) -> Iterator[torch.Tensor]:
+    """The start, then the images after each of the schedule's steps."""
     noise = (noise * 2 - 1).to(images) * schedule.eps
     if coin is not None:
         keep_clean = (coin.to(images.device) < schedule.clean_start_prob).view(-1, *([1] * (images.dim() - 1)))
         noise = torch.where(keep_clean, torch.zeros_like(noise), noise)
     layout = memory_format_of(images)
     adv = (images + noise).clamp(0, 1).contiguous(memory_format=layout)
+    yield adv.detach()
     for _ in range(schedule.steps):
         adv.requires_grad_(True)
         with autocast(images.device, schedule.amp_dtype, cache_casts=cache_casts):
@@ -164,7 +232,7 @@ def _attack(
         adv = adv.detach() + schedule.step * direction
         adv = torch.min(torch.max(adv, images - schedule.eps), images + schedule.eps).clamp(0, 1)
         adv = adv.contiguous(memory_format=layout)  # a no-op unless an op above changed the layout
-    return adv.detach()
+        yield adv.detach()
 
 
 class GraphedAttack(nn.Module):
