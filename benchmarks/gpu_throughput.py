@@ -1,17 +1,21 @@
 """Adversarial-training throughput per GPU and model FLOPs utilisation: ResNet-50/152, PGD-10/30, fp32 vs bf16.
 
 `python -m benchmarks.gpu_throughput [--depths 50 152] [--pgd 10 30] [--batches 32 64]
-[--modes fp32 bf16 bf16+compile] [--steps 10] [--warmup 3] [--peak-tflops T]`
+[--modes fp32 bf16 bf16+compile bf16+graph bf16+compile+graph] [--steps 10] [--warmup 3] [--peak-tflops T]`
 
 Runs only where CUDA is available; on a machine without a GPU it says so and exits 0.
 
 What is timed is one training step exactly as `workloads.train.run` takes it on one GPU, through the same code:
 the model the product builds (`workloads.models.build_model`, ImageNet stem, 3x224x224, 1000 classes), placed
-as `run` places it (channels-last, cuDNN benchmark, `torch.compile` when asked), then per step `adversarial_loss`
-(targeted PGD-N from a random start on the BN-folded twin or the compiled model, then the training forward of the
-adversarial batch at clean ratio 0, the paper's default), backward and the SGD step. The batch is synthetic and
-already on the GPU, so the input pipeline is not part of it. Modes: `fp32` (IEEE fp32: TF32 off, the reference),
-`bf16` (autocast, `precision: bf16`), `bf16+compile` (plus `compile: true`, inductor).
+as `run` places it (channels-last, cuDNN benchmark, `workloads.train.Models`: compiled graphs and the graphed
+attack when asked), then per step `adversarial_loss` (targeted PGD-N from a random start on the BN-folded twin,
+then the training forward of the adversarial batch at clean ratio 0, the paper's default), backward and the SGD
+step. The batch is synthetic and already on the GPU, so the input pipeline is not part of it. Modes: `fp32` (IEEE
+fp32: TF32 off, the reference), `bf16` (autocast, `precision: bf16`: the eager baseline of the other modes),
+`bf16+compile` (plus `compile: true`, inductor: the attack's graph on the folded twin apart from training's),
+`bf16+graph` (plus `graph_attack: true`: the whole attack one CUDA graph, eager kernels) and `bf16+compile+graph`
+(both). Each row says how often each graph compiled in its first steps and whether any compiled again while
+timed (a recompilation per step would show there), and its speed against `bf16` of the same model, N and batch.
 
 Model FLOPs utilisation (MFU): useful model FLOPs per second over the GPU's dense peak. Useful FLOPs per image
 and step follow the cost model of `orchestrator.plan`: 2 x MACs (`resnet_macs`) x (2N + 3) forward-equivalents,
@@ -53,7 +57,12 @@ MODES: dict[str, PerformanceConfig] = {
     "fp32": PerformanceConfig(precision="fp32"),
     "bf16": PerformanceConfig(precision="bf16"),
     "bf16+compile": PerformanceConfig(precision="bf16", compile=True),
+    "bf16+graph": PerformanceConfig(precision="bf16", graph_attack=True),
+    "bf16+compile+graph": PerformanceConfig(precision="bf16", compile=True, graph_attack=True),
 }
+EAGER = "bf16"  # what the compiled and graphed modes are compared with (`vs_eager`)
+# What each mode's speed-up is stated against in the summary.
+BASELINE = {"bf16": "fp32", "bf16+compile": EAGER, "bf16+graph": EAGER, "bf16+compile+graph": EAGER}
 
 
 @dataclass(frozen=True)
@@ -114,14 +123,14 @@ def model_flops_per_image(cfg: TrainConfig) -> float:
 def _measure_group(
     depth: int, batch: int, mode: str, pgd: tuple[int, ...], steps: int, warmup: int
 ) -> list[dict[str, Any]]:
-    """Time every PGD-N in `pgd` for one (depth, batch, mode): one model, one compilation (the attack's N only
-    changes how often the compiled module is called)."""
+    """Time every PGD-N in `pgd` for one (depth, batch, mode): one model, one compilation of each graph (the
+    attack's N only changes how often the attack's graph is called; the graphed attack captures one CUDA graph
+    per N)."""
     import torch
     import torch._dynamo
 
     from workloads import execution as exe
     from workloads import train
-    from workloads.bn_fold import FoldedForAttack
     from workloads.models import build_model, use_channels_last
 
     device = torch.device(DEVICE)
@@ -132,12 +141,12 @@ def _measure_group(
         execution = exe.resolve_execution(base.performance, device)
         exe.configure_backends(execution)
         torch.manual_seed(0)
+        torch._dynamo.reset()
+        exe.reset_compile_counts()
         bare = build_model(base.model, NUM_CLASSES, in_channels=3).to(device)
         if execution.channels_last:
             use_channels_last(bare)
-        compiled = exe.compile_model(bare) if execution.compile else None
-        folded = FoldedForAttack(bare)
-        model = compiled if compiled is not None else bare
+        models = train.Models.around(bare, execution, world_size=1, grad_accum_steps=1)
         optimizer = torch.optim.SGD(
             bare.parameters(), lr=base.recipe.lr, momentum=base.recipe.momentum, weight_decay=base.recipe.weight_decay
         )
@@ -152,8 +161,8 @@ def _measure_group(
                 optimizer.zero_grad(set_to_none=True)
                 loss, _ = train.adversarial_loss(
                     cfg,
-                    model,
-                    compiled if compiled is not None else folded.current(),  # what train.Models.attacked() gives
+                    models.trained,
+                    models.attacked(),
                     images,
                     labels,
                     NUM_CLASSES,
@@ -186,6 +195,9 @@ def _row_key(depth: int, n: int, batch: int, mode: str) -> dict[str, Any]:
 def _time(cfg: TrainConfig, mode: str, step: Callable[[], None], steps: int, warmup: int) -> dict[str, Any]:
     import torch
 
+    from workloads.execution import compile_counts
+
+    before = compile_counts()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -194,12 +206,14 @@ def _time(cfg: TrainConfig, mode: str, step: Callable[[], None], steps: int, war
     first_step = time.perf_counter() - started
     for _ in range(max(0, warmup - 1)):
         step()
+    warm = compile_counts()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     for _ in range(steps):
         step()
     end.record()
     torch.cuda.synchronize()
+    timed = compile_counts()
     seconds = begin.elapsed_time(end) / 1000 / steps
     images_per_second = cfg.recipe.per_worker_batch / seconds
     return {
@@ -209,7 +223,29 @@ def _time(cfg: TrainConfig, mode: str, step: Callable[[], None], steps: int, war
         "model_tflops_per_second": images_per_second * model_flops_per_image(cfg) / 1e12,
         "first_step_seconds": first_step,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "compiles": count_changes(before, warm),
+        "recompiles_timed": sum(count_changes(warm, timed).values()),
     }
+
+
+def count_changes(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Per count of `workloads.execution.compile_counts`, how much it grew between two readings."""
+    return {key: value - before.get(key, 0) for key, value in after.items()}
+
+
+def with_vs_eager(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows`, each with `vs_eager`: its images/s over the `bf16` (eager) row of the same model, N and batch
+    (None where that row is missing or failed)."""
+    eager = {
+        (r["depth"], r["pgd_steps"], r["batch"]): r["images_per_second"]
+        for r in rows
+        if r["mode"] == EAGER and "error" not in r
+    }
+    out = []
+    for r in rows:
+        base = eager.get((r["depth"], r["pgd_steps"], r["batch"]))
+        out.append(r | {"vs_eager": r["images_per_second"] / base if base and "error" not in r else None})
+    return out
 
 
 def _with_mfu(row: dict[str, Any], peak: Peak | None) -> dict[str, Any]:
@@ -251,6 +287,7 @@ def run(
                 for row in _measure_group(depth, batch, mode, pgd, steps, warmup):
                     rows.append(_with_mfu(row, peak))
                     _print_row(rows[-1])
+    rows = with_vs_eager(rows)
     by_key = {(r["depth"], r["pgd_steps"], r["batch"], r["mode"]): r for r in rows if "error" not in r}
     checks = []
     for depth in depths:
@@ -262,7 +299,11 @@ def run(
                     if found is None:
                         continue
                     speedup = f", {found['images_per_second'] / base['images_per_second']:.2f}x fp32" if base else ""
+                    if found["vs_eager"] is not None and mode != EAGER:
+                        speedup += f", {found['vs_eager']:.2f}x {EAGER}"
                     mfu = f", MFU {found['mfu']:.1%}" if found["mfu"] is not None else ""
+                    if found["compiles"].get("dynamo_graphs") or found["recompiles_timed"]:
+                        mfu += f", compiled {_compiles(found)}"
                     checks.append(
                         Check(
                             NAME,
@@ -299,11 +340,27 @@ def _print_row(row: dict[str, Any]) -> None:
         print(f"{what}: {row['error']}", flush=True)
         return
     mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-    print(f"{what}: {row['images_per_second']:.1f} img/s{mfu}", flush=True)
+    print(f"{what}: {row['images_per_second']:.1f} img/s{mfu}, compilations: {_compiles(row)}", flush=True)
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _compiles(row: dict[str, Any]) -> str:
+    """How often each graph compiled in the row's first steps, and while timed ("-": a row measured before the
+    counts existed)."""
+    counts = row.get("compiles")
+    if counts is None:
+        return "-"
+    first = ", ".join(
+        f"{k.removesuffix('_graphs')} {v}" for k, v in counts.items() if k in ("attack_graphs", "train_graphs") and v
+    )
+    return f"{first or 'none'}; timed +{row.get('recompiles_timed', 0)}"
 
 
 def details_markdown(result: dict[str, Any]) -> str:
@@ -319,7 +376,7 @@ def details_markdown(result: dict[str, Any]) -> str:
         else "peak unknown for this GPU (pass `--peak-tflops`), so no MFU"
     )
     rows = [
-        [r["gpu"], f"ResNet-{r['depth']}", r["pgd_steps"], r["batch"], r["mode"], r["error"], "", "", "", ""]
+        [r["gpu"], f"ResNet-{r['depth']}", r["pgd_steps"], r["batch"], r["mode"], r["error"], "", "", "", "", "", ""]
         if "error" in r
         else [
             r["gpu"],
@@ -331,6 +388,8 @@ def details_markdown(result: dict[str, Any]) -> str:
             f"{r['model_tflops_per_second']:.1f}",
             _pct(r["mfu"]),
             _pct(r["mfu_vs_bf16_peak"]),
+            _ratio(r.get("vs_eager")),
+            _compiles(r),
             f"{r['peak_memory_gib']:.1f}",
         ]
         for r in result["rows"]
@@ -342,9 +401,25 @@ def details_markdown(result: dict[str, Any]) -> str:
             "GPU (targeted PGD-N on the BN-folded twin or the compiled model, the adversarial batch's forward and "
             f"backward, SGD), synthetic {'x'.join(map(str, s['image_shape']))} batches already on the GPU, "
             f"{s['steps']} timed steps after {s['warmup']} untimed. Model FLOPs per image: 2 x MACs x (2N + 3) "
-            "(orchestrator.plan's cost model); MFU against the mode's own peak and against the bf16 peak.",
+            "(orchestrator.plan's cost model); MFU against the mode's own peak and against the bf16 peak; "
+            f"speed against `{EAGER}` (eager) of the same model, N and batch; compilations per graph in the first "
+            "steps, and how many more while timed.",
             markdown_table(
-                ["GPU", "model", "PGD-N", "batch", "mode", "img/s", "model TFLOPS", "MFU", "MFU vs bf16", "GiB"], rows
+                [
+                    "GPU",
+                    "model",
+                    "PGD-N",
+                    "batch",
+                    "mode",
+                    "img/s",
+                    "model TFLOPS",
+                    "MFU",
+                    "MFU vs bf16",
+                    "vs eager",
+                    "compilations",
+                    "GiB",
+                ],
+                rows,
             ),
             _comparisons(result["rows"]),
         ]
@@ -367,7 +442,7 @@ def _comparisons(rows: list[dict[str, Any]]) -> str:
     }
     parts = []
     for (depth, n, batch, mode), value in rate.items():
-        against = {"bf16": "fp32", "bf16+compile": "bf16"}.get(mode)
+        against = BASELINE.get(mode)
         base = rate.get((depth, n, batch, against)) if against else None
         if base:
             parts.append(f"ResNet-{depth} PGD-{n} batch {batch}: {mode} / {against} {value / base:.2f}x")
@@ -391,7 +466,21 @@ def print_result(result: dict[str, Any]) -> None:
 
     print(
         format_table(
-            ["GPU", "model", "PGD-N", "batch", "mode", "img/s", "ms/step", "TFLOPS", "MFU", "MFU vs bf16", "GiB"],
+            [
+                "GPU",
+                "model",
+                "PGD-N",
+                "batch",
+                "mode",
+                "img/s",
+                "ms/step",
+                "TFLOPS",
+                "MFU",
+                "MFU vs bf16",
+                "vs eager",
+                "compilations",
+                "GiB",
+            ],
             [
                 [r["gpu"], f"ResNet-{r['depth']}", r["pgd_steps"], r["batch"], r["mode"], r.get("error", "")]
                 if "error" in r
@@ -406,6 +495,8 @@ def print_result(result: dict[str, Any]) -> None:
                     f"{r['model_tflops_per_second']:.1f}",
                     _pct(r["mfu"]),
                     _pct(r["mfu_vs_bf16_peak"]),
+                    _ratio(r.get("vs_eager")),
+                    _compiles(r),
                     f"{r['peak_memory_gib']:.1f}",
                 ]
                 for r in result["rows"]

@@ -11,15 +11,15 @@ Every derived parameter is resolved here, in `_Resolver.resolve`, and nowhere el
 - the strategy `standard` (the paper's "0% adv + 100% clean") trains on clean images only, so it is
   normalised to clean_ratio 1.0 and pgd_steps 0, and standard cells differing only in those axes collapse.
 
-A cell's id is the first 12 hex digits of the SHA-256 of its resolved config as canonical JSON, without the
-purely operational fields (`checkpoint_every`, `keep_checkpoints`, `performance.compile`): the same cell gets the
-same id on every submission and machine, so a re-run finds its checkpoints and results. Equal ids collapse (first
-one kept). Fields and sections added after ids were first handed out (`LATE_FIELDS`) enter the id only when they
-differ from their defaults, so the cells of existing sweeps keep their ids (and with them their checkpoints and
-results). The public pipeline's recipe (Nesterov, label smoothing, decay on conv/fc weights only, warm-up from
-0.1, the eps/N step floor) came later with defaults unlike the earlier behaviour: those fields (`AS_BEFORE`) enter
-the id only where they change what the cell trains, so studies that keep the earlier recipe keep their ids and the
-paper's cells, which take the pipeline's defaults, got new ids once.
+A cell's id is the first 12 hex digits of the SHA-256 of its resolved config as canonical JSON, without the purely
+operational fields (`checkpoint_every`, `keep_checkpoints`, `performance.compile` and `.graph_attack`): the same
+cell gets the same id on every submission and machine, so a re-run finds its checkpoints and results. Equal ids
+collapse (first one kept). Fields and sections added after ids were first handed out (`LATE_FIELDS`) enter the id
+only when they differ from their defaults, so the cells of existing sweeps keep their ids (and with them their
+checkpoints and results). The public pipeline's recipe (Nesterov, label smoothing, decay on conv/fc weights only,
+warm-up from 0.1, the eps/N step floor) came later with defaults unlike the earlier behaviour: those fields
+(`AS_BEFORE`) enter the id only where they change what the cell trains, so studies that keep the earlier recipe keep
+their ids and the paper's cells, which take the pipeline's defaults, got new ids once.
 
 No torch, no ray.
 """
@@ -41,7 +41,7 @@ from workloads.config import TrainConfig, attack_step_size
 # Changing these does not change what a cell trains, so they stay out of its id.
 OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
 # Per section: operational fields inside it (torch.compile runs the same arithmetic as eager, up to rounding).
-OPERATIONAL_SUBFIELDS: dict[str, frozenset[str]] = {"performance": frozenset({"compile"})}
+OPERATIONAL_SUBFIELDS: dict[str, frozenset[str]] = {"performance": frozenset({"compile", "graph_attack"})}
 # Fields (dotted paths) that enter the id only when set away from their defaults: they came after the first ids.
 # A new config field goes here, or every existing cell would get a new id and lose its checkpoints and results.
 LATE_FIELDS: tuple[str, ...] = ("performance", "data.augment")

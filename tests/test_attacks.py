@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from workloads.attacks import pgd, random_targets
+from workloads.attacks import pgd, pgd_curve, random_targets
 from workloads.config import ModelConfig
 from workloads.models import build_model
 
@@ -93,6 +93,32 @@ def test_more_steps_never_make_a_model_look_more_robust() -> None:
             accuracies.append(float((model(adv).argmax(1) == labels).float().mean()))
     assert accuracies == sorted(accuracies, reverse=True), accuracies
     assert accuracies[-1] < accuracies[0]
+
+
+def test_one_trajectory_gives_every_pgd_k_of_separate_runs() -> None:
+    """PGD-k is the first k steps of PGD-K from the same start: the curve's images at each k are bit for bit the
+    separate attacks', from a generator in the same state."""
+    model = _model().eval()
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
+    targets = random_targets(labels, 10, torch.Generator().manual_seed(2))
+    common = {"num_classes": 10, "eps": EPS, "step_size": 4.0, "targets": targets}
+    curve = pgd_curve(
+        model, images, labels, record_at=[5, 0, 2, 5], generator=torch.Generator().manual_seed(3), **common
+    )
+    assert list(curve) == [0, 2, 5]
+    for k, adv in curve.items():  # the same images, hence the same adversarial accuracy at every k
+        alone = pgd(model, images, labels, steps=k, generator=torch.Generator().manual_seed(3), **common)
+        assert torch.equal(adv, alone), k
+    assert not torch.equal(curve[2], curve[5])  # the steps moved the images
+    # Untargeted, the labels are the goal: the same prefix property.
+    away = pgd_curve(
+        model, images, labels, record_at=[1, 3], targeted=False, generator=torch.Generator().manual_seed(4), **common
+    )
+    alone = pgd(model, images, labels, steps=3, targeted=False, generator=torch.Generator().manual_seed(4), **common)
+    assert torch.equal(away[3], alone)
+    with pytest.raises(ValueError, match="record_at"):
+        pgd_curve(model, images, labels, record_at=[], **common)
 
 
 def test_targeted_attack_reaches_its_targets_and_untargeted_leaves_the_label() -> None:

@@ -2,20 +2,24 @@
 none); `scripts/gpu_checks.sh` runs this module on a GPU machine.
 
 What only a GPU exercises: `execution.on_device` uploads uint8 batches and their colour maps through pinned
-memory on a side stream and applies the maps there; the reader copies batches out into pinned memory; and
-`train.train_epoch` asks the reader for both when the device is CUDA.
+memory on a side stream and applies the maps there; the reader copies batches out into pinned memory;
+`train.train_epoch` asks the reader for both when the device is CUDA; and the graphed attack
+(`attacks.GraphedAttack`) captures the whole training attack as a CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from workloads import data, execution, imagenet, train
+from workloads.attacks import GraphedAttack, pgd
 from workloads.augment import AugmentConfig
+from workloads.bn_fold import FoldedForAttack
 from workloads.config import (
     AttackConfig,
     DataConfig,
@@ -25,6 +29,7 @@ from workloads.config import (
     TrainConfig,
     TrainingConfig,
 )
+from workloads.models import build_model, use_channels_last
 from workloads.sessions import LocalSession
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_checks.sh)")
@@ -103,3 +108,43 @@ def test_a_training_epoch_on_the_gpu_reads_jpeg_shards(
     assert sum(seen) == 2 * run.steps_per_epoch * 8
     assert math.isfinite(first["loss"]) and math.isfinite(second["loss"])
     assert 0 <= second["train_acc_adv"] <= 1 and 0 <= second["train_acc_clean"] <= 1
+
+
+def test_the_graphed_attack_is_as_strong_as_the_eager_attack() -> None:
+    """The training attack as one captured CUDA graph over the compiled BN-folded copy (bf16, channels-last, as a
+    GPU cell trains), against the eager attack on the uncompiled copy from the same random draws: robust accuracy
+    on a fixed batch of 64 within one image, before and after a training step changes the weights in place (the
+    replay must read the refreshed copy)."""
+    device = torch.device("cuda")
+    ex = execution.resolve_execution(PerformanceConfig(precision="bf16", compile=True, graph_attack=True), device)
+    execution.configure_backends(ex)
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=18, width=0.25, stem="small"), num_classes=10).to(device)
+    use_channels_last(net)
+    models = train.Models.around(net, ex, world_size=1, grad_accum_steps=1)
+    eager = FoldedForAttack(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    images = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    common: dict[str, Any] = {"num_classes": 10, "steps": 10, "eps": 16.0, "step_size": 4.0, "clean_start_prob": 0.2}
+    common["amp_dtype"] = ex.amp_dtype
+    for attempt in range(2):
+        net.eval()
+        with torch.no_grad():
+            labels = net(images).argmax(1)  # clean accuracy 64 / 64: what the attack removes is what it found
+        graphed_model = models.attacked()
+        assert isinstance(graphed_model, GraphedAttack)
+        graphed = pgd(graphed_model, images, labels, generator=torch.Generator().manual_seed(attempt), **common)
+        reference = pgd(eager.current(), images, labels, generator=torch.Generator().manual_seed(attempt), **common)
+        assert graphed.is_contiguous(memory_format=torch.channels_last)
+        assert float((graphed - images).abs().max()) <= 16 / 255 + 1e-6 and 0 <= graphed.min() <= graphed.max() <= 1
+        with torch.no_grad():
+            robust_graphed = int((net(graphed).argmax(1) == labels).sum())
+            robust_eager = int((net(reference).argmax(1) == labels).sum())
+        assert robust_eager < 64  # the attack worked
+        assert abs(robust_graphed - robust_eager) <= 1, (attempt, robust_graphed, robust_eager)
+        net.train()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(images), (labels + 1) % 10).backward()
+        optimizer.step()
+    assert graphed_model.programs == 1  # captured once, replayed after the weights changed

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_feed, gpu_machine, run_all
+from benchmarks import gpu_feed, gpu_machine, gpu_throughput, run_all
 from benchmarks._common import Check
 
 
@@ -60,3 +60,48 @@ def test_gpu_sections_render_from_the_saved_results(name: str) -> None:
     measured = {"name": name, "checks": []}
     assert run_all.saved_gpu_result(name, measured) is measured
     assert run_all.saved_gpu_result("input_pipeline", skipped) is skipped
+
+
+def test_gpu_throughput_rows_carry_their_speed_against_eager_and_their_compilations() -> None:
+    """The throughput table's pure part: ratios to the eager (bf16) row of the same model, N and batch, and each
+    row's compilations (first steps, then while timed), rendered next to rows saved before either existed."""
+    assert gpu_throughput.count_changes(
+        {"attack_graphs": 1, "train_graphs": 0}, {"attack_graphs": 1, "train_graphs": 2}
+    ) == {
+        "attack_graphs": 0,
+        "train_graphs": 2,
+    }
+    base = {"gpu": "NVIDIA H200", "depth": 50, "pgd_steps": 10, "seconds_per_step": 0.1, "first_step_seconds": 1.0}
+    timing = {"model_tflops_per_second": 50.0, "peak_memory_gib": 3.0, "mfu": 0.05, "mfu_vs_bf16_peak": 0.05}
+    compiles = {"attack_graphs": 1, "train_graphs": 1, "dynamo_frames": 2, "dynamo_graphs": 2}
+    rows = [
+        base | timing | {"batch": 64, "mode": "bf16", "images_per_second": 300.0},
+        base
+        | timing
+        | {"batch": 64, "mode": "bf16+compile", "images_per_second": 450.0, "compiles": compiles}
+        | {"recompiles_timed": 0},
+        base | timing | {"batch": 32, "mode": "bf16+compile+graph", "images_per_second": 200.0},  # no eager row
+        base | {"batch": 64, "mode": "bf16+graph", "error": "out of memory"},
+    ]
+    rated = gpu_throughput.with_vs_eager(rows)
+    assert [r["vs_eager"] for r in rated] == [1.0, 1.5, None, None]
+    result = {
+        "name": "gpu_throughput",
+        "setup": {
+            "gpu": "NVIDIA H200",
+            "compute_capability": "9.0",
+            "gpu_memory_gib": 139.8,
+            "cuda": "13.0",
+            "cudnn": 91900,
+            "peak": None,
+            "image_shape": [3, 224, 224],
+            "steps": 10,
+            "warmup": 3,
+        },
+        "rows": rated,
+    }
+    text = gpu_throughput.details_markdown(result)
+    assert "| 1.50x | attack 1, train 1; timed +0 |" in text
+    assert "bf16+compile / bf16 1.50x" in text
+    assert "| out of memory |" in text
+    assert set(gpu_throughput.BASELINE) < set(gpu_throughput.MODES)

@@ -6,9 +6,10 @@ iteration (a forward and an input gradient) then runs through fewer layers; with
 (2N + 3) / 3 clean steps (Section 3), the attack is most of a cell's compute. MBN folds the branch in use; GN
 depends on the image and stays.
 
-The training loop and the evaluation hold one `FoldedForAttack` per network and pass `folded.current()` to
-`attacks.pgd` explicitly; nothing here is a submodule of the network, so DDP, torch.compile and the checkpoint
-never see it.
+The training loop and the evaluation hold one `FoldedForAttack` per network and pass its copy to `attacks.pgd`
+explicitly (training: `folded.attacked()`, compiled as a graph of its own when the cell compiles; evaluation:
+`folded.current()`); nothing here is a submodule of the network, so DDP, the network's compiled training graph and
+the checkpoint never see it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from workloads.attacks import GraphedAttack
+from workloads.execution import compile_model
 from workloads.models import MixedBatchNorm2d, ResNet
 
 
@@ -52,18 +55,35 @@ class FoldedForAttack:
     ~0.2 s of host time for ResNet-152, while the whole PGD-10 step of a batch of 32 is ~17 TFLOP, ~40 ms at 40% of
     an H100's bf16 peak: the GPU would mostly wait for the host. The copy is rebuilt when the network's tensors
     were replaced (another device, dtype or memory format).
+
+    `attacked()` is the copy as the training attack calls it: `compiled`, a `torch.compile`d graph of its own
+    (eval mode only, no parameter needs a gradient, so its backward computes the input's gradient alone; the
+    in-place refresh changes no guarded property, so it never recompiles); `graphed`, wrapped in a
+    `GraphedAttack` (the whole attack as one CUDA graph). Both wrappers are rebuilt with the copy.
     """
 
-    def __init__(self, network: ResNet) -> None:
+    def __init__(self, network: ResNet, *, compiled: bool = False, graphed: bool = False) -> None:
         self.network = network
+        self.compiled = compiled
+        self.graphed = graphed
         self._twin: _FoldedTwin | None = None
+        self._attacked: nn.Module | None = None
 
     def current(self) -> ResNet:
         key = _tensor_key(self.network)
         if self._twin is None or self._twin.key != key:
             self._twin = _FoldedTwin(self.network, fold_batch_norms(self.network), key)
+            self._attacked = None
         self._twin.refresh()
         return self._twin.model
+
+    def attacked(self) -> nn.Module:
+        """The refreshed copy, compiled and/or graphed as asked."""
+        twin = self.current()
+        if self._attacked is None:
+            module: nn.Module = compile_model(twin, "attack") if self.compiled else twin
+            self._attacked = GraphedAttack(module) if self.graphed else module
+        return self._attacked
 
 
 def _conv_norm_pairs(model: ResNet) -> list[tuple[nn.Module, str, str]]:

@@ -231,11 +231,16 @@ class PerformanceConfig(_Strict):
     forward passes of training and of the attack under bfloat16 autocast, with fp32 weights, fp32 losses and the
     PGD steps on fp32 images; "auto" is bf16 on a CUDA GPU with bf16 tensor cores (compute capability 8.0 and
     up) and fp32 everywhere else, so CPU runs keep their fp32 numbers. Evaluation is always fp32 (docs/precision.md).
-    compile: `torch.compile` the model; the attack and the training forward run the compiled model.
+    compile: `torch.compile` two graphs: the training forward (and its backward) on the network, and the attack's
+    forward and input-gradient backward on the network's BN-folded copy, whose weights need no gradient.
+    graph_attack: on a CUDA GPU, the whole training attack (start, every PGD step) is captured once per batch shape
+    as a CUDA graph and replayed: one launch per attack instead of a few hundred per PGD step. The same
+    arithmetic; on the CPU the same program runs uncaptured.
     """
 
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    graph_attack: bool = False
 
     @field_validator("precision", mode="before")
     @classmethod

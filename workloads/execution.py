@@ -5,10 +5,11 @@ all-reduced counts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ class Execution:
     precision: Literal["fp32", "bf16"]
     channels_last: bool
     compile: bool
+    graph_attack: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -60,6 +62,7 @@ def resolve_execution(performance: PerformanceConfig, device: torch.device) -> E
         precision=performance.resolved_precision(device.type, tensor_cores),
         channels_last=cuda,
         compile=performance.compile,
+        graph_attack=performance.graph_attack,
     )
 
 
@@ -101,9 +104,50 @@ def ieee_fp32(device: torch.device) -> Iterator[None]:
         set_fp32_precision(saved)
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """`torch.compile(model)` with the project's backend (inductor; tests use a cheaper one)."""
-    return torch.compile(model, backend=COMPILE_BACKEND)  # type: ignore[return-value]
+# Backend calls per named graph since the last `reset_compile_counts`: "train" (the training forward and its
+# backward, one call per graph dynamo captures) and "attack" (the BN-folded copy PGD differentiates). A call after
+# the first of a graph is a recompilation (a guard failed: a mode switch, a new shape, a replaced tensor).
+_GRAPH_COMPILES: Counter[str] = Counter()
+
+
+def compile_model(model: nn.Module, graph: str = "train") -> nn.Module:
+    """`torch.compile(model)` with the project's backend (inductor; tests use a cheaper one), its compilations
+    counted under `graph` (`compile_counts`)."""
+    return torch.compile(model, backend=_counting_backend(graph))  # type: ignore[return-value]
+
+
+def _counting_backend(graph: str) -> Callable[..., Any]:
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        _GRAPH_COMPILES[graph] += 1
+        # Looked up at compile time, so a test's swap of COMPILE_BACKEND applies to modules compiled before it.
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend(COMPILE_BACKEND)(gm, example_inputs)
+
+    return compile_graph
+
+
+def compile_counts() -> dict[str, int]:
+    """How often each named graph was compiled ("train", "attack"; under DDP, DDPOptimizer compiles the training
+    graph in one piece per gradient bucket), and dynamo's own totals: frames it converted and graphs it captured,
+    over every compiled module of the process. After warm-up these stop growing; a count that keeps growing is a
+    recompilation per step."""
+    from torch._dynamo.utils import counters
+
+    return {
+        **{f"{graph}_graphs": _GRAPH_COMPILES[graph] for graph in sorted({"train", "attack", *_GRAPH_COMPILES})},
+        "dynamo_frames": counters["frames"]["ok"],
+        "dynamo_graphs": counters["stats"]["unique_graphs"],
+    }
+
+
+def reset_compile_counts() -> None:
+    """Zero `compile_counts` (dynamo's compiled code stays cached; `torch._dynamo.reset()` drops that)."""
+    from torch._dynamo.utils import counters
+
+    _GRAPH_COMPILES.clear()
+    counters["frames"].clear()
+    counters["stats"].clear()
 
 
 def data_parallel(network: ResNet, grad_accum_steps: int, compiled: bool = False) -> nn.Module:
@@ -118,7 +162,7 @@ def data_parallel(network: ResNet, grad_accum_steps: int, compiled: bool = False
     """
     static = not network.has_mbn and grad_accum_steps == 1 and not compiled
     ddp = nn.parallel.DistributedDataParallel(network, find_unused_parameters=network.has_mbn, static_graph=static)
-    return compile_model(ddp) if compiled else ddp
+    return compile_model(ddp, "train") if compiled else ddp
 
 
 def apply_colour(pixels: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:

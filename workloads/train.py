@@ -60,29 +60,30 @@ class Models:
     `network` owns the weights: the optimizer steps it, checkpoints save it, evaluation attacks it. `trained` is
     what the training forward calls: the network wrapped for DDP (several workers) and/or compiled, else the
     network itself. `attacked()` is what PGD differentiates: never the DDP wrapper (an all-reduce per attack
-    step would be wrong and slow), but the compiled network when compiling, else the network's BN-folded copy
-    (workloads.bn_fold), refreshed with the current weights.
+    step would be wrong and slow) but the network's BN-folded copy (workloads.bn_fold), refreshed with the
+    current weights; when compiling, a compiled graph of its own, apart from training's.
     """
 
     network: ResNet
     trained: nn.Module
-    compiled: nn.Module | None
     folded: FoldedForAttack
 
     @classmethod
     def around(cls, network: ResNet, execution: Execution, world_size: int, grad_accum_steps: int) -> Models:
-        # torch.compile (optional): the attack and a single process's training call the same compiled module, in
-        # eval and train mode. Compiled code folds eval-mode BN into the surrounding kernels itself, and compiling
-        # a second module would double the compile time. Under DDP, training compiles the DDP wrapper instead
-        # (see execution.data_parallel).
-        compiled = compile_model(network) if execution.compile else None
-        trained: nn.Module = compiled if compiled is not None else network
+        # torch.compile (optional): two graphs. Training compiles the network in train mode (under DDP, the DDP
+        # wrapper: see execution.data_parallel); the attack compiles the BN-folded copy, in eval mode, with no
+        # parameter needing a gradient (the paper's pipeline: the attack takes gradients w.r.t. the input only).
+        # One module serving both would switch modes every step and its attack backward would compute weight
+        # gradients only to drop them.
         if world_size > 1:
             trained = data_parallel(network, grad_accum_steps, compiled=execution.compile)
-        return cls(network, trained, compiled, FoldedForAttack(network))
+        else:
+            trained = compile_model(network, "train") if execution.compile else network
+        folded = FoldedForAttack(network, compiled=execution.compile, graphed=execution.graph_attack)
+        return cls(network, trained, folded)
 
     def attacked(self) -> nn.Module:
-        return self.compiled if self.compiled is not None else self.folded.current()
+        return self.folded.attacked()
 
 
 @dataclass
