@@ -307,3 +307,30 @@ def test_the_papers_cells_take_the_pipeline_recipe_and_new_ids() -> None:
             for c in cells
         }
         assert earlier.isdisjoint(ids(cells))  # every cell of the paper's studies has a new id, once
+
+
+# The smoke sweep's cell ids as they were handed out: a change that alters one (a new config field entering the hash,
+# a changed default) would orphan every stored checkpoint and result of existing sweeps. Change these literals only
+# on purpose, and record why where the ids are made (orchestrator/grid.py).
+SMOKE_IDS = [
+    "d942a47a4de8",
+    "be986870cc92",
+    "800b0da7e687",
+    "87ee0c26fbe6",
+    "a49b463dc872",
+    "5adeba9b4107",
+    "b34eaff3a642",
+    "164add912caa",
+    "bb67c0550ddd",
+    "f65e62847d03",
+    "ae361ef47c40",
+]
+
+
+def test_the_smoke_sweeps_cell_ids_are_pinned() -> None:
+    from pathlib import Path
+
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml")
+    assert [cell.cell_id for cell in expand(spec)] == SMOKE_IDS
