@@ -1,6 +1,6 @@
 """Running a sweep on Kubernetes with KubeRay: render the manifests for a spec and check them (docs/design.md 7).
 
-    python -m orchestrator.deploy render --spec sweeps/ablation.yaml --overlay gpu-cluster [--image IMAGE] [--out FILE]
+    python -m orchestrator.deploy render --spec SPEC --overlay gpu-cluster --image IMAGE@DIGEST [--out OUT]
     python -m orchestrator.deploy check
 
 `render` builds an overlay of deploy/overlays, fits its worker group to the spec's plan (the largest cell must fit,
@@ -45,6 +45,9 @@ The rules, each a function that returns one line per problem (and each broken on
   product exports (the sweep's gauges, orchestrator.progress) or Ray's own dashboards chart.
 - `check_dockerfile`: the Dockerfile builds on rayproject/ray of the pinned Ray version and installs the pinned
   torch (CUDA build for GPU, CPU wheel for CPU), then the project, as a non-root user.
+- orchestrator.deploy_rules: the head's Guaranteed QoS, priority, disruption guard and object store, Pod Security
+  "restricted" everywhere, no service-account token but the head's, and images pinned by digest on a cluster
+  target (every target but LOCAL_OVERLAYS; `render --image` for a cluster overlay must name a digest too).
 """
 
 from __future__ import annotations
