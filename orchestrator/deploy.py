@@ -1,6 +1,6 @@
 """Running a sweep on Kubernetes with KubeRay: render the manifests for a spec and check them (docs/design.md 7).
 
-    python -m orchestrator.deploy render --spec sweeps/ablation.yaml --overlay gpu-cluster [--image IMAGE] [--out FILE]
+    python -m orchestrator.deploy render --spec SPEC --overlay gpu-cluster --image IMAGE@DIGEST [--out OUT]
     python -m orchestrator.deploy check
 
 `render` builds an overlay of deploy/overlays, fits its worker group to the spec's plan (the largest cell must fit,
@@ -45,6 +45,9 @@ The rules, each a function that returns one line per problem (and each broken on
   product exports (the sweep's gauges, orchestrator.progress) or Ray's own dashboards chart.
 - `check_dockerfile`: the Dockerfile builds on rayproject/ray of the pinned Ray version and installs the pinned
   torch (CUDA build for GPU, CPU wheel for CPU), then the project, as a non-root user.
+- orchestrator.deploy_rules: the head's Guaranteed QoS, priority, disruption guard and object store, Pod Security
+  "restricted" everywhere, no service-account token but the head's, and images pinned by digest on a cluster
+  target (every target but LOCAL_OVERLAYS; `render --image` for a cluster overlay must name a digest too).
 """
 
 from __future__ import annotations
@@ -61,19 +64,38 @@ import shlex
 import sys
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from orchestrator.deploy_rules import (
+    DeployError,
+    Doc,
+    check_head_disruption,
+    check_head_priority,
+    check_head_qos,
+    check_image_digests,
+    check_object_store,
+    check_pod_security,
+    check_service_account_tokens,
+    cluster_spec,
+    containers,
+    doc_id,
+    is_pinned,
+    parse_cpu,
+    parse_memory,
+    ray_container,
+    ray_pods,
+    split_image,
+    walk_mappings,
+)
 from orchestrator.grid import Cell, expand
 from orchestrator.plan import input_cpus_per_worker, plan_spec
 from orchestrator.spec import Spec, SpecError, _credential_in_text, load_spec, looks_like_credential_name
 from orchestrator.sweep import AUTOSCALER_MAX_ENV
-
-Doc = dict[str, Any]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_DIR = PROJECT_ROOT / "deploy"
@@ -115,6 +137,7 @@ STARTUP_SECONDS = 6 * 3600  # image pulls and node provisioning, added to twice 
 PLACEHOLDER = re.compile(r"(REPLACE|CHANGE)[A-Z0-9_]*|<[^<>]+>|")
 KUSTOMIZATION_KEYS = frozenset({"apiVersion", "kind", "resources", "patches", "images"})
 RAY_KINDS = ("RayJob", "RayCluster")
+PREEMPTION_POLICIES = ("PreemptLowerPriority", "Never")
 # The kinds under deploy/ and their API versions (structure_problems knows their basic shape).
 API_VERSIONS = {
     "ConfigMap": "v1",
@@ -122,15 +145,13 @@ API_VERSIONS = {
     "Service": "v1",
     "Deployment": "apps/v1",
     "Job": "batch/v1",
+    "PriorityClass": "scheduling.k8s.io/v1",
+    "PodDisruptionBudget": "policy/v1",
     "PodMonitor": "monitoring.coreos.com/v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "RayJob": "ray.io/v1",
     "RayCluster": "ray.io/v1",
 }
-
-
-class DeployError(Exception):
-    """A problem with the manifests or with what was asked of them; the CLI prints it and exits with status 2."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -150,84 +171,6 @@ def load_yaml_documents(path: Path) -> list[Doc]:
     return docs
 
 
-def doc_id(doc: Doc) -> str:
-    return f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
-
-
-def _walk(node: Any) -> Iterator[dict[str, Any]]:
-    """Every mapping inside `node` (depth first), `node` included."""
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value)
-
-
-def containers(node: Any) -> Iterator[dict[str, Any]]:
-    """Every container and init container anywhere in `node` (pod templates of any kind, CRDs included)."""
-    for mapping in _walk(node):
-        for key in ("containers", "initContainers"):
-            for container in mapping.get(key) or []:
-                if isinstance(container, dict):
-                    yield container
-
-
-def cluster_spec(doc: Doc) -> Doc | None:
-    """The RayCluster spec of a RayJob or RayCluster (None for other kinds)."""
-    spec = doc.get("spec") or {}
-    if doc.get("kind") == "RayJob":
-        return spec.get("rayClusterSpec")
-    if doc.get("kind") == "RayCluster":
-        return spec
-    return None
-
-
-@dataclass(frozen=True)
-class RayPod:
-    """A pod template that runs Ray (or submits to it), named the way messages name it."""
-
-    where: str  # e.g. "RayJob/sweep-ablation worker group gpu-workers"
-    template: Doc
-    role: str  # head, worker or submitter
-    group: Doc | None = None  # the workerGroupSpecs entry, for workers
-
-
-def ray_pods(doc: Doc) -> list[RayPod]:
-    pods: list[RayPod] = []
-    cluster = cluster_spec(doc)
-    if cluster is None:
-        return pods
-    name = doc_id(doc)
-    head = cluster.get("headGroupSpec") or {}
-    pods.append(RayPod(f"{name} head", head.get("template") or {}, "head", head))
-    for group in cluster.get("workerGroupSpecs") or []:
-        pods.append(
-            RayPod(f"{name} worker group {group.get('groupName')}", group.get("template") or {}, "worker", group)
-        )
-    submitter = (doc.get("spec") or {}).get("submitterPodTemplate") if doc.get("kind") == "RayJob" else None
-    if submitter is not None:
-        pods.append(RayPod(f"{name} submitter", submitter, "submitter"))
-    return pods
-
-
-def ray_container(template: Doc) -> Doc:
-    """KubeRay runs Ray in (and submits from) the first container of a pod template."""
-    found = ((template.get("spec") or {}).get("containers") or [{}])[0]
-    return found if isinstance(found, dict) else {}
-
-
-def split_image(ref: str) -> tuple[str, str | None, str | None]:
-    """'reg:5000/a/b:tag@sha256:x' -> ('reg:5000/a/b', 'tag', 'sha256:x')."""
-    name, _, digest = ref.partition("@")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        return name[:colon], name[colon + 1 :], digest or None
-    return name, None, digest or None
-
-
 def is_project_image(ref: str) -> bool:
     return split_image(ref)[0].rsplit("/", 1)[-1] == IMAGE_NAME
 
@@ -237,15 +180,6 @@ def image_flavour(ref: str) -> str | None:
     tag = split_image(ref)[1] or ""
     match = re.fullmatch(r"[0-9][^-]*-(gpu|cpu)(-.+)?", tag)
     return match.group(1) if match else None
-
-
-def parse_cpu(quantity: Any) -> float:
-    """A Kubernetes CPU quantity ('500m', '2', 2, 1.5) in cores."""
-    text = str(quantity).strip()
-    try:
-        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-    except ValueError:
-        raise DeployError(f"{quantity!r} is not a CPU quantity") from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -384,14 +318,17 @@ def apply_json_patch(doc: Doc, ops: Sequence[Any]) -> None:
 
 
 def _set_image(entry: Doc, docs: list[Doc]) -> None:
-    """kustomize's `images`: a container whose image name equals `name` gets newName, newTag and/or digest."""
+    """kustomize's `images`: a container whose image name equals `name` gets newName, newTag and/or digest (both:
+    `name:tag@digest`, as kustomize 5 writes it)."""
     for doc in docs:
         for container in containers(doc):
             name, tag, digest = split_image(str(container.get("image", "")))
             if name != entry.get("name"):
                 continue
             name = entry.get("newName") or name
-            if "digest" in entry:
+            if "digest" in entry and "newTag" in entry:
+                tag, digest = str(entry["newTag"]), entry["digest"]
+            elif "digest" in entry:
                 tag, digest = None, entry["digest"]
             elif "newTag" in entry:
                 tag, digest = str(entry["newTag"]), None
@@ -584,9 +521,22 @@ def set_autoscaler_budget(doc: Doc) -> None:
         entry["value"] = _env_value(budget[resource])
 
 
+def image_problem(image: str, overlay: str) -> str | None:
+    """Why `image` cannot run on `overlay` (None if it can): a cluster overlay pulls from a registry, by digest."""
+    if overlay in LOCAL_OVERLAYS or is_pinned(image):
+        return None
+    return (
+        f"--image {image!r} is a mutable tag; overlay {overlay!r} pulls from a registry and needs a digest: "
+        f"REGISTRY/{IMAGE_NAME}:TAG@sha256:<64 hex> (docs/kubernetes.md)"
+    )
+
+
 def render(spec_path: str | Path, overlay: str, image: str | None = None) -> list[Doc]:
     """The overlay's objects with its RayJob fitted to the spec at `spec_path`; raises DeployError or SpecError."""
     directory = overlay_dir(overlay)
+    why = image_problem(image, overlay) if image is not None else None
+    if why:
+        raise DeployError(why)
     relative = project_spec_path(spec_path)
     spec = load_spec(spec_path)
     cells = expand(spec)
@@ -629,7 +579,7 @@ def render(spec_path: str | Path, overlay: str, image: str | None = None) -> lis
             for container in containers(doc):
                 if is_project_image(str(container.get("image", ""))):
                     container["image"] = image
-    problems = check_manifests(docs)
+    problems = check_manifests(docs, cluster_target=overlay not in LOCAL_OVERLAYS)
     if problems:
         raise DeployError(f"the rendered manifests break {len(problems)} rule(s): {'; '.join(problems)}")
     return docs
@@ -948,16 +898,6 @@ def requested_resources(docs: Sequence[Doc]) -> dict[str, float]:
     return total
 
 
-def parse_memory(quantity: Any) -> float:
-    """A Kubernetes memory quantity ('512Mi', '3Gi', '1G', 1024) in bytes."""
-    match = re.fullmatch(r"([0-9.]+)([KMGTE]i?|k)?", str(quantity).strip())
-    if not match:
-        raise DeployError(f"{quantity!r} is not a memory quantity")
-    units = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "E": 1e18}
-    units |= {f"{u}i": 1024 ** (i + 1) for i, u in enumerate("KMGTPE")}
-    return float(match.group(1)) * units[match.group(2) or ""]
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The Grafana dashboard
 
@@ -1162,7 +1102,7 @@ def _auth_mode_overrides(node: Any) -> list[str]:
     """Environment entries anywhere in `node` that set RAY_AUTH_MODE to anything but token."""
     return [
         f"sets RAY_AUTH_MODE={env.get('value')}; token authentication stays on"
-        for mapping in _walk(node)
+        for mapping in walk_mappings(node)
         for env in mapping.get("env") or []
         if isinstance(env, dict) and env.get("name") == "RAY_AUTH_MODE" and env.get("value") != "token"
     ]
@@ -1194,7 +1134,7 @@ def secret_values_in(doc: Doc) -> list[str]:
         for key in doc.get("data") or {}:
             if looks_like_credential_name(str(key)):
                 problems.append(f"{doc_id(doc)}: {key} looks like a credential; credentials go in the Secret")
-    for mapping in _walk(doc):
+    for mapping in walk_mappings(doc):
         for env in mapping.get("env") or []:
             if not isinstance(env, dict) or "value" not in env:
                 continue
@@ -1281,6 +1221,15 @@ def structure_problems(doc: Doc) -> list[str]:
                 problems.append(f"{where}: spec.selector.matchLabels must match the pod template's labels")
         elif pod_spec.get("restartPolicy") not in ("Never", "OnFailure"):
             problems.append(f"{where}: a Job's pods need restartPolicy Never or OnFailure")
+    elif kind == "PriorityClass":
+        if not isinstance(doc.get("value"), int) or doc.get("preemptionPolicy") not in (None, *PREEMPTION_POLICIES):
+            problems.append(
+                f"{where}: needs an integer value and a preemptionPolicy of {', '.join(PREEMPTION_POLICIES)}"
+            )
+    elif kind == "PodDisruptionBudget":
+        bounds = [key for key in ("minAvailable", "maxUnavailable") if key in spec]
+        if not (spec.get("selector") or {}).get("matchLabels") or len(bounds) != 1:
+            problems.append(f"{where}: needs spec.selector.matchLabels and one of minAvailable or maxUnavailable")
     elif kind in ("PodMonitor", "ServiceMonitor"):
         endpoints = spec.get("podMetricsEndpoints" if kind == "PodMonitor" else "endpoints") or []
         if (
@@ -1292,8 +1241,11 @@ def structure_problems(doc: Doc) -> list[str]:
     return problems
 
 
-def check_manifests(docs: Sequence[Doc], root: Path = PROJECT_ROOT, ray_version: str | None = None) -> list[str]:
-    """Every rule on a set of objects (schema validation aside: see `schema_problems`)."""
+def check_manifests(
+    docs: Sequence[Doc], root: Path = PROJECT_ROOT, ray_version: str | None = None, *, cluster_target: bool = False
+) -> list[str]:
+    """Every rule on a set of objects (schema validation aside: see `schema_problems`). `cluster_target`: the
+    objects are for a cluster that pulls from a registry (not a LOCAL_OVERLAYS one), so images need digests."""
     problems: list[str] = []
     for doc in docs:
         problems.extend(structure_problems(doc))
@@ -1308,6 +1260,13 @@ def check_manifests(docs: Sequence[Doc], root: Path = PROJECT_ROOT, ray_version:
     problems += check_autoscaler_budget(docs)
     problems += check_names(docs)
     problems += check_token_auth(docs)
+    problems += check_head_qos(docs)
+    problems += check_head_priority(docs)
+    problems += check_head_disruption(docs)
+    problems += check_object_store(docs)
+    problems += check_pod_security(docs)
+    problems += check_service_account_tokens(docs)
+    problems += check_image_digests(docs, cluster_target)
     return problems
 
 
@@ -1460,7 +1419,11 @@ def _parser() -> argparse.ArgumentParser:
     render_cmd = commands.add_parser("render", help="render an overlay for a spec (for kubectl apply -f)")
     render_cmd.add_argument("--spec", required=True, help="the sweep file, under sweeps/ (e.g. sweeps/ablation.yaml)")
     render_cmd.add_argument("--overlay", required=True, help=f"one of deploy/overlays: {', '.join(overlay_names())}")
-    render_cmd.add_argument("--image", help="the project image to run (tag <ray version>-<gpu|cpu>[-<revision>])")
+    render_cmd.add_argument(
+        "--image",
+        help="the project image: REGISTRY/adversarial-sweep:<ray version>-<gpu|cpu>[-<revision>]@sha256:<digest> "
+        "(the digest is required for every overlay but local)",
+    )
     render_cmd.add_argument("--out", help="write here instead of standard output")
     commands.add_parser("check", help="check every overlay, deploy/raycluster and the files under deploy/")
     return parser
@@ -1474,11 +1437,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The base manifests name the image a local build is tagged with; a cluster would pull that name from a
         # registry (Docker Hub, for an unqualified name) and fail or, worse, run someone else's image.
         print(
-            f"error: --image is required for overlay {args.overlay!r}: name the image you pushed to your registry, "
-            "e.g. --image registry.example.org/team/adversarial-sweep:2.60.0-gpu "
+            f"error: --image is required for overlay {args.overlay!r}: name the image you pushed to your registry by "
+            "digest, e.g. --image registry.example.org/team/adversarial-sweep:2.60.0-gpu@sha256:<64 hex> "
             f"(only {', '.join(LOCAL_OVERLAYS)} runs a locally built image)",
             file=sys.stderr,
         )
+        return 2
+    why = image_problem(args.image, args.overlay) if args.image is not None else None
+    if why and args.overlay in overlay_names():
+        # A tag can be pushed again: pods rescheduled weeks into a study would run other bytes than their peers.
+        print(f"error: {why}", file=sys.stderr)
         return 2
     try:
         docs = render(args.spec, args.overlay, args.image)
@@ -1511,7 +1479,8 @@ def _check_all() -> int:
         except DeployError as err:
             problems.append(f"{name}: {err}")
             continue
-        problems += [f"{name}: {problem}" for problem in check_manifests(docs)]
+        cluster_target = name not in {f"overlays/{local}" for local in LOCAL_OVERLAYS}
+        problems += [f"{name}: {problem}" for problem in check_manifests(docs, cluster_target=cluster_target)]
         if schemas is not None:
             try:
                 problems += [f"{name}: {problem}" for problem in schema_problems(docs, schemas)]

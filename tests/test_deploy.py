@@ -55,6 +55,17 @@ from orchestrator.deploy import (
     size_worker_group,
     structure_problems,
 )
+from orchestrator.deploy_rules import (
+    DO_NOT_DISRUPT,
+    check_head_disruption,
+    check_head_priority,
+    check_head_qos,
+    check_image_digests,
+    check_object_store,
+    check_pod_security,
+    check_service_account_tokens,
+    is_pinned,
+)
 from orchestrator.grid import expand
 from orchestrator.plan import plan_spec
 from orchestrator.spec import load_spec, parse_spec
@@ -63,6 +74,10 @@ ROOT = deploy.PROJECT_ROOT
 TARGETS = deploy_targets()
 RAY_TARGETS = [name for name in TARGETS if name != "monitoring"]
 PINS = pinned_versions()
+# Targets a cluster pulls for from a registry (their images need digests); the local overlay runs a local build.
+CLUSTER_TARGETS = {name for name in TARGETS if name != "overlays/local"}
+DIGEST = "sha256:" + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+PUSHED_IMAGE = f"registry.example.org/team/adversarial-sweep:{PINS['ray']}-gpu-1a2b3c4@{DIGEST}"
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +270,7 @@ def test_structure_checks_catch_broken_objects(built: dict[str, list[Doc]], case
 
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_committed_manifests_pass_every_rule(built: dict[str, list[Doc]], target: str) -> None:
-    assert check_manifests(built[target]) == []
+    assert check_manifests(built[target], cluster_target=target in CLUSTER_TARGETS) == []
 
 
 def test_committed_files_hold_no_secret_and_keep_token_auth() -> None:
@@ -652,6 +667,184 @@ RULE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], Callable[[list[Doc
         check_token_auth,
         "RAY_AUTH_MODE=disabled",
     ),
+    # the head: Guaranteed QoS in every container, the autoscaler sidecar and any sidecar of ours included
+    "autoscaler sidecar burstable": (
+        "overlays/gpu-cluster",
+        lambda d: cluster(d)["autoscalerOptions"]["resources"]["requests"].update(cpu="250m"),
+        check_head_qos,
+        "head container autoscaler: cpu request 250m differs from its limit 500m",
+    ),
+    "head memory burstable": (
+        "overlays/local",
+        lambda d: head(d)["resources"]["requests"].update(memory="2Gi"),
+        check_head_qos,
+        "head container ray-head: memory request 2Gi differs from its limit 3Gi",
+    ),
+    "head without limits": (
+        "raycluster",
+        lambda d: head(d)["resources"].pop("limits"),
+        check_head_qos,
+        "head container ray-head: sets no cpu limit",
+    ),
+    "a sidecar of ours without limits": (
+        "overlays/gpu-cluster",
+        lambda d: head_group(d)["template"]["spec"]["containers"].append(
+            {"name": "log-shipper", "image": PUSHED_IMAGE, "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}
+        ),
+        check_head_qos,
+        "head container log-shipper: sets no memory limit",
+    ),
+    # the head's priority
+    "head without a priority class": (
+        "overlays/gpu-cluster",
+        lambda d: head_group(d)["template"]["spec"].pop("priorityClassName"),
+        check_head_priority,
+        "head: sets no priorityClassName",
+    ),
+    "priority class not shipped": (
+        "raycluster",
+        lambda d: d.remove(next(x for x in d if x["kind"] == "PriorityClass")),
+        check_head_priority,
+        "priorityClassName sweep-head-critical names no PriorityClass these manifests ship",
+    ),
+    "priority class as the global default": (
+        "overlays/local",
+        lambda d: next(x for x in d if x["kind"] == "PriorityClass").update(globalDefault=True),
+        check_head_priority,
+        "PriorityClass/sweep-head-critical: needs a positive integer value and globalDefault false",
+    ),
+    # no voluntary eviction of the head
+    "no disruption budget": (
+        "overlays/gpu-cluster",
+        lambda d: d.remove(next(x for x in d if x["kind"] == "PodDisruptionBudget")),
+        check_head_disruption,
+        "head: no PodDisruptionBudget with maxUnavailable 0 selects it",
+    ),
+    "budget allows an eviction": (
+        "raycluster",
+        lambda d: next(x for x in d if x["kind"] == "PodDisruptionBudget")["spec"].update(maxUnavailable=1),
+        check_head_disruption,
+        "head: no PodDisruptionBudget with maxUnavailable 0 selects it",
+    ),
+    "budget selects the workers": (
+        "overlays/local",
+        lambda d: next(x for x in d if x["kind"] == "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].update(
+            {"ray.io/node-type": "worker"}
+        ),
+        check_head_disruption,
+        "head: no PodDisruptionBudget with maxUnavailable 0 selects it",
+    ),
+    "budget selects another app": (
+        "overlays/gpu-cluster",
+        lambda d: next(x for x in d if x["kind"] == "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].update(
+            {"app.kubernetes.io/part-of": "other"}
+        ),
+        check_head_disruption,
+        "head: no PodDisruptionBudget with maxUnavailable 0 selects it",
+    ),
+    # the object store fits the memory-backed /dev/shm
+    "head object store unsized": (
+        "overlays/gpu-cluster",
+        lambda d: head_group(d)["rayStartParams"].pop("object-store-memory"),
+        check_object_store,
+        "head: sets no rayStartParams object-store-memory",
+    ),
+    "head object store above /dev/shm": (
+        "overlays/local",
+        lambda d: head_group(d)["rayStartParams"].update({"object-store-memory": str(2 * 2**30)}),
+        check_object_store,
+        f"head: object-store-memory {2 * 2**30} is not below its /dev/shm sizeLimit ({2**30} bytes)",
+    ),
+    "/dev/shm on disk": (
+        "raycluster",
+        lambda d: head_group(d)["template"]["spec"]["volumes"][0]["emptyDir"].pop("medium"),
+        check_object_store,
+        "head: sets object-store-memory but mounts no emptyDir of medium Memory with a sizeLimit at /dev/shm",
+    ),
+    "worker object store above /dev/shm": (
+        "raycluster",
+        lambda d: cluster(d)["workerGroupSpecs"][0]["rayStartParams"].update({"object-store-memory": str(80 * 2**30)}),
+        check_object_store,
+        "worker group gpu-workers: object-store-memory 85899345920 is not below its /dev/shm sizeLimit",
+    ),
+    # Pod Security "restricted" on every pod and container
+    "head may escalate": (
+        "overlays/gpu-cluster",
+        lambda d: head(d)["securityContext"].pop("allowPrivilegeEscalation"),
+        check_pod_security,
+        "head container ray-head: needs allowPrivilegeEscalation: false (Pod Security restricted)",
+    ),
+    "worker keeps its capabilities": (
+        "raycluster",
+        lambda d: worker(d)["securityContext"].pop("capabilities"),
+        check_pod_security,
+        "worker group gpu-workers container ray-worker: needs capabilities.drop [ALL]",
+    ),
+    "worker adds a capability": (
+        "overlays/gpu-cluster",
+        lambda d: worker(d)["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+        check_pod_security,
+        "container ray-worker: needs no added capability but NET_BIND_SERVICE",
+    ),
+    "autoscaler sidecar may escalate": (
+        "overlays/local",
+        lambda d: cluster(d)["autoscalerOptions"]["securityContext"].pop("allowPrivilegeEscalation"),
+        check_pod_security,
+        "head container autoscaler: needs allowPrivilegeEscalation: false",
+    ),
+    "head unconfined": (
+        "raycluster",
+        lambda d: head_group(d)["template"]["spec"]["securityContext"].pop("seccompProfile"),
+        check_pod_security,
+        "head container ray-head: needs seccompProfile.type RuntimeDefault",
+    ),
+    "MinIO as root": (
+        "overlays/local",
+        lambda d: _deployment(d)["spec"]["template"]["spec"]["securityContext"].update(runAsUser=0),
+        check_pod_security,
+        "Deployment/minio container minio: needs a non-zero runAsUser",
+    ),
+    "bucket Job may run as root": (
+        "overlays/local",
+        lambda d: next(x for x in d if x["kind"] == "Job")["spec"]["template"]["spec"]["securityContext"].pop(
+            "runAsNonRoot"
+        ),
+        check_pod_security,
+        "Job/sweep-bucket container create-bucket: needs runAsNonRoot: true",
+    ),
+    "worker on the host network": (
+        "overlays/gpu-cluster",
+        lambda d: cluster(d)["workerGroupSpecs"][0]["template"]["spec"].update(hostNetwork=True),
+        check_pod_security,
+        "worker group gpu-workers: hostNetwork is not allowed",
+    ),
+    "worker mounts the host": (
+        "raycluster",
+        lambda d: cluster(d)["workerGroupSpecs"][0]["template"]["spec"]["volumes"].append(
+            {"name": "nvme", "hostPath": {"path": "/mnt/nvme"}}
+        ),
+        check_pod_security,
+        "worker group gpu-workers: volume nvme is a hostPath",
+    ),
+    # no service-account token where nothing calls the Kubernetes API
+    "worker with a token": (
+        "overlays/gpu-cluster",
+        lambda d: cluster(d)["workerGroupSpecs"][0]["template"]["spec"].pop("automountServiceAccountToken"),
+        check_service_account_tokens,
+        "worker group gpu-workers: mounts a service-account token",
+    ),
+    "worker token switched on": (
+        "raycluster",
+        lambda d: cluster(d)["workerGroupSpecs"][0]["template"]["spec"].update(automountServiceAccountToken=True),
+        check_service_account_tokens,
+        "worker group gpu-workers: mounts a service-account token",
+    ),
+    "MinIO with a token": (
+        "overlays/local",
+        lambda d: _deployment(d)["spec"]["template"]["spec"].pop("automountServiceAccountToken"),
+        check_service_account_tokens,
+        "Deployment/minio: mounts a service-account token",
+    ),
 }
 
 
@@ -664,6 +857,106 @@ def test_each_rule_catches_a_broken_manifest(built: dict[str, list[Doc]], case: 
     problems = rule(docs)
     assert any(expected in problem for problem in problems), problems
     assert any(expected in problem for problem in check_manifests(docs))
+
+
+def test_the_head_may_carry_the_do_not_disrupt_annotations_instead(built: dict[str, list[Doc]]) -> None:
+    docs = fresh(built, "overlays/gpu-cluster")
+    docs.remove(next(x for x in docs if x["kind"] == "PodDisruptionBudget"))
+    metadata = head_group(docs)["template"]["metadata"]
+    metadata["annotations"] = dict(list(DO_NOT_DISRUPT.items())[:1])  # one autoscaler's is not enough
+    assert any("no PodDisruptionBudget" in problem for problem in check_head_disruption(docs))
+    metadata["annotations"] = dict(DO_NOT_DISRUPT)
+    assert check_head_disruption(docs) == []
+
+
+def test_the_head_keeps_its_service_account_token_for_the_autoscaler(built: dict[str, list[Doc]]) -> None:
+    for target in RAY_TARGETS:
+        spec = head_group(built[target])["template"]["spec"]
+        assert spec.get("automountServiceAccountToken") is not False, target
+        assert cluster(built[target])["enableInTreeAutoscaling"] is True
+
+
+def _without_digests(docs: list[Doc]) -> list[Doc]:
+    for doc in docs:
+        for container in deploy.containers(doc):
+            container["image"] = container["image"].split("@")[0]
+    return docs
+
+
+# (target, what to break, the container the message names)
+DIGEST_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], str]] = {
+    "worker by tag": (
+        "overlays/gpu-cluster",
+        lambda d: _set_tag(worker(d), f"{PINS['ray']}-gpu"),
+        "worker group gpu-workers container ray-worker: image 'registry.example.com/ml/adversarial-sweep:2.60.0-gpu' "
+        "is a mutable tag",
+    ),
+    "head by tag": ("raycluster", lambda d: _set_tag(head(d), f"{PINS['ray']}-gpu"), "head container ray-head"),
+    "a short digest": (
+        "overlays/gpu-cluster",
+        lambda d: head(d).update(image=head(d)["image"].split("@")[0] + "@sha256:abc123"),
+        "head container ray-head",
+    ),
+    "autoscaler image by tag": (
+        "raycluster",
+        lambda d: cluster(d)["autoscalerOptions"].update(image=f"rayproject/ray:{PINS['ray']}-py311"),
+        "head container autoscaler: image 'rayproject/ray:2.60.0-py311' is a mutable tag",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DIGEST_BREAKS))
+def test_cluster_targets_pull_images_by_digest(built: dict[str, list[Doc]], case: str) -> None:
+    target, breaks, expected = DIGEST_BREAKS[case]
+    docs = fresh(built, target)
+    assert check_image_digests(docs, cluster_target=True) == []
+    breaks(docs)
+    problems = check_image_digests(docs, cluster_target=True)
+    assert any(expected in problem for problem in problems), problems
+    assert any(expected in problem for problem in check_manifests(docs, cluster_target=True))
+    # The same objects for a local cluster run the local build, by tag.
+    assert check_image_digests(docs, cluster_target=False) == []
+
+
+def test_the_local_overlay_runs_its_images_by_tag(built: dict[str, list[Doc]]) -> None:
+    docs = built["overlays/local"]
+    assert check_manifests(docs) == []
+    problems = check_image_digests(docs, cluster_target=True)
+    assert any("container minio" in problem for problem in problems)
+    assert any("container ray-head: image 'adversarial-sweep:2.60.0-cpu' is a mutable tag" in p for p in problems)
+
+
+def test_cli_check_refuses_a_tag_on_a_cluster_target_only(monkeypatch: Any, capsys: Any) -> None:
+    real_build = deploy.build
+    broken = deploy.OVERLAYS_DIR / "gpu-cluster"
+    monkeypatch.setattr(
+        deploy, "build", lambda path: _without_digests(real_build(path)) if path == broken else real_build(path)
+    )
+    assert deploy.main(["check"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out and all(line.startswith("overlays/gpu-cluster: ") and "is a mutable tag" in line for line in out)
+
+
+def test_render_for_a_cluster_takes_an_image_by_digest() -> None:
+    docs = render(ROOT / "sweeps/ablation.yaml", "gpu-cluster", image=PUSHED_IMAGE)
+    images = {c["image"] for doc in docs for c in deploy.containers(doc) if deploy.is_project_image(c["image"])}
+    assert images == {PUSHED_IMAGE}
+    with pytest.raises(DeployError, match="is a mutable tag"):
+        render(ROOT / "sweeps/ablation.yaml", "gpu-cluster", image=PUSHED_IMAGE.split("@")[0])
+    # The committed overlay names the image by digest: rendered without --image, it still passes.
+    assert all(
+        is_pinned(c["image"])
+        for doc in render(ROOT / "sweeps/ablation.yaml", "gpu-cluster")
+        for c in deploy.containers(doc)
+    )
+
+
+def test_kustomize_images_with_a_tag_and_a_digest() -> None:
+    docs: list[Doc] = [{"kind": "Pod", "spec": {"containers": [{"name": "c", "image": "adversarial-sweep:x"}]}}]
+    deploy._set_image(
+        {"name": "adversarial-sweep", "newName": "r.io/a/adversarial-sweep", "newTag": "t", "digest": DIGEST}, docs
+    )
+    assert docs[0]["spec"]["containers"][0]["image"] == f"r.io/a/adversarial-sweep:t@{DIGEST}"
 
 
 # What each cluster can grow to: (GPUs, CPUs) = maxReplicas x (GPUs, CPUs) per worker pod; the heads have none.
@@ -1000,7 +1293,7 @@ def test_render_refuses_a_cluster_that_cannot_hold_the_largest_cell(tmp_path: Pa
 
 def test_cli_render_writes_one_applyable_file(tmp_path: Path) -> None:
     out = tmp_path / "sweep.yaml"
-    image = "registry.example.org/team/adversarial-sweep:2.60.0-gpu"
+    image = PUSHED_IMAGE
     args = ["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--image", image]
     assert deploy.main([*args, "--out", str(out)]) == 0
     text = out.read_text()
@@ -1012,6 +1305,12 @@ def test_cli_render_for_a_cluster_requires_an_image(tmp_path: Path, capsys: pyte
     out = tmp_path / "sweep.yaml"
     assert deploy.main(["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--out", str(out)]) == 2
     assert "--image is required for overlay 'gpu-cluster'" in capsys.readouterr().err and not out.exists()
+    # A tag can be pushed again: a cluster overlay takes the image by digest only.
+    tagged = PUSHED_IMAGE.split("@")[0]
+    args = ["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--image", tagged]
+    assert deploy.main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--image {tagged!r} is a mutable tag" in err and not out.exists()
     # The local overlay runs the image built on this machine: no registry, no --image needed.
     assert deploy.main(["render", "--spec", "sweeps/tiny.yaml", "--overlay", "local", "--out", str(out)]) == 0
 
@@ -1054,8 +1353,7 @@ def test_cli_cell_larger_than_the_cluster_is_one_line(tmp_path: Path, monkeypatc
         "grid: {seed: [0, 1]}\nresources: {use_gpu: true, max_workers_per_cell: 256, cluster_gpus: 128}\n"
     )
     monkeypatch.setattr(deploy, "PROJECT_ROOT", tmp_path)
-    image = "registry.example.org/adversarial-sweep:2.60.0-gpu"
-    assert deploy.main(["render", "--spec", str(spec), "--overlay", "gpu-cluster", "--image", image]) == 2
+    assert deploy.main(["render", "--spec", str(spec), "--overlay", "gpu-cluster", "--image", PUSHED_IMAGE]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "256 GPUs" in err and "cluster_gpus" in err
 
@@ -1098,8 +1396,8 @@ ALREADY_REQUESTED = {"cpu": 0.25 + 0.2 + 0.1 + 0.1 + 0.1 + 0.1, "memory": (100 +
 
 def test_local_overlay_fits_a_four_cpu_node(built: dict[str, list[Doc]]) -> None:
     ours = deploy.requested_resources(built["overlays/local"])
-    # head 500m, autoscaler 200m, one worker pod 1, MinIO 100m, the bucket Job 100m
-    assert ours["cpu"] == pytest.approx(1.9)
+    # head 1 and autoscaler 250m (Guaranteed: requests = limits), one worker pod 1, MinIO 100m, the bucket Job 100m
+    assert ours["cpu"] == pytest.approx(2.45)
     for resource in ("cpu", "memory"):
         assert ours[resource] + ALREADY_REQUESTED[resource] <= LOCAL_NODE[resource], (resource, ours)
     # Ray still gets the 2 CPUs of the worker's limit: two smoke cells of 0.9 CPU run at once.
