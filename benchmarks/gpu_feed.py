@@ -51,6 +51,9 @@ from benchmarks.input_pipeline import decoding_processes as with_decoding_proces
 NAME = "gpu_feed"
 CLASSES = 8
 DEVICE = "cuda"  # a dry run of the code path on the CPU patches this
+# The GPU's precision (gpu_throughput's mode). A dry run on the CPU patches it to fp32: bf16 convolutions on a CPU
+# take a minute per step of the ImageNet-stem cell, and the dry run checks the path, not the numbers.
+PRECISION = "bf16"
 
 
 def _synchronize() -> None:
@@ -94,7 +97,7 @@ def _to_gpu(url: str, epochs: int, processes: int | None, pinned: bool = True) -
     from workloads.config import PerformanceConfig
     from workloads.execution import on_device, resolve_execution
 
-    execution = resolve_execution(PerformanceConfig(precision="bf16"), torch.device(DEVICE))
+    execution = resolve_execution(PerformanceConfig(precision=PRECISION), torch.device(DEVICE))
     n = 0
     with with_decoding_processes(processes) if processes is not None else contextlib.nullcontext():
         for epoch in range(epochs):
@@ -116,8 +119,8 @@ def _training(url: str, depth: int, pgd: int, batch: int, epochs: int, synthetic
     from workloads.config import DataConfig, TrainConfig
     from workloads.sessions import LocalSession
 
-    # gpu_throughput's cell (the paper's settings, bf16), reading the shards and training whole epochs.
-    paper = config(depth, pgd, batch, "bf16").model_dump()
+    # gpu_throughput's cell (the paper's settings, in PRECISION), reading the shards and training whole epochs.
+    paper = config(depth, pgd, batch, PRECISION).model_dump()
     cfg = TrainConfig.model_validate(
         paper
         | {

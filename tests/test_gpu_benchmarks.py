@@ -17,6 +17,7 @@ from benchmarks._common import Check
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the benchmark runs for real")
 def test_gpu_feed_runs_its_whole_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gpu_feed, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_feed, "PRECISION", "fp32")  # the path, not bf16's numbers (a minute per step on a CPU)
     torch.set_num_threads(1)
     result = gpu_feed.run(images=32, processes=(), depth=18, pgd=1, batch=8, rounds=1, epochs=1)
     assert set(result["per_core"]) == {
