@@ -32,15 +32,17 @@ def test_a_sweep_another_live_driver_runs_exits_2_and_stops_the_job(tmp_path: Pa
     storage = SweepStorage.for_sweep(str(tmp_path / "runs"), "held")
     stop = threading.Event()
 
-    def live_driver() -> None:  # renews its lease every 0.5 s from another host
+    def live_driver() -> None:  # renews its lease every 0.5 s from another host (each renewal valid 10 s)
         while not stop.is_set():
-            lease = {"owner": "x", "host": "other-node", "pid": 7, "expires_at": time.time() + 1.5, "ttl_s": 1.5}
+            lease = {"owner": "x", "host": "other-node", "pid": 7, "expires_at": time.time() + 10, "ttl_s": 10}
             storage.write_json(storage.path(LEASE_FILE), lease)
             stop.wait(0.5)
 
     holder = threading.Thread(target=live_driver)
     holder.start()
     try:
+        while storage.read_json(storage.path(LEASE_FILE)) is None:  # the live driver holds the lease first
+            time.sleep(0.05)
         assert sweep.main([str(spec_path)]) == sweep.EXIT_INVALID
     finally:
         stop.set()

@@ -50,19 +50,21 @@ def test_a_killed_driver_on_this_host_is_taken_over_at_once(storage: SweepStorag
 def test_a_renewing_holder_on_another_host_is_refused_and_needs_takeover(storage: SweepStorage) -> None:
     stop = threading.Event()
 
-    def remote_driver() -> None:  # a live driver elsewhere: renews its lease every 0.3 s
+    def remote_driver() -> None:  # a live driver elsewhere: renews its lease every 0.3 s, each valid 10 s
         while not stop.is_set():
-            record = {"owner": "remote", "host": "some-other-node", "pid": 1, "expires_at": time.time() + 1.0}
-            storage.write_json(storage.path(LEASE_FILE), record | {"ttl_s": 1.0})
+            record = {"owner": "remote", "host": "some-other-node", "pid": 1, "expires_at": time.time() + 10.0}
+            storage.write_json(storage.path(LEASE_FILE), record | {"ttl_s": 10.0})
             stop.wait(0.3)
 
     renewer = threading.Thread(target=remote_driver)
     renewer.start()
     try:
+        while storage.read_json(storage.path(LEASE_FILE)) is None:  # the remote driver holds the lease first
+            time.sleep(0.05)
         started = time.monotonic()
         with pytest.raises(LeaseHeldError, match="renews its lease.*--takeover"):
             DriverLease(storage, poll_s=0.1).acquire()
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 10  # refused at the first renewal seen, not after the lease's 10 s
     finally:
         stop.set()
         renewer.join()
