@@ -52,6 +52,9 @@ def measure(spec_path: str) -> dict[str, Any]:
         shutil.rmtree(storage, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{spec_path}: the sweep exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    log = Path(tempfile.gettempdir()) / f"{NAME}-{Path(spec_path).stem}.log"
+    log.write_text(proc.stdout + proc.stderr)  # what a user would have read
+    print(f"{spec_path}: {actual / 60:.1f} min (planned {planned / 60:.1f}); its output in {log}", flush=True)
     return {"spec": spec_path, "cells": len(cells), "planned_seconds": planned, "actual_seconds": actual}
 
 
