@@ -408,7 +408,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         ('{"data": {"url": "x"}, "training": {"clean_ratio": 2}}', "training.clean_ratio: Input should be less"),
         ('{"data": {"url": "x"}, "recipe": {"batch_size": 48}}', "recipe.batch_size 48 is not divisible"),
         ('{"model": {"depth": 18}}', "data: Field required"),
-        ('{"data": {"url": "x"},', "Invalid JSON"),
+        ('{"data": {"url": "x"},', "not JSON"),
     ],
     ids=["depth", "clean-ratio", "batch", "no-data", "not-json"],
 )

@@ -106,7 +106,18 @@ def tiny_cell(url: str, seed: int) -> TrainConfig:
             "model": {"depth": 18, "norm": "mbn", "width": 1 / 16, "stem": "small"},
             "attack": {"steps": 1},
             "training": {"strategy": "mixture", "clean_ratio": 0.0},
-            "recipe": {"epochs": 2, "batch_size": 64, "per_worker_batch": 16, "base_lr": 0.8},
+            # The recipe its thresholds were measured with: the pipeline's 5-epoch warm-up would span this whole
+            # 2-epoch run (see sweeps/smoke.yaml on why short digits runs keep it).
+            "recipe": {
+                "epochs": 2,
+                "batch_size": 64,
+                "per_worker_batch": 16,
+                "base_lr": 0.8,
+                "nesterov": False,
+                "label_smoothing": 0.0,
+                "weight_decay_on": "all",
+                "warmup_epochs": 0,
+            },
             "eval": {"pgd_steps": [2], "subset": 64, "batch_size": 32},
             "seed": seed,
             "num_workers": 2,
