@@ -78,7 +78,7 @@ class DriverLease:
     def _wait_for_a_silent_holder(self, held: dict[str, Any], log: Callable[[str], None]) -> None:
         """Return once `held` has expired without a renewal; LeaseHeldError as soon as its holder renews it."""
         who = f"host {held.get('host')}, pid {held.get('pid')}"
-        ttl = float(held.get("ttl_s") or DEFAULT_TTL_S)
+        ttl = lease_ttl(held)
         # A live holder renews every ttl/3: watching one interval (and a margin for a slow store) tells.
         watch_until = time.time() + ttl / 3 + max(1.0, ttl / 12)
         said = False
@@ -131,6 +131,11 @@ class DriverLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def lease_ttl(record: dict[str, Any]) -> float:
+    """How long a lease record lasts after each renewal (records written before `ttl_s` was kept: the default)."""
+    return float(record.get("ttl_s") or DEFAULT_TTL_S)
 
 
 def _is_live(held: dict[str, Any]) -> bool:

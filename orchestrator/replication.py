@@ -227,9 +227,11 @@ def next_cells(
     cells: Sequence[Cell],
     values: Mapping[str, float | None],
     cost: Mapping[str, float],
+    judgements: Sequence[Judgement] | None = None,
 ) -> list[Cell]:
     """The next round: one more seed for each setting of an undecided pair, within the maximum and the budget.
-    `cells` are all cells so far, `cost` the planned device-hours of any cell id (orchestrator.plan)."""
+    `cells` are all cells so far, `cost` the planned device-hours of any cell id (orchestrator.plan);
+    `judgements`, where the caller has them already, are `judge(spec, cells, values)`."""
     rep = spec.replication
     if rep is None:
         return []
@@ -238,7 +240,7 @@ def next_cells(
         seeds.setdefault(setting_of(cell.axes), []).append(cell)
     spent = sum(cost[cell.cell_id] for cell in cells)
     wanted: list[tuple[Any, ...]] = []
-    for judgement in judge(spec, cells, values):
+    for judgement in judge(spec, cells, values) if judgements is None else judgements:
         if judgement.decided:
             continue
         for key in (judgement.a, judgement.b):

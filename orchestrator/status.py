@@ -45,7 +45,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrator.grid import Cell, expand
-from orchestrator.lease import LEASE_FILE
+from orchestrator.lease import LEASE_FILE, lease_ttl
 from orchestrator.results import AXES, RESULTS_FILE
 from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.storage import CONFIG_FILE, ERROR_FILE, HISTORY_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
@@ -206,7 +206,7 @@ def sweep_state(storage: SweepStorage, statuses: list[CellStatus], now: float) -
         lease = None
     unfinished = [s for s in statuses if s.state not in ("finished", "failed")]
     if lease and float(lease.get("expires_at", 0)) >= now:
-        renewed = now - (float(lease["expires_at"]) - _lease_ttl(lease))
+        renewed = now - (float(lease["expires_at"]) - lease_ttl(lease))
         return SweepState(
             "running",
             f"driver on host {lease.get('host')} (pid {lease.get('pid')}), lease renewed "
@@ -226,12 +226,6 @@ def sweep_state(storage: SweepStorage, statuses: list[CellStatus], now: float) -
     failed = sum(s.state == "failed" for s in statuses)
     detail = "every cell finished" if not failed else f"{failed} cells failed; a resubmission retries them"
     return SweepState("finished", detail, eta_seconds=0.0)
-
-
-def _lease_ttl(lease: dict[str, Any]) -> float:
-    from orchestrator.lease import DEFAULT_TTL_S
-
-    return float(lease.get("ttl_s") or DEFAULT_TTL_S)
 
 
 def sweep_eta(spec: Spec, cells: list[Cell], statuses: list[CellStatus]) -> float | None:

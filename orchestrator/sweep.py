@@ -245,7 +245,7 @@ def _more_seeds(spec: Spec, storage: SweepStorage, cells: list[Cell], cost: dict
     known = {cell.cell_id for cell in cells}
     judgements = replication.judge(spec, cells, values)
     undecided = [j for j in judgements if not j.decided]
-    more = [cell for cell in replication.next_cells(spec, cells, values, cost) if cell.cell_id not in known]
+    more = [c for c in replication.next_cells(spec, cells, values, cost, judgements) if c.cell_id not in known]
     print(
         f"replication: {len(judgements) - len(undecided)} of {len(judgements)} comparisons decided on {metric}; "
         + (f"{len(more)} more cells (one more seed each)" if more else "no more cells (decided, at most, or budget)")
