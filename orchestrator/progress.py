@@ -162,6 +162,7 @@ class SweepProgress(Callback):
         self.stall_after_s = stall_after_s
         self.history = HistoryWriter(sweep_url)  # each cell's history.json in this sweep's folder
         self._last_heard: dict[str, float] = {}  # cell id -> monotonic time of its last start or report
+        self._attempt_start: dict[str, int] = {}  # cell id -> start_epoch of its current attempt, once reported
         self.sweep = sweep
         self.epochs = epochs
         self.counts = {
@@ -215,12 +216,14 @@ class SweepProgress(Callback):
         cell: Cell = trial.config["cell"]
         self._move(cell.cell_id, "running")
         self._last_heard[cell.cell_id] = time.monotonic()
+        self._attempt_start.pop(cell.cell_id, None)
         self._say(f"cell {cell.cell_id} started: {cell.describe()}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Tune runs the trial again (orchestrator.sweep's tune.FailureConfig): its node or controller was lost."""
         cell_id = trial.config["cell"].cell_id
         self._last_heard.pop(cell_id, None)
+        self._attempt_start.pop(cell_id, None)
         self._move(cell_id, "pending")
         attempt = trial.run_metadata.num_failures
         self._say(
@@ -237,6 +240,12 @@ class SweepProgress(Callback):
         tags = {"sweep": self.sweep, "cell_id": cell_id}
         epoch = result.get("epoch")
         parts = [f"cell {cell_id} epoch {epoch}/{self.epochs.get(cell_id, '?')}"]
+        # The first report of an attempt that resumed says from where: what an interruption cost is then in the log.
+        start = result.get("start_epoch")
+        if start is not None and self._attempt_start.get(cell_id) != start:
+            self._attempt_start[cell_id] = start
+            if start:
+                parts.append(f"resumed from epoch {start}")
         if epoch is not None:
             self._set(self._epoch, float(epoch), tags)
         if "loss" in result:

@@ -269,17 +269,24 @@ class LocalCluster:
                 return node.name
         return self.lost.get(node_id, f"unknown node {node_id[:8]}")
 
-    def driver(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """`python -m orchestrator.sweep ARGS` on the head, connected to this cluster (its own session)."""
+    def driver(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, host: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`python -m orchestrator.sweep ARGS` on the head, connected to this cluster (its own session). With
+        `host`, the driver runs in a UTS namespace of its own under that host name: what a driver resubmitted on
+        another pod looks like to the sweep's lease (needs root, as here)."""
         environment = {
             **os.environ,
             **self._node_env(self.head.root),
             "RAY_ADDRESS": self.address,
             **(env or {}),
         }
+        command = [sys.executable, "-m", "orchestrator.sweep", *args]
+        if host is not None:
+            command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host, *command]
         with open(log, "ab") as out:
             return subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.sweep", *args],
+                command,
                 cwd=REPO,
                 env=environment,
                 stdout=out,

@@ -4,8 +4,9 @@ Clients talk to 127.0.0.1:<proxy port>; every connection is relayed to the real 
 the proxy watch the request lines going through: when the `nth` distinct object key matching `pattern` is first
 requested, that request is cut off mid-flight (its connection closed before the server sees it), every open
 connection is dropped and the listening socket is closed, so for `outage_s` seconds the port refuses connections
-exactly as a stopped server's does. Then it listens again on the same port. Request lines are recorded with
-their times so a test can see what was retried after the outage.
+exactly as a stopped server's does. Then it listens again on the same port. `cut(seconds)` starts such an outage
+at once (the chaos soak's storage incident). Request lines are recorded with their times so a test can see what
+was retried after the outage.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class OutageProxy:
         """Go down when the `nth` distinct path matching `pattern` is requested for the first time."""
         with self._lock:
             self._pattern, self._nth, self._seen_keys = re.compile(pattern), nth, []
+
+    def cut(self, outage_s: float) -> Outage:
+        """Take the server down now for `outage_s` seconds (open connections dropped, the port refusing)."""
+        return self._go_down("(cut)", outage_s)
 
     def close(self) -> None:
         self._closed.set()
@@ -126,8 +131,9 @@ class OutageProxy:
         self._go_down(trigger)
         return True
 
-    def _go_down(self, key: str) -> None:
+    def _go_down(self, key: str, outage_s: float | None = None) -> Outage:
         outage = Outage(key, time.monotonic())
+        down_for = self.outage_s if outage_s is None else outage_s
         with self._lock:
             self.outages.append(outage)
             if self._listener is not None:
@@ -138,12 +144,13 @@ class OutageProxy:
             self._sockets.clear()
 
         def come_back() -> None:
-            if self._closed.wait(self.outage_s):
+            if self._closed.wait(down_for):
                 return
             self._listen()
             outage.ended = time.monotonic()
 
         threading.Thread(target=come_back, name="outage-proxy-restore", daemon=True).start()
+        return outage
 
     def requests_after(self, moment: float, path: str) -> list[str]:
         with self._lock:

@@ -69,6 +69,27 @@ def test_a_failed_cells_last_result_is_no_epoch_line(
     assert capsys.readouterr().out == ""
 
 
+def test_an_attempt_that_resumed_says_from_which_epoch_once(
+    progress: SweepProgress, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = cells()[0]
+    progress.on_trial_start(0, [], trial(a))
+    progress.on_trial_result(0, [], trial(a), {"epoch": 1, "start_epoch": 0})
+    progress.on_trial_result(0, [], trial(a), {"epoch": 2, "start_epoch": 0})
+    first = capsys.readouterr().out
+    assert f"cell {a.cell_id} epoch 2/2" in first and "resumed" not in first
+    # Train restarted the worker group within the trial, from epoch 2's checkpoint.
+    progress.on_trial_result(0, [], trial(a), {"epoch": 3, "start_epoch": 2})
+    progress.on_trial_result(0, [], trial(a), {"epoch": 4, "start_epoch": 2})
+    # The trial was lost and retried: its next attempt resumes from epoch 4, which is said again.
+    progress.on_trial_recover(0, [], trial(a, failures=1))
+    progress.on_trial_start(0, [], trial(a, failures=1))
+    progress.on_trial_result(0, [], trial(a, failures=1), {"epoch": 5, "start_epoch": 4})
+    lines = [line for line in capsys.readouterr().out.splitlines() if " epoch " in line]
+    assert [("resumed from epoch" in line) for line in lines] == [True, False, True], lines
+    assert "epoch 3/2, resumed from epoch 2" in lines[0] and "epoch 5/2, resumed from epoch 4" in lines[2]
+
+
 def test_trial_exhausting_its_retries_is_failed(progress: SweepProgress) -> None:
     a = cells()[0]
     progress.on_trial_start(0, [], trial(a))
