@@ -927,10 +927,13 @@ def promql_metrics(expr: str) -> set[str]:
 
 
 def exported_metrics() -> dict[str, set[str]]:
-    """Metric names a sweep cluster exports, by source: the sweep's gauges (declared in orchestrator.progress,
-    exported with Ray's `ray_` prefix) and those Ray's own Grafana dashboards chart."""
-    source = (PROJECT_ROOT / "orchestrator" / "progress.py").read_text(encoding="utf-8")
-    sweep = {f"ray_{name}" for name in re.findall(r'Gauge\(\s*"([a-z_]+)"', source)}
+    """Metric names a sweep cluster exports, by source: the sweep's gauges (declared in orchestrator.progress and,
+    for storage outages, workloads.fs; exported with Ray's `ray_` prefix) and those Ray's own Grafana dashboards
+    chart."""
+    sweep: set[str] = set()
+    for module in ("orchestrator/progress.py", "workloads/fs.py"):
+        source = (PROJECT_ROOT / module).read_text(encoding="utf-8")
+        sweep |= {f"ray_{name}" for name in re.findall(r'Gauge\(\s*"([a-z_]+)"', source)}
     from ray.dashboard.modules.metrics.dashboards import default_dashboard_panels
 
     config = default_dashboard_panels.default_dashboard_config

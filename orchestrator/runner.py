@@ -12,6 +12,7 @@ import traceback
 from typing import Any
 
 from orchestrator import ray_compat
+from orchestrator.attempts import CellAttempts, backoff_s, losses
 from orchestrator.grid import Cell
 from orchestrator.placement import UnschedulableError, wait_until_placeable
 from orchestrator.redact import redact
@@ -23,27 +24,46 @@ CELL_FAILED = "cell_failed"
 
 
 def lost_to_the_cluster(err: BaseException) -> bool:
-    """Whether `err` says a process or node of the cluster died under the cell (a spot node gone, a raylet
-    killed, an OOM-killed actor) rather than the cell failing on its own: such a cell is worth another trial.
+    """Whether `err` says the infrastructure failed under the cell rather than the cell failing on its own: a
+    process or node of the cluster died (a spot node gone or drained, a raylet killed, an OOM-killed actor), or
+    storage stayed unreachable past `storage_outage_tolerance_s`. Such a cell is worth another trial; a diverged
+    loss or a bad config is not.
 
-    Ray raises these as ray.exceptions types, chained under whatever Train or Tune wraps them in.
+    Ray raises these as ray.exceptions types, chained under whatever Train or Tune wraps them in; Train keeps each
+    rank's own error in `WorkerGroupError.worker_failures` and the controller's in `ControllerError`.
     """
     from ray import exceptions
+    from ray.train.v2.api.exceptions import PreemptionError
+
+    from workloads.fs import is_transient
 
     lost = (
         exceptions.RayActorError,
         exceptions.NodeDiedError,
         exceptions.WorkerCrashedError,
         exceptions.ObjectLostError,
+        PreemptionError,
     )
+    return any(isinstance(inner, lost) or is_transient(inner) for inner in _causes(err))
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """`err` and every error it wraps: its __cause__/__context__ chain and the failures Ray Train collects."""
+    found: list[BaseException] = []
+    todo: list[BaseException] = [err]
     seen: set[int] = set()
-    inner: BaseException | None = err
-    while inner is not None and id(inner) not in seen:
-        if isinstance(inner, lost):
-            return True
+    while todo:
+        inner = todo.pop()
+        if id(inner) in seen:
+            continue
         seen.add(id(inner))
-        inner = inner.__cause__ or inner.__context__
-    return False
+        found.append(inner)
+        todo += [e for e in (inner.__cause__, inner.__context__) if e is not None]
+        todo += [e for e in (getattr(inner, "worker_failures", None) or {}).values() if isinstance(e, BaseException)]
+        controller = getattr(inner, "controller_failure", None)
+        if isinstance(controller, BaseException):
+            todo.append(controller)
+    return found
 
 
 def resource_demand(cell: Cell) -> dict[str, float]:
@@ -90,6 +110,16 @@ def run_cell(config: dict[str, Any], sweep_url: str, provenance: dict[str, Any] 
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    attempts = CellAttempts(storage, cell.cell_id)
+    earlier = attempts.begin()
+    wait_s = backoff_s(earlier)
+    if wait_s:
+        print(
+            f"cell {cell.cell_id}: lost {losses(earlier)} time(s) so far; waiting {wait_s:.0f} s before attempt "
+            f"{len(earlier) + 1}",
+            flush=True,
+        )
+        time.sleep(wait_s)
     started = time.time()
     try:
         wait_until_placeable(cell, storage)
@@ -101,10 +131,17 @@ def run_cell(config: dict[str, Any], sweep_url: str, provenance: dict[str, Any] 
             {"cell_id": cell.cell_id, "axes": cell.axes, "status": "failed", "error": reason, "failed_at": time.time()},
         )
         if lost_to_the_cluster(err):
-            raise  # Tune retries the trial (tune.FailureConfig in orchestrator.sweep); it resumes from storage
-        # The cell's own outcome (unschedulable, diverged, Train's worker restarts spent): recorded, not retried.
+            attempts.end("lost", reason)
+            if losses(earlier) < cell.max_failures:
+                raise  # Tune retries the trial (tune.FailureConfig in orchestrator.sweep); it resumes from storage
+            reason = f"lost to the cluster {losses(earlier) + 1} times, over max_failures {cell.max_failures}: {reason}"
+        else:
+            attempts.end("failed", reason)
+        # The cell's own outcome (unschedulable, diverged, Train's worker restarts spent, lost too often):
+        # recorded, not retried.
         tune.report({CELL_FAILED: reason})
         return
+    attempts.end("finished")
     metrics = dict(result.metrics or {})
     record = finished_record(cell, metrics, started)
     # Which code and libraries produced these numbers (orchestrator.provenance); the device is the worker's own.

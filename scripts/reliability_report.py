@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scripts.chaos_soak import saved_section  # noqa: E402 - the repository root first
+
 DOC = ROOT / "docs" / "reliability.md"
 COMMAND = ".venv/bin/python scripts/reliability_report.py"
 FAULTS = "tests/test_faults_ray.py"
@@ -120,6 +125,13 @@ MATRIX = (
         "absent from every log line, error, stored file and S3 object of the fault runs, and Ray's session logs",
         (f"{FAULTS}::test_nothing_the_runs_wrote_or_printed_holds_the_test_credentials", "tests/test_redact.py"),
     ),
+    Row(
+        "chaos soak, short form: a driver resubmitted as another host, a node SIGKILLed mid-epoch, S3 cut for "
+        "130 s, the whole cluster replaced, in a seeded order",
+        "results equal the undisturbed run's; no epoch reported twice; no orphaned checkpoint; no checkpointed "
+        'epoch trained again (the full soak: "The chaos soak" below)',
+        ("tests/test_chaos_soak.py",),
+    ),
 )
 
 
@@ -132,9 +144,10 @@ MECHANISMS = """## What makes these pass
 - **Retries with limits.** Storage calls (the driver's, the data reader's, the checkpoint upload and download)
   retry connection errors, timeouts, throttling and 5xx with exponential backoff and jitter for up to
   `storage_outage_tolerance_s` (default an hour), so training waits out an outage; the log says so at once
-  (`storage: unreachable for N s (...); retrying for up to M s more`) and then once a minute. Past the tolerance
-  the cell fails cleanly and the sweep goes on. A lost worker restarts the cell's worker group from its last
-  checkpoint up to `max_failures` times.
+  (`storage: unreachable for N s (...); retrying for up to M s more`) and then once a minute, and the dashboard's
+  "Storage unreachable" panel charts it (`sweep_storage_unreachable_seconds`). Past the tolerance the cell is
+  queued again like a cell whose node was lost, and the sweep goes on. A lost worker restarts the cell's worker
+  group from its last checkpoint up to `max_failures` times.
   A non-finite loss fails the cell with `non-finite loss`.
 - **One driver per sweep.** A lease in storage with a heartbeat; a second driver refuses a holder that renews it
   and names it, waits out one that stopped renewing (a dead driver), and `--takeover` lets a new driver in at once.
@@ -150,9 +163,11 @@ MECHANISMS = """## What makes these pass
   controller lost with its node leaves its worker placement group reserved on a cluster without a dashboard
   (Ray Train's own cleaner needs the State API, ray-project/ray#58515): before a cell's workers are placed, the
   trial removes placement groups whose Train controller is dead (`orchestrator/ray_compat.py`). A lost *trial*
-  (its node gone, and the cell's Train controller with it) is run again by Tune, up to `max_failures` times,
-  and resumes from the cell's checkpoints in storage; a cell that fails on its own (unschedulable, a non-finite
-  loss, its worker restarts spent) ends its trial with the failure recorded and is never run again.
+  (its node gone, and the cell's Train controller with it) is run again by Tune and resumes from the cell's
+  checkpoints in storage, after a backoff (15 s doubling per consecutive loss, at most 10 minutes); the cell's
+  attempts are counted in storage (`cells/<id>/attempts.json`), so `max_failures` losses bound it across every
+  driver and cluster. A cell that fails on its own (unschedulable, a non-finite loss, its worker restarts spent)
+  ends its trial with the failure recorded and is never run again.
 - **Secrets.** Credentials come from the environment or the pod's Secret only; the spec rejects inline
   credentials; stored and printed errors are redacted; Ray Tune's habit of copying `AWS_*` variables into trial
   runtime environments (which Ray's runtime-env agent logs) is switched off.
@@ -269,6 +284,7 @@ def render(tally: dict[str, Counter[str]], seconds: list[float], repeat: int, ex
             "replaced or a key added anywhere): every one ended in a valid spec or a `SpecError` with a message, never",
             f"a traceback or a hang (pytest: {summary}).",
             "",
+            saved_section(),
             MECHANISMS,
         ]
     )

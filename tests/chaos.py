@@ -393,7 +393,7 @@ class Soak:
 
     def _registered(self, prefix: str) -> dict[str, int]:
         """Each cell's newest epoch Ray Train has registered a checkpoint of (its last epoch once finished)."""
-        found = {}
+        found: dict[str, int] = {}
         for key in self.bucket.keys(f"{prefix}/cells/"):
             cell = key.split("/")[2]
             if key.endswith("/checkpoint_manager_snapshot.json"):

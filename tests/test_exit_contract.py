@@ -111,3 +111,32 @@ def test_an_outage_is_ridden_out_and_said_once_a_minute_not_every_retry(
     monkeypatch.setenv(workloads.fs.OUTAGE_TOLERANCE_ENV, "0.3")  # beyond the tolerance the error propagates
     with pytest.raises(ConnectionError):
         workloads.fs.with_retries(lambda: (_ for _ in ()).throw(ConnectionError("down")), "read y")
+
+
+def test_an_outage_sets_the_storage_gauge_while_it_lasts_and_zero_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard's "Storage unreachable" panel charts this gauge. Ray's metrics agent is not started here: a
+    stand-in gauge records what `with_retries` sets, in a process that says Ray is initialized."""
+    import sys
+    from types import SimpleNamespace
+
+    import workloads.fs
+
+    values: list[float] = []
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
+    monkeypatch.setattr(workloads.fs, "_gauge", [SimpleNamespace(set=values.append)])
+    monkeypatch.setattr(workloads.fs.random, "uniform", lambda low, high: 0.05)
+    monkeypatch.setenv(workloads.fs.OUTAGE_TOLERANCE_ENV, "30")
+    outage_ends = time.monotonic() + 0.5
+
+    def read() -> str:
+        if time.monotonic() < outage_ends:
+            raise ConnectionError("store down")
+        return "data"
+
+    assert workloads.fs.with_retries(read, "read x") == "data"
+    assert len(values) >= 3 and values[-1] == 0.0, values
+    rising = values[:-1]
+    assert rising == sorted(rising) and 0.3 <= rising[-1] < 5, values
+    values.clear()
+    assert workloads.fs.with_retries(lambda: "data", "read y") == "data"
+    assert values == []  # no outage, no gauge traffic

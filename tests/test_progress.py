@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from ray import exceptions
+from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from orchestrator.grid import Cell, expand
 from orchestrator.progress import SweepProgress
@@ -116,6 +117,12 @@ def _chained(outer: BaseException, inner: BaseException) -> BaseException:
         (exceptions.WorkerCrashedError(), True),
         (_chained(RuntimeError("Training failed"), exceptions.ActorDiedError()), True),
         (RuntimeError("Training failed: FloatingPointError: loss is nan"), False),
+        # Storage unreachable past the outage tolerance: the infrastructure's fault, not the cell's.
+        (_chained(RuntimeError("Training failed"), ConnectionRefusedError()), True),
+        (WorkerGroupError("worker 1 failed", {1: ConnectionResetError()}), True),
+        (WorkerGroupError("worker 0 failed", {0: FloatingPointError("loss is nan")}), False),
+        (ControllerError(exceptions.NodeDiedError("node gone")), True),
+        (FileNotFoundError("no such checkpoint"), False),
         (ValueError("bad config"), False),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -147,6 +148,7 @@ def with_retries(operation: Callable[[], T], what: str, deadline_s: float | None
             waited = time.monotonic() - started
             if not is_transient(err) or waited + delay > deadline_s:
                 raise
+            _publish_unreachable(waited)
             if said_at is None or time.monotonic() - said_at >= RETRY_LOG_INTERVAL_S:
                 print(
                     f"storage: unreachable for {waited:.0f} s ({what}: {type(err).__name__}); retrying for up to "
@@ -158,8 +160,34 @@ def with_retries(operation: Callable[[], T], what: str, deadline_s: float | None
             delay = min(delay * 2, 8.0)
             continue
         if said_at is not None:
+            _publish_unreachable(0.0)
             print(f"storage: reachable again after {time.monotonic() - started:.0f} s ({what})", flush=True)
         return result
+
+
+_gauge: list[Any] = []  # the process's storage gauge, made at its first outage
+
+
+def _publish_unreachable(seconds: float) -> None:
+    """Set this process's `sweep_storage_unreachable_seconds` gauge (the dashboard's "Storage unreachable" panel):
+    how long its current storage operation has been failing, 0 once it succeeds. Only inside a Ray process; a
+    metrics failure never gets in the way of the retry."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        if not _gauge:
+            from ray.util.metrics import Gauge
+
+            _gauge.append(
+                Gauge(
+                    "sweep_storage_unreachable_seconds",
+                    "How long a process of the sweep has been unable to reach its storage (0: reachable)",
+                )
+            )
+        _gauge[0].set(seconds)
+    except Exception:  # noqa: BLE001 - the gauge is an aid; the outage handling must go on without it
+        return
 
 
 def process_exists(pid: int) -> bool:
