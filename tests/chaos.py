@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -270,13 +271,13 @@ class Soak:
         cluster = self._new_cluster()
         hosts = iter(f"soak-driver-{n}" for n in range(1, 100))
 
-        def start_driver() -> subprocess.Popen[bytes]:
+        def start_driver(cluster: LocalCluster) -> subprocess.Popen[bytes]:
             log = self.workdir / f"{name}-driver-{len(logs) + 1}.log"
             logs.append(log)
             # Every resubmission comes from another host, as KubeRay's does from a new head pod.
             return cluster.driver([str(self.spec), "--storage", storage], log, host=next(hosts))
 
-        driver = start_driver()
+        driver = start_driver(cluster)
         pending = sorted(incidents, key=lambda i: i.after_epochs)
         registered: dict[str, int] = {}
         registered_at: dict[str, float] = {}
@@ -363,7 +364,7 @@ class Soak:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
             incident.note = "driver SIGKILLed; resubmitted as another host within the lease's TTL"
-            driver = start_driver()
+            driver = start_driver(cluster)
         elif incident.kind == "node":
             victim = sorted(_nodes_training(cluster))[0]
             killed = cluster.kill(victim)
@@ -382,7 +383,7 @@ class Soak:
             driver.wait()
             cluster = self._new_cluster()
             incident.note = "every process of the cluster and the driver SIGKILLed; a new cluster on the same storage"
-            driver = start_driver()
+            driver = start_driver(cluster)
         return driver, cluster, replacement
 
     def _cells(self, prefix: str) -> set[str]:
@@ -490,6 +491,7 @@ def run_soak(
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's line per request would bury the soak's own
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

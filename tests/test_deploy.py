@@ -1431,13 +1431,20 @@ def test_grafana_dashboard_parses_and_charts_exported_metrics() -> None:
     dashboard = json.loads(deploy.GRAFANA_DASHBOARD.read_text())
     assert check_grafana_dashboard() == []
     titles = [panel["title"] for panel in dashboard["panels"] if panel["type"] != "row"]
-    assert {"Cells by state", "Epoch per cell", "Images/s per cell", "Robust accuracy per cell"} <= set(titles)
+    assert {
+        "Cells by state",
+        "Epoch per cell",
+        "Images/s per cell",
+        "Robust accuracy per cell",
+        "Storage unreachable",
+    } <= set(titles)
     exported = deploy.exported_metrics()
     assert exported["sweep"] == {
         "ray_sweep_cells",
         "ray_sweep_cell_epoch",
         "ray_sweep_cell_images_per_second",
         "ray_sweep_cell_robust_accuracy",
+        "ray_sweep_storage_unreachable_seconds",  # workloads.fs, set while a storage call retries
     }
     used = {name for _, expr in deploy.dashboard_queries(dashboard) for name in deploy.promql_metrics(expr)}
     assert used & exported["ray"], "Ray's own metrics are charted next to the sweep's"
