@@ -46,21 +46,31 @@ augmenting them (workloads/augment.py, the paper's pipeline) costs CPU at DECODE
 for its training loop (workloads.data.decode_processes uses a worker's CPUs less one); GPU specs whose
 resources.cpus_per_worker is below that get a warning, and `input_cpus_per_worker` sizes a deployment.
 
+Dataset size. train_images and image_size are read from the dataset when that is cheap and local: a built-in
+dataset's counts are known (workloads.builtin_data), a local or file:// dataset's from its meta.json
+(workloads.data). An s3:// dataset is not read (a plan needs no network), nor one not converted yet: the spec's
+`planning` numbers stand in, and the plan says which it did.
+
 No torch, no ray.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
+
+import fsspec
 
 from orchestrator.grid import Cell, describe_axes
 from orchestrator.packing import DEFAULT_POLICY, Policy, exclusion_bound, simulate
 from orchestrator.spec import AXES, Planning, Spec, SpecError
+from workloads import builtin_data
 from workloads.config import RESNET_STAGES, TrainConfig
 
 # Paper calibration point (Section 3): ResNet-152, PGD-30, 110 epochs of ImageNet, 128 GPUs, ~52 hours.
@@ -170,6 +180,84 @@ def estimate_device_hours(config: TrainConfig, planning: Planning | None = None)
 
 
 @dataclass(frozen=True)
+class DatasetSizes:
+    """The dataset numbers the cost model uses, and where they come from (the plan prints it)."""
+
+    train_images: int
+    image_size: int
+    read: bool  # counted from the dataset; False: the spec's planning numbers, a guess
+    source: str  # what was read, or why the spec's numbers stand in
+    warnings: tuple[str, ...] = ()
+
+
+# The dataset format's metadata file (workloads.data.META_FILE; that module imports torch, a plan does not).
+META_FILE = "meta.json"
+
+
+@lru_cache(maxsize=16)
+def _read_meta(path: str, mtime_ns: int, size: int) -> Mapping[str, Any]:
+    """meta.json at local `path`, parsed once per version of the file (the replication rounds plan often)."""
+    meta = json.loads(Path(path).read_bytes())
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    return meta
+
+
+def _meta_sizes(meta: Mapping[str, Any]) -> tuple[dict[str, int], int]:
+    """Images per split and the side the reader yields (image_shape [C, H, W]) from a dataset's meta.json."""
+    splits = {str(name): int(split["num_images"]) for name, split in meta["splits"].items()}
+    side = int(meta["image_shape"][1])
+    if side < 1 or any(n < 1 for n in splits.values()):
+        raise ValueError("image sizes and split counts must be positive")
+    return splits, side
+
+
+def dataset_sizes(spec: Spec) -> DatasetSizes:
+    """train_images (of the spec's train split) and image_size (data.augment.size, else the stored side) of the
+    spec's dataset when it can be counted without the network; otherwise the spec's planning numbers."""
+    data, planning = spec.workload.data, spec.planning
+
+    def guessed(why: str) -> DatasetSizes:
+        return DatasetSizes(
+            planning.train_images,
+            planning.image_size,
+            read=False,
+            source=f"guessed from the spec's planning section: {why}",
+        )
+
+    if builtin_data.is_builtin(data.url):
+        dataset = builtin_data.lookup(data.url)
+        splits, side = dict(dataset.split_images), dataset.image_size
+        where = f"known: {data.url} converts to fixed splits (workloads.builtin_data)"
+    elif fsspec.utils.get_protocol(data.url) in ("file", "local"):
+        from workloads.fs import open_fs
+
+        path = f"{open_fs(data.url)[1].rstrip('/')}/{META_FILE}"
+        try:
+            stat = os.stat(path)
+            splits, side = _meta_sizes(_read_meta(path, stat.st_mtime_ns, stat.st_size))
+        except FileNotFoundError:
+            return guessed(f"no {META_FILE} at {data.url} (not converted yet?)")
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            return guessed(f"{path} is unreadable ({type(err).__name__})")
+        where = f"read from {path}"
+    else:
+        return guessed(f"{data.url} is not read for a plan (remote storage)")
+    if data.train_split not in splits:
+        return guessed(f"{data.url} has no split {data.train_split!r}")
+    train_images, image_size = splits[data.train_split], data.augment.size or side
+    # A spec that states other numbers was written for another dataset, or before this one was converted.
+    stated = {"train_images": train_images, "image_size": image_size}
+    differ = tuple(
+        f"planning.{field} is {getattr(planning, field):,} but the dataset's is {value:,} ({where}); "
+        "the plan uses the dataset's"
+        for field, value in stated.items()
+        if field in planning.model_fields_set and getattr(planning, field) != value
+    )
+    return DatasetSizes(train_images, image_size, read=True, source=where, warnings=differ)
+
+
+@dataclass(frozen=True)
 class CellPlan:
     cell_id: str
     axes: dict[str, Any]
@@ -210,6 +298,7 @@ class Plan:
     lower_bound_hours: float
     planning: Planning
     warnings: tuple[str, ...] = ()
+    dataset: DatasetSizes | None = None  # where planning's train_images and image_size came from
 
     @property
     def total_gpu_hours(self) -> float:
@@ -268,14 +357,18 @@ def make_plan(
     cluster_cpus: int | None = None,
     planning: Planning | None = None,
     policy: Policy = DEFAULT_POLICY,
+    dataset: DatasetSizes | None = None,
 ) -> Plan:
     """Cost, makespan and feasibility of `cells` on `cluster_gpus` GPUs in nodes of `gpus_per_node`.
 
     CPU cells (gpus == 0) are planned on `cluster_cpus` (default: this machine's CPU count) in worker slots.
     `policy` is the admission policy the makespan simulates (`orchestrator.packing`; the default is the driver's).
+    `dataset`, when given, replaces planning's train_images and image_size (`dataset_sizes`).
     Raises SpecError, naming the cell's axes and the numbers, if a cell can never be placed.
     """
     planning = planning or Planning()
+    if dataset is not None:
+        planning = planning.model_copy(update={"train_images": dataset.train_images, "image_size": dataset.image_size})
     device: Literal["GPU", "CPU"] = "GPU" if any(cell.gpus for cell in cells) else "CPU"
     if device == "GPU":
         capacity = cluster_gpus
@@ -325,7 +418,10 @@ def make_plan(
         makespan_hours=max((p.end_hours for p in plans), default=0.0) + planning.sweep_overhead_s / 3600,
         lower_bound_hours=max(total / capacity if capacity else 0.0, longest) + planning.sweep_overhead_s / 3600,
         planning=planning,
-        warnings=(_input_warnings(plans) if device == "GPU" else ()) + _reach_warnings(cells),
+        warnings=(dataset.warnings if dataset else ())
+        + (_input_warnings(plans) if device == "GPU" else ())
+        + _reach_warnings(cells),
+        dataset=dataset,
     )
 
 
@@ -373,7 +469,14 @@ def plan_spec(spec: Spec, cells: Sequence[Cell] | None = None) -> Plan:
 
         cells = expand(spec)
     r = spec.resources
-    return make_plan(cells, r.cluster_gpus, r.gpus_per_node, cluster_cpus=r.cluster_cpus, planning=spec.planning)
+    return make_plan(
+        cells,
+        r.cluster_gpus,
+        r.gpus_per_node,
+        cluster_cpus=r.cluster_cpus,
+        planning=spec.planning,
+        dataset=dataset_sizes(spec),
+    )
 
 
 def _hours(value: float) -> str:
@@ -444,6 +547,8 @@ def format_plan(plan: Plan) -> str:
         f"{plan.planning.train_images:,} train images at {plan.planning.image_size} px, "
         f"relative speed {plan.planning.relative_speed:g}"
     )
+    if plan.dataset is not None:
+        out.append(f"dataset size: {plan.dataset.source}")
     if plan.device == "GPU":  # a CPU worker's own training is far slower than its decoding: nothing to size
         out.append(
             f"input: {DECODE_IMAGES_PER_CORE_SECOND:g} images per CPU core per second (decode + the paper's "
@@ -467,6 +572,8 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         "makespan_hours": plan.makespan_hours,
         "lower_bound_hours": plan.lower_bound_hours,
         "planning": plan.planning.model_dump(mode="json"),
+        # Whether planning's train_images and image_size were read from the dataset or are the spec's guess.
+        "dataset": None if plan.dataset is None else {"read": plan.dataset.read, "source": plan.dataset.source},
         "decode_images_per_core_second": DECODE_IMAGES_PER_CORE_SECOND,
         # Sized for GPU workers only, as the table shows: a CPU worker trains far slower than it decodes.
         "input_cpus_per_worker": input_cpus_per_worker(plan.cells) if plan.device == "GPU" else None,

@@ -152,6 +152,17 @@ def test_unknown_key(tmp_path: Path, override: dict[str, Any], needles: list[str
     assert_invalid(sweep(write_spec(tmp_path, merged(BASE, override)), "--plan"), *needles)
 
 
+@pytest.mark.parametrize("plan", [True, False], ids=["plan", "run"])
+def test_unknown_builtin_dataset(tmp_path: Path, plan: bool) -> None:
+    """A typo in builtin://NAME is refused at validation, in one line naming the registered datasets, before
+    Ray starts (without --plan too)."""
+    path = write_spec(tmp_path, merged(BASE, {"workload": {"data": {"url": "builtin://typo"}}}))
+    run = sweep(path, *(["--plan"] if plan else []))
+    assert_invalid(run, "workload.data.url: unknown built-in dataset 'builtin://typo' (known: builtin://digits)")
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert LOCAL_RAY_BANNER not in run.output
+
+
 @pytest.mark.parametrize(
     ("override", "needles"),
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +13,6 @@ import torch
 
 from workloads import data
 from workloads.data import (
-    ShardedStream,
     batches_per_epoch,
     digits_to_parquet,
     iter_batches,
@@ -197,16 +197,14 @@ def test_shuffle_buffer_mixes_within_a_rank(tmp_path: Path) -> None:
     assert len(firsts) > 3
 
 
-def test_sharded_stream_and_early_stop(tmp_path: Path) -> None:
+def test_epochs_differ_and_an_abandoned_epoch_stops(tmp_path: Path) -> None:
     info = _write_indexed(str(tmp_path / "ds"), 50, shard_size=8)
-    stream = ShardedStream(str(tmp_path / "ds"), "train", batch_size=4, rank=1, world_size=2, shuffle_buffer=8)
-    assert len(stream) == 6 == batches_per_epoch(info, "train", 2, 4)
-    epoch0 = [_ids(x) for x, _ in stream]
-    stream.set_epoch(1)
-    epoch1 = [_ids(x) for x, _ in stream]
-    assert len(epoch0) == len(epoch1) == 6 and epoch0 != epoch1
+    kwargs: dict[str, Any] = {"batch_size": 4, "rank": 1, "world_size": 2, "shuffle_buffer": 8}
+    epoch0 = [_ids(x) for x, _ in iter_batches(info, "train", epoch=0, **kwargs)]
+    epoch1 = [_ids(x) for x, _ in iter_batches(info, "train", epoch=1, **kwargs)]
+    assert len(epoch0) == len(epoch1) == 6 == batches_per_epoch(info, "train", 2, 4) and epoch0 != epoch1
     # Abandoning an epoch part-way must not hang on the read-ahead thread.
-    batches = iter(stream)
+    batches = iter_batches(info, "train", **kwargs)
     next(batches)
     batches.close()  # type: ignore[attr-defined]
 

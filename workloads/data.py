@@ -55,14 +55,13 @@ import pyarrow.parquet as pq
 import torch
 
 from workloads import augment as aug
-from workloads import slots
+from workloads import builtin_data, slots
 from workloads.augment import AugmentConfig
 from workloads.fs import open_fs, with_retries, write_atomic
 
 __all__ = [
     "DatasetInfo",
     "ShardInfo",
-    "ShardedStream",
     "SplitInfo",
     "batches_per_epoch",
     "decode_processes",
@@ -150,9 +149,12 @@ class DatasetInfo:
 
 
 def _missing_dataset_message(url: str) -> str:
+    bundled = "".join(
+        f"`python -m workloads.data {name} {url}` ({dataset.description}, no download), "
+        for name, dataset in builtin_data.DATASETS.items()
+    )
     return (
-        f"no dataset at {url}: {url.rstrip('/')}/{META_FILE} does not exist. Create one with "
-        f"`python -m workloads.data digits {url}` (scikit-learn's bundled digits, no download), "
+        f"no dataset at {url}: {url.rstrip('/')}/{META_FILE} does not exist. Create one with {bundled}"
         f"`python -m workloads.data folder SRC_DIR {url} --image-size 224` (an ImageNet-style tree) or "
         f"`python -m workloads.data synthetic {url} --num-images N`"
     )
@@ -1138,55 +1140,6 @@ def _augmented_batches(
             lent.close()
 
 
-class ShardedStream:
-    """:func:`iter_batches` as a re-iterable object with ``len()`` and ``set_epoch()``, like a DataLoader."""
-
-    def __init__(
-        self,
-        source: str | DatasetInfo,
-        split: str,
-        *,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle_buffer: int = 0,
-        prefetch: int = 2,
-        augment: AugmentConfig | None = None,
-    ) -> None:
-        self.info = _as_info(source)
-        self.split = split
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.prefetch = prefetch
-        self.augment = augment
-        self.epoch = 0
-        self.info.split(split)  # fail at construction on an unknown split
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.info, self.split, self.world_size, self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        return iter_batches(
-            self.info,
-            self.split,
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            epoch=self.epoch,
-            seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer,
-            prefetch=self.prefetch,
-            augment=self.augment,
-        )
-
-
 def load_split(
     source: str | DatasetInfo, split: str, limit: int | None = None, augment: AugmentConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1274,10 +1227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write a sharded Parquet dataset to a local path or s3:// URL.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    digits = sub.add_parser("digits", help="scikit-learn's bundled handwritten digits (no download)")
-    digits.add_argument("url")
-    digits.add_argument("--image-size", type=_positive, default=32)
-    digits.add_argument("--shard-size", type=_positive, default=256)
+    # One subcommand per built-in dataset, from the registry the sweep's builtin:// URLs are checked against.
+    for name, dataset in builtin_data.DATASETS.items():
+        bundled = sub.add_parser(name, help=f"{dataset.description} (no download; builtin://{name} in a spec)")
+        bundled.add_argument("url")
+        bundled.add_argument("--image-size", type=_positive, default=dataset.image_size)
+        bundled.add_argument("--shard-size", type=_positive, default=dataset.shard_size)
     folder = sub.add_parser(
         "folder",
         help="an ImageNet-style tree SRC/<split>/<class>/<image> as encoded images (re-run to finish a stopped job)",
@@ -1302,8 +1257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        if args.command == "digits":
-            info = digits_to_parquet(args.url, args.image_size, args.shard_size)
+        if args.command in builtin_data.DATASETS:
+            info = builtin_data.convert(args.command, args.url, args.image_size, args.shard_size)
         elif args.command == "folder":
             info = folder_to_parquet(
                 args.src,
