@@ -44,7 +44,8 @@ OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
 OPERATIONAL_SUBFIELDS: dict[str, frozenset[str]] = {"performance": frozenset({"compile", "graph_attack"})}
 # Fields (dotted paths) that enter the id only when set away from their defaults: they came after the first ids.
 # A new config field goes here, or every existing cell would get a new id and lose its checkpoints and results.
-LATE_FIELDS: tuple[str, ...] = ("performance", "data.augment")
+# The eval options' defaults (a separate attack per N, one random start) evaluate as before they existed.
+LATE_FIELDS: tuple[str, ...] = ("performance", "data.augment", "eval.trajectory", "eval.restarts")
 # Late fields whose defaults train differently from the code before them: the public pipeline's recipe
 # (workloads.config cites each one's source). Each test says whether a config trains exactly as before the field
 # existed (the field at its earlier behaviour, or without effect); there the field stays out of the id.

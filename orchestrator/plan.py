@@ -17,7 +17,9 @@ Work of a cell, in multiply-accumulates (MACs):
                                            adversarial image costs 2N + 3 and a kept clean one 3:
                                            2N + 3 + 3 x clean_ratio   (standard training: 3)
   x train_images x epochs
-  + eval: eval.subset x (1 clean forward + sum over eval PGD-N of (2N + 1)), x 2 for MBN (both branches)
+  + eval: eval.subset x (1 clean forward + sum over eval PGD-N of (2N + 1)), x 2 for MBN (both branches);
+          with eval.trajectory one attack serves every N: 2 max(N) + one forward per N instead of the sum;
+          the attacks (not the clean forward) x eval.restarts
 
 GPU-hours = work x (6656 GPU-h / work of the paper's cell) / planning.relative_speed, plus the cell's start-up
 (planning.cell_overhead_s) on each of its GPUs. A cell's wall time is its GPU-hours over its GPUs (perfect
@@ -150,9 +152,13 @@ def train_forwards_per_image(config: TrainConfig) -> float:
 
 
 def eval_forwards_per_image(config: TrainConfig) -> float:
-    """Forward-equivalents per eval image: a clean forward plus (2N + 1) per eval PGD-N; MBN evaluates both
+    """Forward-equivalents per eval image: a clean forward plus (2N + 1) per eval PGD-N, or with eval.trajectory
+    2 max(N) for the one attack plus a forward per N; the attacks once per eval.restarts; MBN evaluates both
     branches (Table 1: MBN_adv and MBN_clean)."""
-    per_branch = EVAL_FORWARDS + sum(PGD_ITER_FORWARDS * n + EVAL_FORWARDS for n in config.eval.pgd_steps)
+    steps = config.eval.pgd_steps
+    attacked = max(steps, default=0) if config.eval.trajectory else sum(steps)
+    attacks = PGD_ITER_FORWARDS * attacked + EVAL_FORWARDS * len(steps)
+    per_branch = EVAL_FORWARDS + attacks * config.eval.restarts
     return per_branch * (2 if config.model.norm == "mbn" else 1)
 
 

@@ -433,7 +433,10 @@ def _summary_lines(data: SweepData, failed_rows: list[dict[str, Any]]) -> list[s
             f"{w.recipe.epochs} epochs, batch {w.recipe.batch_size}, training PGD-{w.attack.steps} "
             f"(eps {w.attack.eps:g}), evaluation on {w.eval.subset} images with "
             f"{'targeted' if w.eval.targeted else 'untargeted'} PGD-{{{', '.join(map(str, w.eval.pgd_steps))}}} "
-            f"(eps {w.eval.eps:g}, step {w.eval.step_size:g}).",
+            f"(eps {w.eval.eps:g}, step {w.eval.step_size:g}"
+            + (f", worst of {w.eval.restarts} random starts" if w.eval.restarts > 1 else "")
+            + (", one attack read at every N" if w.eval.trajectory else "")
+            + ").",
             "",
         ]
     train_hours = sum(float(r.get("train_seconds") or 0.0) for r in _one_row_per_cell(data.rows)) / 3600

@@ -13,6 +13,7 @@ from orchestrator.packing import LARGEST_FIRST, simulate
 from orchestrator.plan import (
     PAPER_GPU_HOURS,
     estimate_device_hours,
+    eval_forwards_per_image,
     format_plan,
     make_plan,
     plan_spec,
@@ -127,6 +128,22 @@ def test_mbn_evaluates_both_branches_and_norm_is_otherwise_cost_neutral() -> Non
     eval_forwards = 1000 * (1 + sum(2 * n + 1 for n in (10, 20, 100, 500, 2000)))
     train_forwards = 1_281_167 * 110 * 63
     assert (mbn - bn) / bn == pytest.approx(eval_forwards / (train_forwards + eval_forwards), rel=0.01)
+
+
+def test_one_trajectory_costs_its_longest_attack_and_restarts_repeat_the_attacks() -> None:
+    (cell,) = expand(paper_spec())
+    separate = eval_forwards_per_image(cell.config)
+    assert separate == 1 + sum(2 * n + 1 for n in (10, 20, 100, 500, 2000))
+
+    def evaluated(**options: Any) -> float:
+        return eval_forwards_per_image(
+            cell.config.model_copy(update={"eval": cell.config.eval.model_copy(update=options)})
+        )
+
+    # One PGD-2000 attack read after each of the 5 N, instead of 2630 steps over 5 attacks.
+    assert evaluated(trajectory=True) == 1 + 2 * 2000 + 5
+    assert evaluated(restarts=3) == 1 + 3 * (separate - 1)  # the clean forward once
+    assert evaluated(trajectory=True, restarts=2) == 1 + 2 * (2 * 2000 + 5)
 
 
 def test_cost_scales_with_epochs_images_and_speed() -> None:

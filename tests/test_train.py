@@ -509,9 +509,10 @@ def test_random_starts_come_from_a_specified_seed_sequence_not_pythons_hash(
     assert len(seeds) == 18  # trailing zeros included: (0, 0, 0) and (0, 0, 1) differ
     asked: list[tuple[int, int, int]] = []
 
-    def spy(eval_seed: int, steps: int, batch: int) -> int:
+    def spy(eval_seed: int, steps: int, batch: int, restart: int = 0) -> int:
+        assert restart == 0  # one random start (eval.restarts 1)
         asked.append((eval_seed, steps, batch))
-        return random_start_seed(eval_seed, steps, batch)
+        return random_start_seed(eval_seed, steps, batch, restart)
 
     monkeypatch.setattr(evaluation, "random_start_seed", spy)
     torch.manual_seed(0)

@@ -182,11 +182,20 @@ class EvalConfig(_Strict):
     pgd_steps: tuple[int, ...] = (10, 20, 100, 500, 2000)
     eps: float = Field(16.0, gt=0, le=255)
     step_size: float = Field(1.0, gt=0, le=255)
+    # False: untargeted PGD (maximise the loss on the label), a sanity check beside the paper's targeted attack.
     targeted: bool = True
     # Fixed subset of the eval split (first n images), fixed seed: every cell is attacked identically.
     subset: int = Field(1000, ge=1)
     batch_size: int = Field(100, ge=1)
     seed: int = 0
+    # True: one attack per eval batch, run to the largest N, read at every N. PGD-k from the same random start is the
+    # first k steps of PGD-K (K > k), so the curve costs its longest attack alone (max N steps, not the sum over N).
+    # Each N is then still PGD-N from a random start, but every N shares that start. False: a separate attack per N
+    # from a start of its own (the evaluation before this option).
+    trajectory: bool = False
+    # Random starts per image: it counts as robust at N only if it survives all of them (the worst case over
+    # restarts, the usual robustness evaluation; Section 3 uses one). The first start is the one-start evaluation's.
+    restarts: int = Field(1, ge=1, le=100)
 
     @field_validator("pgd_steps")
     @classmethod

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -10,9 +11,9 @@ import torch.distributed as dist
 from torch import nn
 
 from workloads import data
-from workloads.attacks import pgd, random_targets
+from workloads.attacks import pgd, pgd_curve, random_targets
 from workloads.bn_fold import FoldedForAttack
-from workloads.config import TrainConfig
+from workloads.config import EvalConfig, TrainConfig
 from workloads.execution import all_reduce, ieee_fp32
 from workloads.models import ResNet
 from workloads.sessions import Session
@@ -33,13 +34,26 @@ def _use_rank0_buffers(network: nn.Module) -> None:
 # Leads the seed sequence of every evaluation start: numpy's SeedSequence treats trailing zeros as absent, so the
 # varying parts must come after a non-zero tag (and the tag keeps these streams apart from workloads.data's).
 _RANDOM_START = 101
+# The same for the starts of eval.trajectory, which no N owns.
+_TRAJECTORY_START = 102
 
 
-def random_start_seed(eval_seed: int, steps: int, batch: int) -> int:
+def random_start_seed(eval_seed: int, steps: int, batch: int, restart: int = 0) -> int:
     """The seed of eval batch `batch`'s random start under PGD-`steps`: numpy's SeedSequence, which is specified
     (unlike Python's `hash` of a tuple, which changed between Python versions), so every cell, on any machine and
-    any Python, is attacked from the same starts."""
-    return int(np.random.SeedSequence([_RANDOM_START, eval_seed, steps, batch]).generate_state(1, np.uint64)[0])
+    any Python, is attacked from the same starts. `restart` r > 0 seeds the (r+1)-th start of eval.restarts; the
+    first is the one-start evaluation's, so adding restarts only adds attacks."""
+    words = [_RANDOM_START, eval_seed, steps, batch, *([restart] if restart else [])]  # r = 0: the seed as before
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
+
+
+def trajectory_start_seed(eval_seed: int, batch: int, restart: int = 0) -> int:
+    """The seed of eval batch `batch`'s random start under eval.trajectory, whose one attack serves every N.
+
+    It depends on no N, so PGD-N's accuracy still does not depend on which other N are evaluated (the curve's
+    longest attack only decides how far the trajectory runs)."""
+    words = [_TRAJECTORY_START, eval_seed, batch, restart]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
 def evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: int) -> dict[str, dict[str, float]]:
@@ -49,9 +63,13 @@ def evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: i
     subset is the first `eval.subset` images of the eval split, each image's target class is drawn once from
     eval.seed, and the random start of eval batch b under PGD-N comes from a generator seeded by
     `random_start_seed(seed, N, b)`.
-    Ranks take whole eval batches round-robin and sum their counts. Each N is a separate attack from a random
-    start (never resumed from a weaker one). MBN models are evaluated once per branch (Table 1: MBN_adv and
-    MBN_clean).
+    Ranks take whole eval batches round-robin and sum their counts. By default each N is a separate attack from a
+    random start of its own (never resumed from a weaker one). With eval.trajectory one attack per batch, from the
+    start `trajectory_start_seed(seed, b)`, runs to the largest N and is read after every N: PGD-k is the first k
+    steps of PGD-K from the same start, so the curve costs max N attack steps instead of their sum. With
+    eval.restarts R > 1, an image counts as robust at N only if it survives all R starts (restart r seeded with r
+    as the last argument of the seed functions). eval.targeted false: untargeted PGD on the label.
+    MBN models are evaluated once per branch (Table 1: MBN_adv and MBN_clean).
 
     Always in IEEE fp32, whatever the cell trained in: a low-precision attack can be weaker, so a bf16 evaluation
     could flatter a bf16-trained model; one fp32 evaluation keeps every cell comparable. The paper's pipeline did
@@ -83,22 +101,14 @@ def _evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: 
             counts[-1] += len(y)
             with torch.no_grad():
                 counts[0] += float((network(x).argmax(1) == y).sum())
-            for i, steps in enumerate(cfg.eval.pgd_steps, start=1):
-                start = torch.Generator().manual_seed(random_start_seed(cfg.eval.seed, steps, b))
-                adv = pgd(
-                    folded.current(),
-                    x,
-                    y,
-                    num_classes=num_classes,
-                    steps=steps,
-                    eps=cfg.eval.eps,
-                    step_size=cfg.eval.step_size,
-                    targeted=cfg.eval.targeted,
-                    targets=t,
-                    generator=start,
-                )
-                with torch.no_grad():
-                    counts[i] += float((network(adv).argmax(1) == y).sum())
+            survived = torch.ones(len(cfg.eval.pgd_steps), len(y), dtype=torch.bool, device=y.device)
+            for restart in range(cfg.eval.restarts):
+                attacks = _attacks(cfg.eval, folded.current(), x, y, t, num_classes, batch=b, restart=restart)
+                for i, adv in enumerate(attacks):
+                    with torch.no_grad():
+                        survived[i] &= network(adv).argmax(1) == y  # worst case over the restarts
+            for i, robust in enumerate(survived, start=1):
+                counts[i] += float(robust.sum())
         totals = all_reduce(counts, session.device)
         seen = max(totals[-1], 1.0)
         name = "main" if branch is None else f"mbn_{branch}"
@@ -108,6 +118,36 @@ def _evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: 
     if network.has_mbn:
         network.set_mbn_branch("adv")
     return results
+
+
+def _attacks(
+    cfg: EvalConfig,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    *,
+    batch: int,
+    restart: int,
+) -> Iterator[torch.Tensor]:
+    """One eval batch's adversarial images under PGD-N for each N of cfg.pgd_steps in order, from its `restart`-th
+    random start: one trajectory read at every N (cfg.trajectory), or a separate attack per N, made as consumed."""
+    common: dict[str, Any] = {
+        "num_classes": num_classes,
+        "eps": cfg.eps,
+        "step_size": cfg.step_size,
+        "targeted": cfg.targeted,
+        "targets": targets,
+    }
+    if cfg.trajectory:
+        start = torch.Generator().manual_seed(trajectory_start_seed(cfg.seed, batch, restart))
+        curve = pgd_curve(model, x, y, record_at=cfg.pgd_steps, generator=start, **common)
+        yield from (curve[steps] for steps in cfg.pgd_steps)
+        return
+    for steps in cfg.pgd_steps:
+        start = torch.Generator().manual_seed(random_start_seed(cfg.seed, steps, batch, restart))
+        yield pgd(model, x, y, steps=steps, generator=start, **common)
 
 
 def eval_metrics(cfg: TrainConfig, network: ResNet, session: Session, num_classes: int) -> dict[str, float]:
