@@ -16,6 +16,8 @@ What the report holds, as far as the grid supports it (a factor needs >= 2 value
 - figures: accuracy vs PGD iterations (Figures 2 and 3), accuracy vs depth (Figure 7), clean vs robust accuracy,
   training curves per seed with the learning rate (`history.parquet`, plus `cells/*/history.json` of cells it does
   not cover yet);
+- the two domains: the domain gap per setting, MBN_clean vs MBN_adv running statistics (Figure 5) and a BN
+  network's batch vs running statistics (Figure 6), where the cells recorded them (`domain_gap`, `bn_statistics`);
 - what is missing or failed (cells of spec.yaml's grid without a result), and what the grid lacks.
 
 Where the workload is the paper's (Section 3: ImageNet-style data, ResNet stem for 224 px, width 1, 110 epochs,
@@ -39,7 +41,13 @@ import pyarrow.parquet as pq
 from orchestrator import health
 from orchestrator.grid import expand
 from orchestrator.paper import PAPER, PAPER_PGD, SettingKey, paper_differences
-from orchestrator.report_figures import CURVES_FIGURE, figures_section, history_settings, training_curves_figure
+from orchestrator.report_figures import (
+    CURVES_FIGURE,
+    bn_statistics_section,
+    figures_section,
+    history_settings,
+    training_curves_figure,
+)
 from orchestrator.report_tables import (
     FACTORS,
     MIN_SEEDS,
@@ -281,6 +289,7 @@ def render_report(data: SweepData, paper: str = "auto") -> Report:
     figures: dict[str, bytes] = {}
     out += figures_section(setting_list, metrics, use_paper, defaults, figures, lacks)
     out += training_curves_section(data, figures, lacks, defaults)
+    out += bn_statistics_section(data.rows, defaults, figures, lacks)
     if len(metrics) == 1:
         lacks.append("robustness: no PGD-N accuracy is evaluated (workload.eval.pgd_steps is empty)")
     elif "acc_pgd_2000" not in metrics:

@@ -1,11 +1,13 @@
 """The report's figures (matplotlib's Agg canvas, no pyplot state: safe in any thread of the driver): accuracy
-against PGD iterations (Figures 2 and 3), against depth (Figure 7), clean against robust accuracy, and the
-training curves per seed with the learning rate.
+against PGD iterations (Figures 2 and 3), against depth (Figure 7), clean against robust accuracy, the training
+curves per seed with the learning rate, and the BN statistics of the two domains (Figures 5 and 6) with the
+domain gap per setting.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import textwrap
 from typing import Any
@@ -15,6 +17,8 @@ from orchestrator.report_tables import (
     Setting,
     adversarial,
     full_label,
+    markdown_table,
+    md,
     metric_header,
     setting_key,
     setting_label,
@@ -385,3 +389,208 @@ def figures_section(
         "",
         *figure_lines,
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two domains (Section 4.2, Figure 5), batch vs running statistics (Section 4.3, Figure 6), the domain gap: from each
+# cell's `bn_statistics` and `domain_gap` (workloads.bn_statistics), where the cells recorded them.
+
+MBN_FIGURE = "mbn_running_statistics.png"
+BN_FIGURE = "bn_batch_statistics.png"
+
+
+def cells_with_bn_statistics(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(row, figure data) of every finished cell that recorded BN statistics, one row per cell."""
+    found: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for row in rows:
+        text = row.get("bn_statistics")
+        if row.get("status") != "finished" or not isinstance(text, str) or row["cell_id"] in found:
+            continue
+        try:
+            summary = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(summary, dict) and summary.get("channels"):
+            found[row["cell_id"]] = (row, summary)
+    return [found[cell_id] for cell_id in sorted(found)]
+
+
+def _off_defaults(row: dict[str, Any], defaults: SettingKey | None) -> bool:
+    """Whether a cell lies outside the spec's default depth, batch size and training PGD-N."""
+    if defaults is None:
+        return False
+    key = setting_key(row, "main")
+    return (key.depth, key.batch_size, key.pgd_steps) != (defaults.depth, defaults.batch_size, defaults.pgd_steps)
+
+
+def figure5_cell(
+    cells: list[tuple[dict[str, Any], dict[str, Any]]], defaults: SettingKey | None
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The MBN cell Figure 5 shows: both branches trained (a gap was measured), preferably the paper's MBN setting
+    (100% adv + 100% clean, no BN*) at the spec's defaults, then the lowest seed."""
+    mbn = [
+        (r, s) for r, s in cells if {"adv", "clean"} <= set(s.get("running") or {}) and s.get("domain_gap") is not None
+    ]
+    if not mbn:
+        return None
+    return min(
+        mbn,
+        key=lambda c: (
+            _off_defaults(c[0], defaults),
+            str(c[0]["norm"]).endswith("*"),
+            abs(float(c[0]["clean_ratio"]) - 1.0),
+            c[0]["seed"],
+            c[0]["cell_id"],
+        ),
+    )
+
+
+def figure6_cell(
+    cells: list[tuple[dict[str, Any], dict[str, Any]]], defaults: SettingKey | None
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The BN cell Figure 6 shows: adversarially trained with the fewest clean images (the paper: 0%, where BN's
+    running statistics come from adversarial images alone), no BN*, at the spec's defaults, then the lowest seed."""
+    bn = [(r, s) for r, s in cells if s.get("batch") and "main" in (s.get("running") or {})]
+    if not bn:
+        return None
+    return min(
+        bn,
+        key=lambda c: (
+            c[0]["strategy"] == "standard",
+            float(c[0]["clean_ratio"]),
+            str(c[0]["norm"]).endswith("*"),
+            _off_defaults(c[0], defaults),
+            c[0]["seed"],
+            c[0]["cell_id"],
+        ),
+    )
+
+
+def _statistics_figure(
+    summary: dict[str, Any], series: list[tuple[str, dict[str, list[float]], Any, str, str]], title: str
+) -> bytes:
+    """Mean (top) and variance (bottom) on the sampled channels, one line per (label, values, colour, marker,
+    linestyle); the x axis names the channels."""
+    channels = [int(c) for c in summary["channels"]]
+    x = list(range(len(channels)))
+    fig = _figure(8.5, 6.0 + _legend_height(len(series)))
+    mean_ax, var_ax = fig.subplots(2, 1, sharex=True)
+    handles = []
+    for label, values, colour, marker, style in series:
+        mean_ax.plot(x, values["mean"], color=colour, marker=marker, linestyle=style, markersize=5)
+        var_ax.plot(x, values["var"], color=colour, marker=marker, linestyle=style, markersize=5)
+        handles.append(_proxy(label, color=colour, marker=marker, linestyle=style))
+    mean_ax.set_ylabel("mean")
+    var_ax.set_ylabel("variance")
+    var_ax.set_xticks(x, [str(c) for c in channels], fontsize=7)
+    var_ax.set_xlabel(f"channel of {summary['layer']} (sampled)")
+    for ax in (mean_ax, var_ax):
+        ax.grid(True, alpha=0.3)
+    _title(mean_ax, title)
+    _legend(fig, handles)
+    return _png(fig)
+
+
+def mbn_statistics_figure(row: dict[str, Any], summary: dict[str, Any], defaults: SettingKey | None) -> bytes:
+    """Figure 5: running mean and variance of MBN_clean and MBN_adv on the sampled channels of one res3 layer."""
+    running = summary["running"]
+    label = full_label(setting_key(row, "main"), defaults)
+    return _statistics_figure(
+        summary,
+        [
+            ("MBN_clean running statistics", running["clean"], "tab:blue", "o", "-"),
+            ("MBN_adv running statistics", running["adv"], "tab:red", "s", "-"),
+        ],
+        f"Figure 5: running statistics of MBN_clean and MBN_adv — {label}, seed {row['seed']}",
+    )
+
+
+def bn_statistics_figure(row: dict[str, Any], summary: dict[str, Any], defaults: SettingKey | None) -> bytes:
+    """Figure 6: batch mean and variance over clean and over adversarial images against the running statistics."""
+    batch, running = summary["batch"], summary["running"]["main"]
+    label = full_label(setting_key(row, "main"), defaults)
+    images = summary.get("images")
+    per = f" ({images} images each)" if images else ""
+    return _statistics_figure(
+        summary,
+        [
+            (f"batch statistics, clean images{per}", batch["clean"], "tab:blue", "o", "-"),
+            (f"batch statistics, adversarial images{per}", batch["adv"], "tab:red", "s", "-"),
+            ("running statistics", running, "0.2", "D", "--"),
+        ],
+        f"Figure 6: batch vs running statistics of BN — {label}, seed {row['seed']}",
+    )
+
+
+def _gap_text(values: list[float]) -> str:
+    s = stat(values)
+    if s is None:
+        return "—"
+    return f"{s.mean:.3g}" + (f" ± {s.std:.2g}" if s.std is not None else "")
+
+
+def bn_statistics_section(
+    rows: list[dict[str, Any]], defaults: SettingKey | None, figures: dict[str, bytes], lacks: list[str]
+) -> list[str]:
+    """The domain gap per setting, Figure 5 and Figure 6, from whatever the cells recorded; the PNGs go into
+    `figures`, what could not be shown into `lacks`. [] when no cell recorded BN statistics."""
+    cells = cells_with_bn_statistics(rows)
+    if not cells:
+        lacks.append(
+            "BN statistics (Figures 5 and 6, the domain gap): no finished cell recorded them (GN only, or cells "
+            "trained before they were measured)"
+        )
+        return []
+    out = [
+        "## Two domains: BN statistics (Figures 5 and 6)",
+        "",
+        "Section 4.2 argues that clean and adversarial images come from two domains that one BN cannot normalise "
+        "together; Section 4.3 that a BN network's batch statistics need not match its running statistics. Each "
+        "cell measured after training, on its first evaluation batch: for MBN the running statistics of MBN_clean "
+        "and MBN_adv; for BN the statistics of each BN layer's input over clean images and over the same images "
+        "attacked by the cell's training attack (eval mode). **Domain gap**: per channel the Bhattacharyya "
+        "distance between the two Gaussians (clean, adversarial) these statistics describe, 0 where they agree "
+        "and growing with a shift of the mean or a ratio of the variances; averaged over channels, then over all "
+        "BN layers. MBN gaps (running statistics) and BN gaps (one batch each) measure different statistics: "
+        "compare them within a normalisation.",
+        "",
+    ]
+    gaps: dict[SettingKey, list[float]] = {}
+    for row, _summary in cells:
+        gap = row.get("domain_gap")
+        if isinstance(gap, int | float) and math.isfinite(gap):
+            gaps.setdefault(setting_key(row, "main"), []).append(float(gap))
+    if gaps:
+        body = [
+            [
+                md(full_label(key, defaults)),
+                "MBN branches" if key.base_norm == "mbn" else "clean vs adversarial batch",
+                str(len(v)),
+                _gap_text(v),
+            ]
+            for key, v in sorted(gaps.items(), key=lambda item: table7_order(item[0]))
+        ]
+        out += ["Domain gap, mean ± standard deviation over seeds:", ""]
+        out += [*markdown_table(["setting", "statistics compared", "n", "domain gap"], body), ""]
+    for name, pick, draw, what in (
+        (MBN_FIGURE, figure5_cell, mbn_statistics_figure, "Figure 5 (MBN running statistics)"),
+        (BN_FIGURE, figure6_cell, bn_statistics_figure, "Figure 6 (BN batch vs running statistics)"),
+    ):
+        chosen = pick(cells, defaults)
+        if chosen is None:
+            needs = (
+                "an MBN cell with both branches trained" if name == MBN_FIGURE else "an adversarially trained BN cell"
+            )
+            lacks.append(f"{what}: no finished cell recorded the statistics of {needs}")
+            continue
+        row, summary = chosen
+        figures[name] = draw(row, summary, defaults)
+        layer, shown = summary["layer"], len(summary["channels"])
+        out += [
+            f"{what}: cell `{row['cell_id']}`, layer `{layer}` (res3: the first BN of the last block of the third "
+            f"stage), {shown} sampled channels.",
+            "",
+            f"![{what}]({name})",
+            "",
+        ]
+    return out

@@ -2,7 +2,8 @@
 one row per (cell, training epoch), rebuilt from the cells' history.json.
 
 results.parquet columns (README "Storage layout"): cell_id, the grid axes, branch, acc_clean, acc_pgd_<N> for each
-evaluated N, epochs, train_seconds, gpu_hours, status; plus `error` (the failure's one-line reason, empty when
+evaluated N, epochs, train_seconds, gpu_hours, where measured `domain_gap` and `bn_statistics` (per cell, on each of
+its rows: workloads.bn_statistics; JSON text), status; plus `error` (the failure's one-line reason, empty when
 finished). A failed cell gets one `main` row with null accuracies, so a reader sees it instead of silently missing it.
 Then `sweep` (the sweep's name), the provenance of each finished cell (orchestrator.provenance.PROVENANCE_KEYS: code
 hash, git commit, library versions, host, device) and the cell's whole resolved configuration flattened into
@@ -34,6 +35,8 @@ AXES = ("clean_ratio", "norm", "pgd_steps", "depth", "batch_size", "strategy", "
 RESULTS_FILE = "results.parquet"
 HISTORY_FILE = "history.parquet"
 # What the training loop reports every epoch (workloads/train.py) that says whether a cell converges.
+# Optional per-cell columns (`cell_bn_statistics`); a reader of an older results.parquet finds neither.
+BN_STATISTICS_COLUMNS = ("domain_gap", "bn_statistics")
 HISTORY_METRICS = ("loss", "train_acc_adv", "train_acc_clean", "lr", "images_per_sec", "epoch_seconds")
 _AXIS_TYPES = {
     "clean_ratio": pa.float64(),
@@ -77,10 +80,23 @@ def result_rows(
             "status": record["status"],
             "error": record.get("error", ""),
         }
+        common |= cell_bn_statistics(record)
         branches = record.get("branches") or {"main": {}}
         for branch, accuracies in sorted(branches.items()):
             rows.append(base | {"branch": branch} | dict(accuracies) | common | extra)
     return rows
+
+
+def cell_bn_statistics(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The optional per-cell columns of BN statistics (workloads.bn_statistics): `domain_gap`, and `bn_statistics`
+    (the figures' data as JSON text, so results.parquet alone can draw Figures 5 and 6); {} when the record has
+    none (GN cells, records from before they were measured)."""
+    fields: dict[str, Any] = {}
+    if isinstance(record.get("domain_gap"), int | float):
+        fields["domain_gap"] = float(record["domain_gap"])
+    if isinstance(record.get("bn_statistics"), Mapping):
+        fields["bn_statistics"] = json.dumps(record["bn_statistics"], separators=(",", ":"))
+    return fields
 
 
 def _pgd_key(column: str) -> int:
@@ -93,6 +109,8 @@ def results_table(
     rows = result_rows(records, sweep, configs)
     pgd_columns = sorted({k for row in rows for k in row if k.startswith("acc_pgd_")}, key=_pgd_key)
     columns = ["cell_id", *AXES, "branch", "acc_clean", *pgd_columns, "epochs", "train_seconds", "gpu_hours"]
+    # Only when some cell measured them: a table of cells without BN statistics keeps its earlier columns.
+    columns += [c for c in BN_STATISTICS_COLUMNS if any(row.get(c) is not None for row in rows)]
     columns += ["status", "error", "sweep", *PROVENANCE_KEYS]
     columns += sorted({k for row in rows for k in row if k.startswith("config.")})
     types = (
@@ -102,6 +120,7 @@ def results_table(
             "train_seconds": pa.float64(),
             "gpu_hours": pa.float64(),
             "acc_clean": pa.float64(),
+            "domain_gap": pa.float64(),
         }
         | dict.fromkeys(pgd_columns, pa.float64())
     )

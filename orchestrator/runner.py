@@ -7,6 +7,8 @@ same name and storage resumes the run from its last checkpoint, which is how an 
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import traceback
 from typing import Any
@@ -165,7 +167,7 @@ def finished_record(cell: Cell, metrics: dict[str, Any], started: float) -> dict
             _, branch, name = key.split("/", 2)
             branches.setdefault(branch, {})[name] = float(value)
     train_seconds = float(metrics.get("train_seconds", 0.0))
-    return {
+    record: dict[str, Any] = {
         "cell_id": cell.cell_id,
         "axes": cell.axes,
         "status": "finished",
@@ -177,6 +179,25 @@ def finished_record(cell: Cell, metrics: dict[str, Any], started: float) -> dict
         "started_at": started,
         "finished_at": time.time(),
     }
+    return record | bn_statistics_fields(metrics)
+
+
+def bn_statistics_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`domain_gap` and `bn_statistics` of a result record, from the last report's metrics of the same names
+    (workloads.bn_statistics: a number and JSON text); {} for a cell without BN or from before they were measured.
+    Unreadable figure data is dropped rather than failing a finished cell."""
+    fields: dict[str, Any] = {}
+    gap = metrics.get("domain_gap")
+    if isinstance(gap, int | float) and math.isfinite(gap):
+        fields["domain_gap"] = float(gap)
+    text = metrics.get("bn_statistics")
+    try:
+        summary = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        summary = None
+    if isinstance(summary, dict):
+        fields["bn_statistics"] = summary
+    return fields
 
 
 def _root_cause(err: BaseException) -> str:

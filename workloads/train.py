@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from workloads import builtin_data, data, faults
+from workloads import bn_statistics, builtin_data, data, faults
 from workloads.attacks import autocast, memory_format_of, pgd
 from workloads.bn_fold import FoldedForAttack
 from workloads.config import RecipeConfig, TrainConfig
@@ -203,7 +203,7 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         metrics = train_epoch(training, epoch)
         last = epoch + 1 == cfg.recipe.epochs
         if last:
-            metrics |= eval_metrics(cfg, network, session, num_classes) | {"device": device_model(cfg.use_gpu)}
+            metrics |= final_metrics(cfg, network, session, num_classes) | {"device": device_model(cfg.use_gpu)}
         save = last or (epoch + 1) % cfg.checkpoint_every == 0
         state = None
         if save:
@@ -218,8 +218,15 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
             "start_epoch": training.start_epoch,
             "device": device_model(cfg.use_gpu),
         }
-        session.report(final | eval_metrics(cfg, network, session, num_classes), None)
+        session.report(final | final_metrics(cfg, network, session, num_classes), None)
     return session.history[-1] if isinstance(session, LocalSession) and session.history else {}
+
+
+def final_metrics(cfg: TrainConfig, network: ResNet, session: Session, num_classes: int) -> dict[str, Any]:
+    """What the last report adds: the evaluation (`eval/<branch>/<metric>`), then the BN statistics of the
+    trained network (Figures 5 and 6, the domain gap: `workloads.bn_statistics`), measured after it so they
+    change none of its numbers."""
+    return eval_metrics(cfg, network, session, num_classes) | bn_statistics.measure(cfg, network, session, num_classes)
 
 
 def device_model(use_gpu: bool) -> str:
