@@ -386,22 +386,32 @@ class Soak:
             driver = start_driver(cluster)
         return driver, cluster, replacement
 
+    def _cell_keys(self, prefix: str) -> list[tuple[str, str]]:
+        """(cell id, the rest of the key) for every object under the sweep's cells/ folder."""
+        base = f"{prefix}/cells/"
+        found = []
+        for key in self.bucket.keys(base):
+            cell, _, rest = key[len(base) :].partition("/")
+            if rest:
+                found.append((cell, rest))
+        return found
+
     def _cells(self, prefix: str) -> set[str]:
-        return {key.split("/")[2] for key in self.bucket.keys(f"{prefix}/cells/") if key.count("/") >= 3}
+        return {cell for cell, _ in self._cell_keys(prefix)}
 
     def _finished(self, prefix: str) -> set[str]:
-        return {key.split("/")[2] for key in self.bucket.keys(f"{prefix}/cells/") if key.endswith("/result.json")}
+        return {cell for cell, rest in self._cell_keys(prefix) if rest == "result.json"}
 
     def _registered(self, prefix: str) -> dict[str, int]:
         """Each cell's newest epoch Ray Train has registered a checkpoint of (its last epoch once finished)."""
         found: dict[str, int] = {}
-        for key in self.bucket.keys(f"{prefix}/cells/"):
-            cell = key.split("/")[2]
-            if key.endswith("/checkpoint_manager_snapshot.json"):
+        for cell, rest in self._cell_keys(prefix):
+            key = f"{prefix}/cells/{cell}/{rest}"
+            if rest == "checkpoint_manager_snapshot.json":
                 snapshot = self.bucket.json(key) or {}
                 metrics = (snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}
                 found[cell] = max(found.get(cell, 0), int(metrics.get("epoch", 0)))
-            elif key.endswith("/result.json"):
+            elif rest == "result.json":
                 found[cell] = max(found.get(cell, 0), int((self.bucket.json(key) or {}).get("epochs", 0)))
         return found
 
