@@ -3,17 +3,19 @@
 Ray Train gang-schedules a cell's workers in a placement group and, when it cannot be placed, retries every 60 s
 for ever with nothing in the sweep's log to say why (docs/design.md section 6). The trial checks first: a cell that fits
 no live node is reported `UNSCHEDULABLE` (log line, `unschedulable.json` shown by orchestrator.status) and fails
-after `resources.placement_timeout_s`, time for an autoscaler to add a node.
+after `resources.placement_timeout_s`, time for the cluster to grow.
 
 On a cluster with an autoscaler that reports its node types (KubeRay's; `ray start --autoscaling-config`), a cell
 that fits no live node but fits what the autoscaler can add is not unschedulable: the trial says it waits for the
-autoscaler (whose request the driver has made, see `orchestrator.sweep.request_capacity`) and goes ahead once the
-node is up. A cell that even the autoscaler's largest cluster cannot hold fails at once, naming the node types.
+autoscaler (whose request the driver has made, see `orchestrator.sweep.request_capacity`) for as long as the
+autoscaler can add the room, however long that takes (a preempted node's replacement), and goes ahead once the node
+is up. A cell that even the autoscaler's largest cluster cannot hold fails at once, naming the node types.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from orchestrator.grid import Cell
 from orchestrator.storage import UNSCHEDULABLE_FILE, SweepStorage
 
 PLACEMENT_POLL_S = 5.0
+AUTOSCALER_WAIT_LOG_S = 600.0  # how often a cell waiting for the autoscaler says so again
 # (name, resources of one node, most nodes of the type, -1 for no limit): what an autoscaler may add.
 NodeType = tuple[str, dict[str, float], int]
 
@@ -145,9 +148,9 @@ def wait_until_placeable(
     node_types: Callable[[], list[NodeType] | None] = autoscaler_node_types,
 ) -> None:
     """Return once the cell's worker group fits the live nodes; meanwhile say so in the log and in storage
-    (`unschedulable.json`, shown by orchestrator.status); give up with UnschedulableError after the spec's
-    `resources.placement_timeout_s`, or at once when the cluster has an autoscaler whose node types can never
-    hold the group."""
+    (`unschedulable.json`, shown by orchestrator.status). Without an autoscaler, give up with UnschedulableError
+    after the spec's `resources.placement_timeout_s`; with one whose node types can hold the group, wait while
+    they can; with one whose node types never can, give up at once."""
     release_dead_controllers_resources()
     bundle = cell.worker_bundle()
     problem = placement_problem(cell.num_workers, bundle, nodes())
@@ -160,22 +163,31 @@ def wait_until_placeable(
             raise UnschedulableError(f"unschedulable: {beyond}")
     marker = storage.cell_path(cell.cell_id, UNSCHEDULABLE_FILE)
     since = time.time()
-    timeout = cell.placement_timeout_s
     storage.write_json(marker, {"cell_id": cell.cell_id, "since": since, "problem": problem})
     if types is not None:
+        # The autoscaler can add the room (a preempted node's replacement, a node pool scaling up): the cell waits
+        # as long as that holds, however long the cloud takes; the searcher meanwhile admits the pending cells that
+        # fit the rest of the autoscaler's budget. Giving up after placement_timeout_s here would fail a cell of a
+        # months-long study over one slow replacement node.
+        timeout = math.inf
         print(
             f"cell {cell.cell_id} waiting for the autoscaler: {problem}; its node types can add the room "
-            f"(waiting up to {timeout:.0f} s)",
+            f"(waiting while they can; said again every {AUTOSCALER_WAIT_LOG_S / 60:.0f} minutes)",
             flush=True,
         )
     else:
+        timeout = cell.placement_timeout_s
         print(
             f"cell {cell.cell_id} UNSCHEDULABLE: {problem}; waiting up to {timeout:.0f} s for the cluster to grow",
             flush=True,
         )
+    said = since
     while problem is not None and time.time() - since < timeout:
         time.sleep(min(poll_s, max(0.0, since + timeout - time.time())))
         problem = placement_problem(cell.num_workers, bundle, nodes())
+        if problem is not None and types is not None and time.time() - said >= AUTOSCALER_WAIT_LOG_S:
+            said = time.time()
+            print(f"cell {cell.cell_id} still waiting for the autoscaler ({said - since:.0f} s): {problem}", flush=True)
     storage.remove(marker)
     if problem is not None:
         raise UnschedulableError(f"unschedulable: {problem} (waited {timeout:.0f} s)")

@@ -154,8 +154,10 @@ MECHANISMS = """## What makes these pass
 - **Stuck detection.** A cell whose workers fit on no live node is logged as `UNSCHEDULABLE` as soon as it is
   admitted and shown as `unschedulable` by `orchestrator.status`; the autoscaler (when the deployment sets
   `SWEEP_AUTOSCALER_MAX_*`) is asked for the room; the cell fails after `resources.placement_timeout_s`. On a
-  cluster whose autoscaler reports its node types, a cell they can hold waits for the autoscaler instead (said
-  so in the log), and one they can never hold fails at once with the node types named. A running cell silent
+  cluster whose autoscaler reports its node types, a cell they can hold waits for the autoscaler instead, with no
+  time limit (a preempted node's replacement may be slow; said in the log every 10 minutes), while the pending
+  cells that fit the rest of the autoscaler's budget start meanwhile; one they can never hold fails at once with
+  the node types named. A running cell silent
   for 45 minutes is said so in the log.
 - **Nodes come and go.** Nothing a cell needs lives on a node's disk: data, checkpoints and results are in the
   sweep's storage, and a restarted worker group reads its checkpoint from there. A lost node takes its workers

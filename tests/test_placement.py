@@ -4,6 +4,7 @@ is declared unschedulable. Node lists are plain data here (the Ray path is teste
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,27 @@ def test_gives_up_after_the_placement_timeout(tmp_path: Path) -> None:
     with pytest.raises(UnschedulableError, match=r"^unschedulable: needs 2 worker\(s\).*\(waited 0 s\)$"):
         wait_until_placeable(_cell(timeout=0.2), storage, nodes=nodes, poll_s=0.05)
     assert len(looks) >= 2  # it looked again before giving up
+    assert not Path(storage.cell_path("abc123def456", UNSCHEDULABLE_FILE)).exists()
+
+
+def test_a_cell_the_autoscaler_can_serve_waits_past_the_placement_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A preempted node's replacement may take longer than placement_timeout_s: while the autoscaler's node types
+    can hold the group, the cell waits (and says so again now and then) instead of failing."""
+    monkeypatch.setattr(placement, "AUTOSCALER_WAIT_LOG_S", 0.1)
+    storage = SweepStorage.for_sweep(str(tmp_path), "s")
+    gpu_node_up_at = time.monotonic() + 0.6  # well past the cell's 0.1 s placement timeout
+
+    def nodes() -> list[dict[str, float]]:
+        return [CPU_NODE, GPU_NODE] if time.monotonic() > gpu_node_up_at else [CPU_NODE]
+
+    wait_until_placeable(
+        _cell(timeout=0.1), storage, nodes=nodes, poll_s=0.02, node_types=lambda: [("gpu", GPU_NODE, 4)]
+    )
+    out = capsys.readouterr().out
+    assert "cell abc123def456 waiting for the autoscaler: needs 2 worker(s)" in out
+    assert "still waiting for the autoscaler" in out and "is placeable now" in out
     assert not Path(storage.cell_path("abc123def456", UNSCHEDULABLE_FILE)).exists()
 
 
