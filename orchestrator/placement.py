@@ -25,7 +25,14 @@ from orchestrator.grid import Cell
 from orchestrator.storage import UNSCHEDULABLE_FILE, SweepStorage
 
 PLACEMENT_POLL_S = 5.0
-AUTOSCALER_WAIT_LOG_S = 600.0  # how often a cell waiting for the autoscaler says so again
+AUTOSCALER_WAIT_LOG_S = 600.0
+# An autoscaling cluster (KubeRay) starts smaller than it can grow: its maximum is the budget, and cells wait for
+# the autoscaler instead of being refused. Set by the deployment (`deploy render` writes them on the head), e.g.
+# SWEEP_AUTOSCALER_MAX_GPUS=128; the driver reads them (orchestrator.sweep).
+AUTOSCALER_MAX_ENV = {
+    "CPU": "SWEEP_AUTOSCALER_MAX_CPUS",
+    "GPU": "SWEEP_AUTOSCALER_MAX_GPUS",
+}  # how often a cell waiting for the autoscaler says so again
 # (name, resources of one node, most nodes of the type, -1 for no limit): what an autoscaler may add.
 NodeType = tuple[str, dict[str, float], int]
 

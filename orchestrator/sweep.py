@@ -24,7 +24,7 @@ if __name__ == "__main__":
 from orchestrator import replication  # noqa: E402
 from orchestrator.grid import Cell, describe_axes  # noqa: E402
 from orchestrator.lease import DriverLease, LeaseHeldError  # noqa: E402
-from orchestrator.placement import NodeType  # noqa: E402
+from orchestrator.placement import AUTOSCALER_MAX_ENV, NodeType  # noqa: E402
 from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json  # noqa: E402
 from orchestrator.provenance import changed_code, driver_provenance  # noqa: E402
 from orchestrator.redact import redact  # noqa: E402
@@ -112,10 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _refuse(message: str, why: str) -> int:
     """Exit 2 for what no retry can change, stopping this driver's Ray job where the deployment asks for it."""
-    from orchestrator import deploy
+    from orchestrator import ray_job
 
     print(f"error: {message}", file=sys.stderr)
-    deploy.stop_this_ray_job(why)
+    ray_job.stop_this_ray_job(why)
     return EXIT_INVALID
 
 
@@ -173,9 +173,9 @@ def run_sweep(spec: Spec, cells: list[Cell], plan: Plan, takeover: bool = False,
             print(f"warning: the lease could not be released ({type(err).__name__}); it expires by itself")
     if status == EXIT_FAILED:
         # Cells that failed on their own (NaN, their own bugs) fail again on a new cluster: a person decides.
-        from orchestrator import deploy
+        from orchestrator import ray_job
 
-        deploy.stop_this_ray_job("a sweep whose cells failed on their own")
+        ray_job.stop_this_ray_job("a sweep whose cells failed on their own")
     return status
 
 
@@ -295,11 +295,6 @@ def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepSt
             file=sys.stderr,
         )
     return EXIT_FAILED if failed else EXIT_OK
-
-
-# An autoscaling cluster (KubeRay) starts smaller than it can grow: its maximum is the budget, and cells wait for
-# the autoscaler instead of being refused. Set by the deployment, e.g. SWEEP_AUTOSCALER_MAX_GPUS=128.
-AUTOSCALER_MAX_ENV = {"CPU": "SWEEP_AUTOSCALER_MAX_CPUS", "GPU": "SWEEP_AUTOSCALER_MAX_GPUS"}
 
 
 def _resource_budget(

@@ -1,4 +1,4 @@
-"""The Kubernetes deployment (deploy/, orchestrator/deploy.py), checked offline: no API server, no cluster, no Docker.
+"""The Kubernetes deployment (deploy/, orchestrator/deploy/), checked offline: no API server, no cluster, no Docker.
 
 Manifests are built with orchestrator.deploy's kustomize subset (and compared with `kubectl kustomize` where kubectl
 is installed), validated against the strict KubeRay v1.7.0 JSON schemas the project ships (deploy/schemas/kuberay; a
@@ -24,22 +24,13 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator import deploy
-from orchestrator.deploy import (
-    GPU,
-    S3_SECRET,
-    DeployError,
-    Doc,
-    apply_json_patch,
-    autoscaler_budget,
-    build,
+from orchestrator import placement, ray_job
+from orchestrator.deploy import checks, cli, layout, manifests, monitoring, rendering, rules, validation
+from orchestrator.deploy.checks import (
     check_autoscaler_budget,
     check_committed_files,
-    check_dockerfile,
     check_entrypoint,
-    check_grafana_dashboard,
     check_head,
-    check_manifests,
     check_monitoring,
     check_names,
     check_pod_env,
@@ -47,16 +38,18 @@ from orchestrator.deploy import (
     check_submission,
     check_token_auth,
     check_versions,
-    deploy_targets,
     pinned_versions,
-    render,
-    schema_problems,
-    set_autoscaler_budget,
-    size_worker_group,
-    structure_problems,
 )
-from orchestrator.deploy_rules import (
+from orchestrator.deploy.cli import deploy_targets
+from orchestrator.deploy.layout import GPU, S3_SECRET
+from orchestrator.deploy.manifests import apply_json_patch, build
+from orchestrator.deploy.monitoring import check_grafana_dashboard
+from orchestrator.deploy.rendering import render, set_autoscaler_budget, size_worker_group
+from orchestrator.deploy.rules import (
     DO_NOT_DISRUPT,
+    DeployError,
+    Doc,
+    autoscaler_budget,
     check_head_disruption,
     check_head_priority,
     check_head_qos,
@@ -66,11 +59,12 @@ from orchestrator.deploy_rules import (
     check_service_account_tokens,
     is_pinned,
 )
+from orchestrator.deploy.validation import check_dockerfile, check_manifests, schema_problems, structure_problems
 from orchestrator.grid import expand
 from orchestrator.plan import plan_spec
 from orchestrator.spec import load_spec, parse_spec
 
-ROOT = deploy.PROJECT_ROOT
+ROOT = layout.PROJECT_ROOT
 TARGETS = deploy_targets()
 RAY_TARGETS = [name for name in TARGETS if name != "monitoring"]
 PINS = pinned_versions()
@@ -87,7 +81,7 @@ def built() -> dict[str, list[Doc]]:
 
 @pytest.fixture(scope="module")
 def schemas() -> dict[str, Doc]:
-    return deploy.load_schemas()
+    return validation.load_schemas()
 
 
 def fresh(built: dict[str, list[Doc]], target: str) -> list[Doc]:
@@ -99,7 +93,7 @@ def ray_doc(docs: list[Doc]) -> Doc:
 
 
 def cluster(docs: list[Doc]) -> Doc:
-    found = deploy.cluster_spec(ray_doc(docs))
+    found = rules.cluster_spec(ray_doc(docs))
     assert found is not None
     return found
 
@@ -211,7 +205,7 @@ def test_schemas_catch_a_misspelled_field(built: dict[str, list[Doc]], schemas: 
 
 def test_every_object_has_the_basic_structure(built: dict[str, list[Doc]]) -> None:
     docs = [doc for docs in built.values() for doc in docs]
-    docs += deploy.load_yaml_documents(deploy.DEPLOY_DIR / "base" / "secret.template.yaml")
+    docs += manifests.load_yaml_documents(layout.DEPLOY_DIR / "base" / "secret.template.yaml")
     assert {"ConfigMap", "Secret", "Service", "Deployment", "Job", "PodMonitor", "RayJob", "RayCluster"} <= {
         doc["kind"] for doc in docs
     }
@@ -282,13 +276,13 @@ def test_tags_and_ray_version_are_the_pinned_ones(built: dict[str, list[Doc]]) -
         docs = built[target]
         assert cluster(docs)["rayVersion"] == PINS["ray"]
         for doc in docs:
-            for container in deploy.containers(doc):
-                if deploy.is_project_image(container["image"]):
-                    assert deploy.split_image(container["image"])[1] in (f"{PINS['ray']}-gpu", f"{PINS['ray']}-cpu")
+            for container in rules.containers(doc):
+                if manifests.is_project_image(container["image"]):
+                    assert rules.split_image(container["image"])[1] in (f"{PINS['ray']}-gpu", f"{PINS['ray']}-cpu")
 
 
 def _set_tag(container: Doc, tag: str) -> None:
-    container["image"] = f"{deploy.split_image(container['image'])[0]}:{tag}"
+    container["image"] = f"{rules.split_image(container['image'])[0]}:{tag}"
 
 
 # (target, what to break, the rule, a fragment of the expected message)
@@ -381,7 +375,7 @@ RULE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], Callable[[list[Doc
         "overlays/local",
         lambda d: head(d)["envFrom"].pop(0),
         check_pod_env,
-        f"head: does not read the ConfigMap {deploy.SWEEP_CONFIG}",
+        f"head: does not read the ConfigMap {layout.SWEEP_CONFIG}",
     ),
     "one of two keys": (
         "overlays/gpu-cluster",
@@ -430,9 +424,9 @@ RULE_BREAKS: dict[str, tuple[str, Callable[[list[Doc]], Any], Callable[[list[Doc
     ),
     "invalid spec retried": (
         "overlays/local",
-        lambda d: head(d).update(env=[e for e in head(d)["env"] if e["name"] != deploy.STOP_ON_INVALID_ENV]),
+        lambda d: head(d).update(env=[e for e in head(d)["env"] if e["name"] != ray_job.STOP_ON_INVALID_ENV]),
         check_submission,
-        f"sets no {deploy.STOP_ON_INVALID_ENV}=1",
+        f"sets no {ray_job.STOP_ON_INVALID_ENV}=1",
     ),
     "working dir uploaded": (
         "overlays/gpu-cluster",
@@ -878,7 +872,7 @@ def test_the_head_keeps_its_service_account_token_for_the_autoscaler(built: dict
 
 def _without_digests(docs: list[Doc]) -> list[Doc]:
     for doc in docs:
-        for container in deploy.containers(doc):
+        for container in rules.containers(doc):
             container["image"] = container["image"].split("@")[0]
     return docs
 
@@ -927,19 +921,19 @@ def test_the_local_overlay_runs_its_images_by_tag(built: dict[str, list[Doc]]) -
 
 
 def test_cli_check_refuses_a_tag_on_a_cluster_target_only(monkeypatch: Any, capsys: Any) -> None:
-    real_build = deploy.build
-    broken = deploy.OVERLAYS_DIR / "gpu-cluster"
+    real_build = manifests.build
+    broken = layout.OVERLAYS_DIR / "gpu-cluster"
     monkeypatch.setattr(
-        deploy, "build", lambda path: _without_digests(real_build(path)) if path == broken else real_build(path)
+        cli, "build", lambda path: _without_digests(real_build(path)) if path == broken else real_build(path)
     )
-    assert deploy.main(["check"]) == 1
+    assert cli.main(["check"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out and all(line.startswith("overlays/gpu-cluster: ") and "is a mutable tag" in line for line in out)
 
 
 def test_render_for_a_cluster_takes_an_image_by_digest() -> None:
     docs = render(ROOT / "sweeps/ablation.yaml", "gpu-cluster", image=PUSHED_IMAGE)
-    images = {c["image"] for doc in docs for c in deploy.containers(doc) if deploy.is_project_image(c["image"])}
+    images = {c["image"] for doc in docs for c in rules.containers(doc) if manifests.is_project_image(c["image"])}
     assert images == {PUSHED_IMAGE}
     with pytest.raises(DeployError, match="is a mutable tag"):
         render(ROOT / "sweeps/ablation.yaml", "gpu-cluster", image=PUSHED_IMAGE.split("@")[0])
@@ -947,13 +941,13 @@ def test_render_for_a_cluster_takes_an_image_by_digest() -> None:
     assert all(
         is_pinned(c["image"])
         for doc in render(ROOT / "sweeps/ablation.yaml", "gpu-cluster")
-        for c in deploy.containers(doc)
+        for c in rules.containers(doc)
     )
 
 
 def test_kustomize_images_with_a_tag_and_a_digest() -> None:
     docs: list[Doc] = [{"kind": "Pod", "spec": {"containers": [{"name": "c", "image": "adversarial-sweep:x"}]}}]
-    deploy._set_image(
+    manifests._set_image(
         {"name": "adversarial-sweep", "newName": "r.io/a/adversarial-sweep", "newTag": "t", "digest": DIGEST}, docs
     )
     assert docs[0]["spec"]["containers"][0]["image"] == f"r.io/a/adversarial-sweep:t@{DIGEST}"
@@ -975,7 +969,7 @@ def test_driver_budget_is_the_worker_groups_maximum(built: dict[str, list[Doc]],
     assert env["SWEEP_AUTOSCALER_MAX_CPUS"]["value"] == str(cpus)
     assert autoscaler_budget(ray_doc(docs)) == {"GPU": gpus, "CPU": cpus}
     # Only the head (where the driver runs) sets them.
-    assert not {e["name"] for e in worker(docs).get("env") or []} & set(deploy.AUTOSCALER_MAX_ENV.values())
+    assert not {e["name"] for e in worker(docs).get("env") or []} & set(placement.AUTOSCALER_MAX_ENV.values())
 
 
 def test_driver_on_the_rendered_head_budgets_the_whole_cluster(monkeypatch: Any) -> None:
@@ -1007,13 +1001,13 @@ def test_without_the_variables_the_autoscalers_node_types_set_the_budget(monkeyp
 
 def test_render_sets_the_budget_of_the_sized_worker_group(monkeypatch: Any) -> None:
     """`render` sizes the worker group from the spec's plan and the head's budget follows the same numbers."""
-    sized = deploy.WorkerGroupSize(
+    sized = rendering.WorkerGroupSize(
         replicas=3, min_replicas=1, max_replicas=3, gpus_per_pod=0, workers_per_pod=1, cpus_per_pod=2
     )
-    monkeypatch.setattr(deploy, "size_worker_group", lambda *args: sized)
+    monkeypatch.setattr(rendering, "size_worker_group", lambda *args: sized)
     docs = render(ROOT / "sweeps/tiny.yaml", "local")
     assert cluster(docs)["workerGroupSpecs"][0]["maxReplicas"] == 3
-    assert {k: v["value"] for k, v in head_env(docs).items() if k in deploy.AUTOSCALER_MAX_ENV.values()} == {
+    assert {k: v["value"] for k, v in head_env(docs).items() if k in placement.AUTOSCALER_MAX_ENV.values()} == {
         "SWEEP_AUTOSCALER_MAX_GPUS": "0",
         "SWEEP_AUTOSCALER_MAX_CPUS": "6",
     }
@@ -1035,7 +1029,7 @@ def test_set_autoscaler_budget_adds_or_replaces(built: dict[str, list[Doc]]) -> 
 
 def test_length_limit_is_inclusive(built: dict[str, list[Doc]]) -> None:
     docs = fresh(built, "overlays/local")
-    ray_doc(docs)["metadata"]["name"] = "s" * deploy.MAX_RAYJOB_NAME
+    ray_doc(docs)["metadata"]["name"] = "s" * layout.MAX_RAYJOB_NAME
     assert check_names(docs) == []
 
 
@@ -1052,16 +1046,16 @@ def test_secret_env_from_keys_is_accepted(built: dict[str, list[Doc]]) -> None:
     docs = fresh(built, "overlays/gpu-cluster")
     worker(docs)["envFrom"] = worker(docs)["envFrom"][:1]
     worker(docs)["env"] = [
-        {"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}} for key in deploy.S3_SECRET_KEYS
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}} for key in layout.S3_SECRET_KEYS
     ]
     assert check_pod_env(docs) == []
 
 
 def test_secret_template_holds_placeholders_only(built: dict[str, list[Doc]]) -> None:
-    [template] = deploy.load_yaml_documents(deploy.DEPLOY_DIR / "base" / "secret.template.yaml")
+    [template] = manifests.load_yaml_documents(layout.DEPLOY_DIR / "base" / "secret.template.yaml")
     assert (template["kind"], template["metadata"]["name"]) == ("Secret", S3_SECRET)
-    assert set(template["stringData"]) == set(deploy.S3_SECRET_KEYS)
-    assert all(deploy.is_placeholder(value) and value for value in template["stringData"].values())
+    assert set(template["stringData"]) == set(layout.S3_SECRET_KEYS)
+    assert all(checks.is_placeholder(value) and value for value in template["stringData"].values())
     # Never applied by `kubectl apply -k`: it would overwrite the real credentials with placeholders.
     assert not any(doc["kind"] == "Secret" for docs in built.values() for doc in docs)
 
@@ -1124,7 +1118,7 @@ def test_committed_file_scan_catches_secrets(tmp_path: Path, case: str) -> None:
 # The Dockerfile installs exactly the pinned versions
 
 
-DOCKERFILE = (deploy.DEPLOY_DIR / "Dockerfile").read_text()
+DOCKERFILE = (layout.DEPLOY_DIR / "Dockerfile").read_text()
 
 
 def test_dockerfile_builds_on_the_pinned_ray_and_torch() -> None:
@@ -1192,7 +1186,7 @@ def test_render_ablation_on_the_gpu_cluster_holds_the_largest_cell(schemas: dict
 def test_render_smoke_on_the_local_cluster_requests_no_gpu(schemas: dict[str, Doc]) -> None:
     docs = render(ROOT / "sweeps/smoke.yaml", "local")
     for doc in docs:
-        for container in deploy.containers(doc):
+        for container in rules.containers(doc):
             resources = container.get("resources") or {}
             assert GPU not in (resources.get("limits") or {}) and GPU not in (resources.get("requests") or {})
         assert "nvidia.com/gpu.present" not in json.dumps(doc)
@@ -1216,7 +1210,7 @@ def test_committed_overlays_are_what_render_gives_for_their_spec(
 def test_render_sets_the_image_everywhere_the_project_runs() -> None:
     image = f"registry.example.org/team/adversarial-sweep:{PINS['ray']}-cpu-1a2b3c4"
     docs = render(ROOT / "sweeps/tiny.yaml", "local", image=image)
-    images = {c["image"] for doc in docs for c in deploy.containers(doc) if deploy.is_project_image(c["image"])}
+    images = {c["image"] for doc in docs for c in rules.containers(doc) if manifests.is_project_image(c["image"])}
     assert images == {image}
     with pytest.raises(DeployError, match="tag"):
         render(ROOT / "sweeps/tiny.yaml", "local", image="registry.example.org/adversarial-sweep:latest")
@@ -1258,23 +1252,23 @@ def test_gpu_pods_get_the_cpus_their_input_pipelines_need() -> None:
         "resources: {use_gpu: true, cpus_per_worker: 1, cluster_gpus: 16, gpus_per_node: 8}\n"
     )
     cells = expand(spec)
-    need = deploy.input_cpus_per_worker(plan_spec(spec, cells).cells)
+    need = rendering.input_cpus_per_worker(plan_spec(spec, cells).cells)
     assert need == 3
-    assert size_worker_group(spec, cells, 16, 8, need).cpus_per_pod == 8 * need + deploy.RAY_CPU_HEADROOM
+    assert size_worker_group(spec, cells, 16, 8, need).cpus_per_pod == 8 * need + layout.RAY_CPU_HEADROOM
     # Pods that already have more keep what they have; without an input need, the spec's CPUs per worker count.
     assert size_worker_group(spec, cells, 64, 8, need).cpus_per_pod == 64
     assert size_worker_group(spec, cells, 16, 8).cpus_per_pod == 16
 
 
 def test_render_raises_the_worker_pods_cpus_and_the_budget_with_them(monkeypatch: Any, capsys: Any) -> None:
-    monkeypatch.setattr(deploy, "input_cpus_per_worker", lambda plans: 10)
+    monkeypatch.setattr(rendering, "input_cpus_per_worker", lambda plans: 10)
     docs = render(ROOT / "sweeps/ablation.yaml", "gpu-cluster")
     resources = worker(docs)["resources"]
     assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "81"  # 8 workers x 10 + 1 for Ray
     group = _group(docs)
     assert autoscaler_budget(ray_doc(docs))["CPU"] == group["maxReplicas"] * 81
     assert check_manifests(docs) == []
-    assert "of 8 GPUs and 81 CPUs each" in deploy.worker_group_summary(docs)
+    assert "of 8 GPUs and 81 CPUs each" in rendering.worker_group_summary(docs)
 
 
 def test_render_refuses_a_cluster_that_cannot_hold_the_largest_cell(tmp_path: Path, monkeypatch: Any) -> None:
@@ -1295,7 +1289,7 @@ def test_cli_render_writes_one_applyable_file(tmp_path: Path) -> None:
     out = tmp_path / "sweep.yaml"
     image = PUSHED_IMAGE
     args = ["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--image", image]
-    assert deploy.main([*args, "--out", str(out)]) == 0
+    assert cli.main([*args, "--out", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# Rendered by: python -m orchestrator.deploy render --spec sweeps/ablation.yaml")
     assert canonical(list(yaml.safe_load_all(text))) == canonical(render("sweeps/ablation.yaml", "gpu-cluster", image))
@@ -1303,16 +1297,16 @@ def test_cli_render_writes_one_applyable_file(tmp_path: Path) -> None:
 
 def test_cli_render_for_a_cluster_requires_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sweep.yaml"
-    assert deploy.main(["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--out", str(out)]) == 2
+    assert cli.main(["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--out", str(out)]) == 2
     assert "--image is required for overlay 'gpu-cluster'" in capsys.readouterr().err and not out.exists()
     # A tag can be pushed again: a cluster overlay takes the image by digest only.
     tagged = PUSHED_IMAGE.split("@")[0]
     args = ["render", "--spec", "sweeps/ablation.yaml", "--overlay", "gpu-cluster", "--image", tagged]
-    assert deploy.main([*args, "--out", str(out)]) == 2
+    assert cli.main([*args, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--image {tagged!r} is a mutable tag" in err and not out.exists()
     # The local overlay runs the image built on this machine: no registry, no --image needed.
-    assert deploy.main(["render", "--spec", "sweeps/tiny.yaml", "--overlay", "local", "--out", str(out)]) == 0
+    assert cli.main(["render", "--spec", "sweeps/tiny.yaml", "--overlay", "local", "--out", str(out)]) == 0
 
 
 @pytest.mark.parametrize(
@@ -1325,7 +1319,7 @@ def test_cli_render_for_a_cluster_requires_an_image(tmp_path: Path, capsys: pyte
     ],
 )
 def test_cli_errors_are_one_line_with_status_2(capsys: Any, args: list[str], expected: str) -> None:
-    assert deploy.main(["render", *args]) == 2
+    assert cli.main(["render", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err
 
@@ -1334,14 +1328,14 @@ def test_cli_invalid_spec_is_one_line(tmp_path: Path, monkeypatch: Any, capsys: 
     (tmp_path / "sweeps").mkdir()
     bad = tmp_path / "sweeps" / "bad.yaml"
     bad.write_text("name: Bad\nworkload: {data: {url: x}}\ngrid: {norm: [batchnorm]}\n")
-    monkeypatch.setattr(deploy, "PROJECT_ROOT", tmp_path)
-    assert deploy.main(["render", "--spec", str(bad), "--overlay", "local"]) == 2
+    monkeypatch.setattr(rendering, "PROJECT_ROOT", tmp_path)
+    assert cli.main(["render", "--spec", str(bad), "--overlay", "local"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "name" in err and "batchnorm" in err
 
 
 def test_cli_check_passes_on_the_committed_tree(capsys: Any) -> None:
-    assert deploy.main(["check"]) == 0
+    assert cli.main(["check"]) == 0
     assert capsys.readouterr().out == ""
 
 
@@ -1352,16 +1346,16 @@ def test_cli_cell_larger_than_the_cluster_is_one_line(tmp_path: Path, monkeypatc
         "name: big\nworkload: {data: {url: s3://b/d}, recipe: {batch_size: 8192, per_worker_batch: 32}}\n"
         "grid: {seed: [0, 1]}\nresources: {use_gpu: true, max_workers_per_cell: 256, cluster_gpus: 128}\n"
     )
-    monkeypatch.setattr(deploy, "PROJECT_ROOT", tmp_path)
-    assert deploy.main(["render", "--spec", str(spec), "--overlay", "gpu-cluster", "--image", PUSHED_IMAGE]) == 2
+    monkeypatch.setattr(rendering, "PROJECT_ROOT", tmp_path)
+    assert cli.main(["render", "--spec", str(spec), "--overlay", "gpu-cluster", "--image", PUSHED_IMAGE]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "256 GPUs" in err and "cluster_gpus" in err
 
 
 def test_rayjob_names_fit_kuberay() -> None:
-    assert deploy.rayjob_name("tiny_v2") == "sweep-tiny-v2"
-    long = deploy.rayjob_name("a" * 40 + "-" + "b" * 22)
-    assert len(long) <= deploy.MAX_RAYJOB_NAME and deploy.DNS_1035.fullmatch(long)
+    assert rendering.rayjob_name("tiny_v2") == "sweep-tiny-v2"
+    long = rendering.rayjob_name("a" * 40 + "-" + "b" * 22)
+    assert len(long) <= layout.MAX_RAYJOB_NAME and layout.DNS_1035.fullmatch(long)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1369,18 +1363,18 @@ def test_rayjob_names_fit_kuberay() -> None:
 
 
 def test_schemas_ship_with_the_project() -> None:
-    assert deploy.SCHEMA_DIR == ROOT / "deploy" / "schemas" / "kuberay"
-    readme = (deploy.SCHEMA_DIR / "README.md").read_text()
+    assert layout.SCHEMA_DIR == ROOT / "deploy" / "schemas" / "kuberay"
+    readme = (layout.SCHEMA_DIR / "README.md").read_text()
     assert "v1.7.0" in readme and "59d663aeec13760646da3db9c1cf8cfe883e30b7" in readme
-    assert set(deploy.load_schemas()) == {"RayJob", "RayCluster"}
+    assert set(validation.load_schemas()) == {"RayJob", "RayCluster"}
 
 
 def test_a_missing_schema_is_an_error(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
-    (tmp_path / "rayjob-ray.io-v1.json").write_text((deploy.SCHEMA_DIR / "rayjob-ray.io-v1.json").read_text())
+    (tmp_path / "rayjob-ray.io-v1.json").write_text((layout.SCHEMA_DIR / "rayjob-ray.io-v1.json").read_text())
     with pytest.raises(DeployError, match="raycluster-ray.io-v1.json is missing"):
-        deploy.load_schemas(tmp_path)
-    monkeypatch.setattr(deploy, "SCHEMA_DIR", tmp_path)
-    assert deploy.main(["check"]) == 1
+        validation.load_schemas(tmp_path)
+    monkeypatch.setattr(validation, "SCHEMA_DIR", tmp_path)
+    assert cli.main(["check"]) == 1
     assert "raycluster-ray.io-v1.json is missing" in capsys.readouterr().out
 
 
@@ -1395,13 +1389,13 @@ ALREADY_REQUESTED = {"cpu": 0.25 + 0.2 + 0.1 + 0.1 + 0.1 + 0.1, "memory": (100 +
 
 
 def test_local_overlay_fits_a_four_cpu_node(built: dict[str, list[Doc]]) -> None:
-    ours = deploy.requested_resources(built["overlays/local"])
+    ours = checks.requested_resources(built["overlays/local"])
     # head 1 and autoscaler 250m (Guaranteed: requests = limits), one worker pod 1, MinIO 100m, the bucket Job 100m
     assert ours["cpu"] == pytest.approx(2.45)
     for resource in ("cpu", "memory"):
         assert ours[resource] + ALREADY_REQUESTED[resource] <= LOCAL_NODE[resource], (resource, ours)
     # Ray still gets the 2 CPUs of the worker's limit: two smoke cells of 0.9 CPU run at once.
-    assert deploy.autoscaler_budget(ray_doc(built["overlays/local"]))["CPU"] == 2
+    assert rules.autoscaler_budget(ray_doc(built["overlays/local"]))["CPU"] == 2
 
 
 def test_local_overlay_check_catches_pods_that_do_not_fit(built: dict[str, list[Doc]]) -> None:
@@ -1410,17 +1404,17 @@ def test_local_overlay_check_catches_pods_that_do_not_fit(built: dict[str, list[
     head(docs)["resources"]["requests"]["cpu"] = "1"
     worker(docs)["resources"]["requests"]["cpu"] = "2"
     cluster(docs)["autoscalerOptions"]["resources"]["requests"]["cpu"] = "500m"
-    ours = deploy.requested_resources(docs)
+    ours = checks.requested_resources(docs)
     assert ours["cpu"] + ALREADY_REQUESTED["cpu"] > LOCAL_NODE["cpu"]
 
 
 def test_requested_resources_counts_every_pod() -> None:
-    docs = build(deploy.OVERLAYS_DIR / "gpu-cluster")
-    ours = deploy.requested_resources(docs)
+    docs = build(layout.OVERLAYS_DIR / "gpu-cluster")
+    ours = checks.requested_resources(docs)
     assert ours["cpu"] == pytest.approx(8 + 0.5 + 16 * 64)  # head, autoscaler, 16 GPU pods
-    assert deploy.parse_memory("512Mi") == 512 * 2**20 and deploy.parse_memory("1G") == 1e9
+    assert rules.parse_memory("512Mi") == 512 * 2**20 and rules.parse_memory("1G") == 1e9
     with pytest.raises(DeployError):
-        deploy.parse_memory("lots")
+        rules.parse_memory("lots")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1428,7 +1422,7 @@ def test_requested_resources_counts_every_pod() -> None:
 
 
 def test_grafana_dashboard_parses_and_charts_exported_metrics() -> None:
-    dashboard = json.loads(deploy.GRAFANA_DASHBOARD.read_text())
+    dashboard = json.loads(layout.GRAFANA_DASHBOARD.read_text())
     assert check_grafana_dashboard() == []
     titles = [panel["title"] for panel in dashboard["panels"] if panel["type"] != "row"]
     assert {
@@ -1438,7 +1432,7 @@ def test_grafana_dashboard_parses_and_charts_exported_metrics() -> None:
         "Robust accuracy per cell",
         "Storage unreachable",
     } <= set(titles)
-    exported = deploy.exported_metrics()
+    exported = monitoring.exported_metrics()
     assert exported["sweep"] == {
         "ray_sweep_cells",
         "ray_sweep_cell_epoch",
@@ -1446,20 +1440,20 @@ def test_grafana_dashboard_parses_and_charts_exported_metrics() -> None:
         "ray_sweep_cell_robust_accuracy",
         "ray_sweep_storage_unreachable_seconds",  # workloads.fs, set while a storage call retries
     }
-    used = {name for _, expr in deploy.dashboard_queries(dashboard) for name in deploy.promql_metrics(expr)}
+    used = {name for _, expr in monitoring.dashboard_queries(dashboard) for name in monitoring.promql_metrics(expr)}
     assert used & exported["ray"], "Ray's own metrics are charted next to the sweep's"
 
 
 def test_promql_metric_names() -> None:
-    assert deploy.promql_metrics('sum by (state) (ray_sweep_cells{sweep=~"$sweep"})') == {"ray_sweep_cells"}
-    assert deploy.promql_metrics(
+    assert monitoring.promql_metrics('sum by (state) (ray_sweep_cells{sweep=~"$sweep"})') == {"ray_sweep_cells"}
+    assert monitoring.promql_metrics(
         'sum(ray_resources{Name="GPU",State="USED"}) / on() (sum(ray_node_gpus_available[5m]) or vector(0))'
     ) == {"ray_resources", "ray_node_gpus_available"}
-    assert deploy.promql_metrics("max_over_time(up[1h]) * 100") == {"up"}
+    assert monitoring.promql_metrics("max_over_time(up[1h]) * 100") == {"up"}
 
 
 def _broken_dashboard(tmp_path: Path, change: Callable[[Doc], Any]) -> Path:
-    dashboard = json.loads(deploy.GRAFANA_DASHBOARD.read_text())
+    dashboard = json.loads(layout.GRAFANA_DASHBOARD.read_text())
     change(dashboard)
     path = tmp_path / "dashboard.json"
     path.write_text(json.dumps(dashboard))
@@ -1537,7 +1531,7 @@ def job_client(monkeypatch: Any) -> type[_FakeJobClient]:
 
     _FakeJobClient.calls, _FakeJobClient.fail = [], False
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeJobClient)
-    monkeypatch.setattr(deploy.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(ray_job.time, "sleep", lambda seconds: None)
     return _FakeJobClient
 
 
@@ -1545,23 +1539,23 @@ JOB_CONFIG = json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "s
 
 
 def test_driver_stops_its_ray_job_when_the_rayjob_asks(job_client: Any, monkeypatch: Any) -> None:
-    monkeypatch.setenv(deploy.STOP_ON_INVALID_ENV, "1")
+    monkeypatch.setenv(ray_job.STOP_ON_INVALID_ENV, "1")
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", JOB_CONFIG)
-    assert deploy.stop_this_ray_job() is True
-    assert job_client.calls == [(deploy.HEAD_DASHBOARD_URL, "sweep-ablation-x7k2p")]
+    assert ray_job.stop_this_ray_job() is True
+    assert job_client.calls == [(ray_job.HEAD_DASHBOARD_URL, "sweep-ablation-x7k2p")]
 
 
 @pytest.mark.parametrize("situation", ["not asked", "not a Ray job", "job API unreachable"])
 def test_driver_leaves_its_ray_job_alone(job_client: Any, monkeypatch: Any, situation: str) -> None:
-    monkeypatch.setenv(deploy.STOP_ON_INVALID_ENV, "1")
+    monkeypatch.setenv(ray_job.STOP_ON_INVALID_ENV, "1")
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", JOB_CONFIG)
     if situation == "not asked":
-        monkeypatch.delenv(deploy.STOP_ON_INVALID_ENV)
+        monkeypatch.delenv(ray_job.STOP_ON_INVALID_ENV)
     elif situation == "not a Ray job":
         monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     else:
         job_client.fail = True
-    assert deploy.stop_this_ray_job() is False
+    assert ray_job.stop_this_ray_job() is False
     assert job_client.calls == []
 
 
@@ -1569,7 +1563,7 @@ def test_invalid_spec_stops_the_ray_job_and_exits_2(tmp_path: Path, monkeypatch:
     from orchestrator import sweep
 
     stopped: list[bool] = []
-    monkeypatch.setattr(deploy, "stop_this_ray_job", lambda *why: stopped.append(True) or True)
+    monkeypatch.setattr(ray_job, "stop_this_ray_job", lambda *why: stopped.append(True) or True)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nworkload: {data: {url: x}}\ngrid: {norm: [batchnorm]}\n")
     assert sweep.main([str(bad)]) == 2
@@ -1583,9 +1577,9 @@ def test_the_rayjob_runs_its_entrypoint_with_the_variables_the_driver_reads() ->
     """The head's environment is the driver's: it expands ${SWEEP_STORAGE} (HTTPMode runs the entrypoint with
     /bin/sh on the head) and carries the opt-in that `stop_this_ray_job` reads."""
     for overlay in ("gpu-cluster", "local"):
-        docs = build(deploy.OVERLAYS_DIR / overlay)
+        docs = build(layout.OVERLAYS_DIR / overlay)
         job = ray_doc(docs)
         assert job["spec"]["submissionMode"] == "HTTPMode" and "submitterPodTemplate" not in job["spec"]
-        assert head_env(docs)[deploy.STOP_ON_INVALID_ENV]["value"] == "1"
-        assert {"configMapRef": {"name": deploy.SWEEP_CONFIG}} in head(docs)["envFrom"]
-        assert deploy.STORAGE_VAR in next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+        assert head_env(docs)[ray_job.STOP_ON_INVALID_ENV]["value"] == "1"
+        assert {"configMapRef": {"name": layout.SWEEP_CONFIG}} in head(docs)["envFrom"]
+        assert layout.STORAGE_VAR in next(d for d in docs if d["kind"] == "ConfigMap")["data"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import deploy, sweep
+from orchestrator import ray_job, sweep
 from orchestrator.grid import expand
 from orchestrator.lease import LEASE_FILE
 from orchestrator.spec import load_spec
@@ -23,7 +23,7 @@ from tests.conftest import tiny_spec, write_spec
 @pytest.fixture
 def stopped(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    monkeypatch.setattr(deploy, "stop_this_ray_job", lambda why="": calls.append(why) or True)
+    monkeypatch.setattr(ray_job, "stop_this_ray_job", lambda why="": calls.append(why) or True)
     return calls
 
 

@@ -31,6 +31,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.deploy.layout import GPU
+
 Doc = dict[str, Any]
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -439,3 +441,69 @@ def check_image_digests(docs: Sequence[Doc], cluster_target: bool) -> list[str]:
                         "digest (NAME[:TAG]@sha256:<64 hex>)"
                     )
     return problems
+
+
+# Shared by `deploy render` (which sets the autoscaler budget) and `deploy check` (which compares it)
+
+
+def gpu_amounts(container: Doc) -> tuple[Any, Any]:
+    resources = container.get("resources") or {}
+    return (resources.get("limits") or {}).get(GPU), (resources.get("requests") or {}).get(GPU)
+
+
+def gpu_count(value: Any) -> int:
+    """A GPU quantity (8 or "8") as an int; 0 when absent or not a whole number."""
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isdigit() else 0
+
+
+def asks_gpus(value: Any) -> bool:
+    return value is not None and str(value).strip() not in ("0", "")
+
+
+def pod_shape(group: Doc) -> tuple[float, int]:
+    """(CPUs, GPUs) of a worker group's pods: KubeRay takes them from the limits, else the requests."""
+    resources = ray_container(group.get("template") or {}).get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+    cpu = limits.get("cpu", requests.get("cpu"))
+    if cpu is None:
+        raise DeployError(f"worker group {group.get('groupName')} sets no cpu limit or request")
+    return parse_cpu(cpu), gpu_count(limits.get(GPU, requests.get(GPU)))
+
+
+def ray_node_resources(params: Doc, container: Doc) -> dict[str, float]:
+    """The CPUs and GPUs of the Ray node KubeRay starts in a pod: rayStartParams num-cpus / num-gpus, else the Ray
+    container's cpu (rounded up, as KubeRay does) and nvidia.com/gpu limits, else its requests."""
+    resources = container.get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+    if "num-cpus" in params:
+        cpus = float(params["num-cpus"])
+    else:
+        cpu = limits.get("cpu", requests.get("cpu"))
+        cpus = float(math.ceil(parse_cpu(cpu) - 1e-9)) if cpu is not None else 0.0
+    gpus = float(params["num-gpus"]) if "num-gpus" in params else float(gpu_count(limits.get(GPU, requests.get(GPU))))
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def autoscaler_budget(doc: Doc) -> dict[str, float]:
+    """The most CPUs and GPUs a RayJob's or RayCluster's cluster can have: the head's own, plus maxReplicas pods of
+    every worker group. Raises DeployError for a quantity that is not a number."""
+    budget = {"CPU": 0.0, "GPU": 0.0}
+    for pod in ray_pods(doc):
+        if pod.role == "submitter":
+            continue
+        group = pod.group or {}
+        try:
+            node = ray_node_resources(group.get("rayStartParams") or {}, ray_container(pod.template))
+        except ValueError:
+            raise DeployError(f"{pod.where}: num-cpus or num-gpus is not a number") from None
+        count = 1 if pod.role == "head" else group.get("maxReplicas")
+        if not isinstance(count, int):
+            raise DeployError(f"{pod.where}: maxReplicas is not an integer")
+        for resource in budget:
+            budget[resource] += count * node[resource]
+    return budget
+
+
+def env_value(amount: float) -> str:
+    return str(int(amount)) if float(amount).is_integer() else f"{amount:g}"
