@@ -156,14 +156,14 @@ def _one_loop(payloads: list[bytes]) -> int:
 @contextlib.contextmanager
 def decoding_processes(n: int) -> Iterator[None]:
     """The reader with ``n`` decoding processes, whatever this machine's CPU count says."""
-    from workloads import data
+    from workloads.data import decoding
 
-    original = data.decode_processes
-    setattr(data, "decode_processes", lambda: n)  # noqa: B010
+    original = decoding.decode_processes
+    setattr(decoding, "decode_processes", lambda: n)  # noqa: B010
     try:
         yield
     finally:
-        setattr(data, "decode_processes", original)  # noqa: B010
+        setattr(decoding, "decode_processes", original)  # noqa: B010
 
 
 def _reader(url: str, epochs: int, processes: int, colour_on_device: bool = False) -> int:

@@ -196,7 +196,7 @@ class DatasetSizes:
     warnings: tuple[str, ...] = ()
 
 
-# The dataset format's metadata file (workloads.data.META_FILE; that module imports torch, a plan does not).
+# The dataset format's metadata file (workloads.data.format.META_FILE; that package imports torch, a plan does not).
 META_FILE = "meta.json"
 
 

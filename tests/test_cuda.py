@@ -29,6 +29,7 @@ from workloads.config import (
     TrainConfig,
     TrainingConfig,
 )
+from workloads.data import decoding
 from workloads.models import build_model, use_channels_last
 from workloads.sessions import LocalSession
 
@@ -46,7 +47,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> data.DatasetInfo:
 def test_colour_maps_applied_on_the_gpu_match_the_cpu(
     dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
-    monkeypatch.setattr(data, "decode_processes", lambda: processes)
+    monkeypatch.setattr(decoding, "decode_processes", lambda: processes)
     kwargs = {"batch_size": 8, "epoch": 2, "seed": 5, "shuffle_buffer": 16, "colour_on_device": True}
     batches = list(data.iter_batches(dataset, "train", pinned=True, **kwargs))  # type: ignore[arg-type]
     assert batches and all(len(batch) == 3 for batch in batches)

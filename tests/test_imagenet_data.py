@@ -1,5 +1,5 @@
 """Encoded-image datasets: the converter (workloads/imagenet.py), the paper's augmentation (workloads/augment.py)
-and the decoding reader (workloads/data.py), on real JPEGs made here from scikit-learn's bundled photographs."""
+and the decoding reader (workloads/data/), on real JPEGs made here from scikit-learn's bundled photographs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from workloads import augment as aug
 from workloads import data, execution, imagenet
 from workloads.augment import AugmentConfig
 from workloads.config import DataConfig, PerformanceConfig, TrainConfig
+from workloads.data import decoding
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +181,8 @@ def test_default_augment_keeps_cell_ids() -> None:
     payload["performance"].pop("compile")
     payload.pop("performance")
     del payload["data"]["augment"]
+    for later in ("trajectory", "restarts"):  # evaluation options added after augment, out of the id at defaults
+        del payload["eval"][later]
     old = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
     assert cell_id(cfg) == old
     flipped = TrainConfig(data=DataConfig(url="builtin://digits", augment=AugmentConfig(name="crop_flip")))
@@ -270,7 +273,7 @@ def test_colour_maps_applied_on_a_device_match_the_float_pipeline() -> None:
 def test_a_reader_leaving_colour_to_the_device_feeds_the_same_images(
     dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
-    monkeypatch.setattr(data, "decode_processes", lambda: processes)
+    monkeypatch.setattr(decoding, "decode_processes", lambda: processes)
     kwargs = {"batch_size": 4, "epoch": 1, "seed": 3, "shuffle_buffer": 6, "augment": AugmentConfig(size=48)}
     applied = list(data.iter_batches(dataset, "train", **kwargs))  # type: ignore[arg-type]
     deferred = list(data.iter_batches(dataset, "train", colour_on_device=True, **kwargs))  # type: ignore[arg-type]
@@ -341,7 +344,7 @@ def test_resumed_run_sees_the_same_images(dataset: data.DatasetInfo, monkeypatch
     uninterrupted = [_epoch(dataset, e, augment=cfg) for e in range(3)]
     # A resumed run starts at epoch 2 in a fresh reader, here decoding in the training process instead of one
     # decoding process: the same images, bit for bit.
-    monkeypatch.setattr(data, "decode_processes", lambda: 0)
+    monkeypatch.setattr(decoding, "decode_processes", lambda: 0)
     resumed = _epoch(dataset, 2, augment=cfg)
     assert torch.equal(resumed[0], uninterrupted[2][0]) and torch.equal(resumed[1], uninterrupted[2][1])
     assert not torch.equal(uninterrupted[1][0], uninterrupted[2][0])

@@ -12,6 +12,7 @@ import torch
 from workloads import data, imagenet, slots
 from workloads.augment import AugmentConfig
 from workloads.config import PerformanceConfig
+from workloads.data import decoding
 from workloads.execution import on_device, resolve_execution
 
 
@@ -46,7 +47,7 @@ def test_ring_views_are_disjoint_and_close_unlinks_the_segment() -> None:
 
 
 def _batches(info: data.DatasetInfo, processes: int, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    monkeypatch.setattr(data, "decode_processes", lambda: processes)
+    monkeypatch.setattr(decoding, "decode_processes", lambda: processes)
     return [
         x
         for x, _ in data.iter_batches(
@@ -69,7 +70,7 @@ def test_batches_through_shared_memory_equal_decoding_in_the_training_process(
     # the device) come channels-last, the same pixels, through the ring and from a thread alike.
     assert all(x.is_contiguous() for x in shared + threaded)
     for processes in (2, 0):
-        monkeypatch.setattr(data, "decode_processes", lambda n=processes: n)
+        monkeypatch.setattr(decoding, "decode_processes", lambda n=processes: n)
         gpu = [
             x
             for x, _, _ in data.iter_batches(
@@ -90,7 +91,7 @@ def test_batches_through_shared_memory_equal_decoding_in_the_training_process(
 def test_the_cpu_path_makes_channels_last_batches_contiguous(
     dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "decode_processes", lambda: 1)
+    monkeypatch.setattr(decoding, "decode_processes", lambda: 1)
     batches = data.iter_batches(dataset, "train", batch_size=4, augment=AugmentConfig(size=40), colour_on_device=True)
     first_two = [next(batches), next(batches)]
     batches.close()  # type: ignore[attr-defined]
@@ -119,7 +120,7 @@ def test_readers_reuse_their_rings_and_keep_at_most_four_idle(
     dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made = _recording_rings(monkeypatch)
-    monkeypatch.setattr(data, "decode_processes", lambda: 1)
+    monkeypatch.setattr(decoding, "decode_processes", lambda: 1)
     batches = data.iter_batches(dataset, "train", batch_size=4, augment=AugmentConfig(size=40))
     first, _ = next(batches)
     batches.close()  # type: ignore[attr-defined]
@@ -146,13 +147,13 @@ def test_encoded_images_reach_decoding_processes_through_shared_memory(
     dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent: list[object] = []
-    submit = data.ProcessPoolExecutor.submit
+    submit = decoding.ProcessPoolExecutor.submit
 
-    def recording(pool: data.ProcessPoolExecutor, fn: object, *args: object) -> object:
+    def recording(pool: decoding.ProcessPoolExecutor, fn: object, *args: object) -> object:
         sent.append(args[4])  # fill_slot's (name, slot, shape, fn, payloads, ...)
         return submit(pool, fn, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(data.ProcessPoolExecutor, "submit", recording)
+    monkeypatch.setattr(decoding.ProcessPoolExecutor, "submit", recording)
     threaded = _batches(dataset, 0, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(_batches(dataset, 1, monkeypatch), threaded, strict=True))
     assert sent and all(isinstance(p, slots.Packed) and len(p.ends) == 4 for p in sent)
@@ -208,7 +209,7 @@ def test_a_reader_stopped_early_waits_for_the_batches_still_being_written(monkey
     with slots.lent_ring(2, (2, 3)) as ring:
         # Two decoding processes: task 1 is still being written when the reader stops after task 0.
         tasks = iter([((0, 0.0), None), ((9, 1.0), None)])
-        results = data._ordered_map(_slow_fill, tasks, 2, 2, ring)
+        results = decoding._ordered_map(_slow_fill, tasks, 2, 2, ring)
         first, _ = next(results)
         assert first.tolist() == [[0, 0, 0]] * 2
         del first
@@ -235,12 +236,12 @@ def test_a_ring_still_being_written_after_its_reader_stopped_is_never_lent_again
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made = _recording_rings(monkeypatch)
-    monkeypatch.setattr(data, "STRAGGLER_WAIT_S", 0.2)
+    monkeypatch.setattr(decoding, "STRAGGLER_WAIT_S", 0.2)
     release = str(tmp_path / "release")
     try:
         with slots.lent_ring(2, (2, 3)) as ring:
             # Task 0 returns at once, task 1 blocks in the decoding process until released.
-            results = data._ordered_map(_wait_for, iter([((release, 0), None), ((release, 1), None)]), 1, 2, ring)
+            results = decoding._ordered_map(_wait_for, iter([((release, 0), None), ((release, 1), None)]), 1, 2, ring)
             first, _ = next(results)
             assert first.tolist() == [[0, 0, 0]] * 2
             del first
