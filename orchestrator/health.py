@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from workloads import metrics as metric_names
+
 STUCK_FACTOR = 2.0  # x chance accuracy (1/K)
 LOSS_WINDOW = 3  # epochs before a decay
 LOSS_FALLING = 0.05  # relative drop of the training loss per epoch
@@ -127,7 +129,7 @@ def attack_short_of_eps(evals: Mapping[str | None, Mapping[str, Any]]) -> list[F
         for steps in config.get("pgd_steps") or ():
             if steps * step < eps:
                 detail = f"PGD-{steps} with step {step:g} moves a pixel at most {steps * step:g} < eps {eps:g}"
-                flags.append(Flag("attack short of eps", cell_id, detail, metric=f"acc_pgd_{steps}"))
+                flags.append(Flag("attack short of eps", cell_id, detail, metric=metric_names.pgd_metric(steps)))
     return flags
 
 
@@ -146,5 +148,5 @@ def note(flags: Iterable[Flag], cell_ids: Iterable[str], metric: str) -> str:
             parts.append(f"{words} in {len(hit)} of {len(cells)} cells")
     short = [f for f in flags if f.kind == "attack short of eps" and f.metric == metric]
     if any(f.cell_id is None or f.cell_id in cells for f in short):
-        parts.append(f"PGD-{metric.removeprefix('acc_pgd_')} cannot reach eps")
+        parts.append(f"{metric_names.metric_label(metric)} cannot reach eps")
     return "; ".join(parts)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.spec import Spec
+from workloads import metrics as metric_names
 
 PAPER_PGD = (10, 20, 100, 500, 2000)  # the PGD-N columns of the paper's Table 7
 
@@ -46,7 +47,7 @@ SETTING_FIELDS = ("depth", "batch_size", "pgd_steps", "strategy", "clean_ratio",
 
 def _paper_rows() -> dict[SettingKey, dict[str, float]]:
     rows: dict[SettingKey, dict[str, float]] = {}
-    columns = ("acc_clean", *(f"acc_pgd_{n}" for n in PAPER_PGD))
+    columns = (metric_names.CLEAN, *(metric_names.pgd_metric(n) for n in PAPER_PGD))
 
     def add(depth: int, batch: int, steps: int, norm: str, branch: str, strategy: str, ratio: float, *v: float) -> None:
         rows[SettingKey(depth, batch, steps, strategy, ratio, norm, branch)] = dict(zip(columns, v, strict=False))

@@ -29,6 +29,7 @@ from orchestrator.redact import redact
 from orchestrator.results import epoch_row, merge_epochs
 from orchestrator.runner import CELL_FAILED
 from orchestrator.storage import HISTORY_FILE, SweepStorage
+from workloads import metrics
 
 STATES = ("pending", "running", "finished", "failed")
 # A paper-scale epoch takes ~30 min (52 h / 110 epochs); a cell silent for longer than that needs a look.
@@ -307,9 +308,8 @@ def _strongest_eval(result: dict) -> tuple[str, float] | None:
     """(name, accuracy) of the main/adv branch under the most PGD steps evaluated, if the result has any."""
     best: tuple[int, str, float] | None = None
     for key, value in result.items():
-        if not key.startswith("eval/") or "acc_pgd_" not in key or "/mbn_clean/" in key:
-            continue
-        steps = int(key.rsplit("_", 1)[-1])
-        if best is None or steps > best[0]:
-            best = (steps, key.removeprefix("eval/"), float(value))
+        parsed = metrics.parse_eval_key(key)
+        steps = None if parsed is None or parsed[0] == "mbn_clean" else metrics.pgd_steps(parsed[1])
+        if parsed is not None and steps is not None and (best is None or steps > best[0]):
+            best = (steps, f"{parsed[0]}/{parsed[1]}", float(value))
     return None if best is None else (best[1], best[2])

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator.spec import AXES, Spec, SpecError
+from workloads import metrics
 
 if TYPE_CHECKING:
     from orchestrator.grid import Cell
@@ -124,11 +125,9 @@ def check(spec: Spec) -> list[str]:
         except SpecError as err:
             problems.append(str(err))
     metric = rep.metric
-    if metric is not None and metric != "acc_clean":
-        steps = metric.removeprefix("acc_pgd_")
-        if not steps.isdigit() or int(steps) not in spec.workload.eval.pgd_steps:
-            evaluated = ", ".join(f"acc_pgd_{n}" for n in spec.workload.eval.pgd_steps)
-            problems.append(f"replication.metric: {metric!r} is not acc_clean or one of {evaluated}")
+    if metric is not None and metric != metrics.CLEAN and metrics.pgd_steps(metric) not in spec.workload.eval.pgd_steps:
+        evaluated = ", ".join(metrics.pgd_metric(n) for n in spec.workload.eval.pgd_steps)
+        problems.append(f"replication.metric: {metric!r} is not {metrics.CLEAN} or one of {evaluated}")
     return problems
 
 
@@ -137,7 +136,7 @@ def metric_of(spec: Spec) -> str:
     if rep is not None and rep.metric:
         return rep.metric
     steps = spec.workload.eval.pgd_steps
-    return f"acc_pgd_{max(steps)}" if steps else "acc_clean"
+    return metrics.pgd_metric(max(steps)) if steps else metrics.CLEAN
 
 
 def setting_of(axes: Mapping[str, Any]) -> tuple[Any, ...]:

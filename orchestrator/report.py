@@ -69,6 +69,7 @@ from orchestrator.report_tables import (
 from orchestrator.results import AXES, HISTORY_FILE, RESULTS_FILE, history_rows, read_histories, result_rows
 from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.storage import CONFIG_FILE, SweepStorage
+from workloads import metrics as metric_names
 from workloads.fs import open_fs
 
 # Re-exported: the report's public names, wherever they live.
@@ -258,8 +259,8 @@ def render_report(data: SweepData, paper: str = "auto") -> Report:
     spec = data.spec
     defaults = setting_key(spec.default_axes(), "main") if spec else None
     # The spec's evaluation columns even before anything finished, plus any other N a result holds.
-    wanted = [f"acc_pgd_{n}" for n in spec.workload.eval.pgd_steps] if spec else []
-    metrics = ["acc_clean", *sorted(set(wanted) | set(pgd_metrics(data.rows)), key=lambda m: int(m[8:]))]
+    wanted = [metric_names.pgd_metric(n) for n in spec.workload.eval.pgd_steps] if spec else []
+    metrics = [metric_names.CLEAN, *metric_names.pgd_metrics({*wanted, *pgd_metrics(data.rows)})]
     settings = build_settings(data.rows, data.missing, metrics)
     differences = paper_differences(spec) if spec else ["no spec.yaml to compare the workload with"]
     use_paper = paper == "always" or (paper == "auto" and not differences)
@@ -292,8 +293,9 @@ def render_report(data: SweepData, paper: str = "auto") -> Report:
     out += bn_statistics_section(data.rows, defaults, figures, lacks)
     if len(metrics) == 1:
         lacks.append("robustness: no PGD-N accuracy is evaluated (workload.eval.pgd_steps is empty)")
-    elif "acc_pgd_2000" not in metrics:
-        lacks.append(f"PGD-2000, the paper's robustness measure: the strongest evaluated is {metrics[-1][8:]} steps")
+    elif metric_names.pgd_metric(2000) not in metrics:
+        strongest = metric_names.pgd_steps(metrics[-1])
+        lacks.append(f"PGD-2000, the paper's robustness measure: the strongest evaluated is {strongest} steps")
     if not any(s.n >= MIN_SEEDS for s in setting_list):
         lacks.append("replicates: no setting has 2 or more finished seeds, so no difference can be tested")
 

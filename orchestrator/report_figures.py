@@ -26,6 +26,7 @@ from orchestrator.report_tables import (
     table7_order,
 )
 from orchestrator.results import HISTORY_METRICS
+from workloads import metrics as metric_names
 
 _MARKERS = "osD^vPX*<>hp"
 
@@ -115,7 +116,7 @@ def pgd_curve_figure(
         return None
     fig = _figure(8.5, 4.2 + _legend_height(len(curves) + 1))
     ax = fig.add_subplot()
-    steps = [int(m.removeprefix("acc_pgd_")) for m in pgd]
+    steps = [metric_names.pgd_steps(m) or 0 for m in pgd]
     handles = []
     paper_plotted = False
     for (colour, marker), s in zip(_styles(len(curves)), curves, strict=True):
@@ -132,9 +133,9 @@ def pgd_curve_figure(
             )
         )
         theirs = PAPER.get(s.key, {}) if paper else {}
-        px = [n for n in PAPER_PGD if f"acc_pgd_{n}" in theirs]
+        px = [n for n in PAPER_PGD if metric_names.pgd_metric(n) in theirs]
         if px:
-            py = [theirs[f"acc_pgd_{n}"] for n in px]
+            py = [theirs[metric_names.pgd_metric(n)] for n in px]
             ax.plot(px, py, color=colour, linestyle="--", marker=marker, mfc="none", alpha=0.7)
             paper_plotted = True
     if paper_plotted:

@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator.paper import PAPER, SETTING_FIELDS, Finding, SettingKey, expected
 from orchestrator.stats import Comparison, binomial_se, compare
+from workloads import metrics as metric_names
 
 MIN_SEEDS = 2
 
@@ -96,8 +97,7 @@ def setting_key(axes: dict[str, Any], branch: str) -> SettingKey:
 
 
 def pgd_metrics(rows: Iterable[dict[str, Any]]) -> list[str]:
-    names = {k for row in rows for k, v in row.items() if k.startswith("acc_pgd_") and v is not None}
-    return sorted(names, key=lambda c: int(c.removeprefix("acc_pgd_")))
+    return metric_names.pgd_metrics(k for row in rows for k, v in row.items() if v is not None)
 
 
 def build_settings(
@@ -166,7 +166,7 @@ def full_label(key: SettingKey, defaults: SettingKey | None) -> str:
 
 
 def metric_header(metric: str) -> str:
-    return "clean" if metric == "acc_clean" else f"PGD-{metric.removeprefix('acc_pgd_')}"
+    return metric_names.metric_label(metric)
 
 
 def md(text: str) -> str:

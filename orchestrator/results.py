@@ -30,6 +30,7 @@ from orchestrator.provenance import PROVENANCE_KEYS
 from orchestrator.redact import redact
 from orchestrator.storage import HISTORY_FILE as CELL_HISTORY_FILE
 from orchestrator.storage import SweepStorage
+from workloads import metrics
 
 AXES = ("clean_ratio", "norm", "pgd_steps", "depth", "batch_size", "strategy", "seed")
 RESULTS_FILE = "results.parquet"
@@ -99,15 +100,11 @@ def cell_bn_statistics(record: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _pgd_key(column: str) -> int:
-    return int(column.removeprefix("acc_pgd_"))
-
-
 def results_table(
     records: Iterable[Mapping[str, Any]], sweep: str | None = None, configs: Mapping[str, Any] | None = None
 ) -> pa.Table:
     rows = result_rows(records, sweep, configs)
-    pgd_columns = sorted({k for row in rows for k in row if k.startswith("acc_pgd_")}, key=_pgd_key)
+    pgd_columns = metrics.pgd_metrics({k for row in rows for k in row})
     columns = ["cell_id", *AXES, "branch", "acc_clean", *pgd_columns, "epochs", "train_seconds", "gpu_hours"]
     # Only when some cell measured them: a table of cells without BN statistics keeps its earlier columns.
     columns += [c for c in BN_STATISTICS_COLUMNS if any(row.get(c) is not None for row in rows)]

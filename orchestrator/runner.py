@@ -19,6 +19,7 @@ from orchestrator.grid import Cell
 from orchestrator.placement import UnschedulableError, wait_until_placeable
 from orchestrator.redact import redact
 from orchestrator.storage import ERROR_FILE, RESULT_FILE, SweepStorage
+from workloads import metrics as eval_metrics
 
 TRIAL_CPU = 0.01  # not 0: Tune rejects a trial with no resources (docs/design.md section 6)
 # The last result of a trial whose cell failed for reasons of its own (orchestrator.progress counts it as failed).
@@ -163,8 +164,9 @@ def _train_worker(config: dict[str, Any]) -> None:
 def finished_record(cell: Cell, metrics: dict[str, Any], started: float) -> dict[str, Any]:
     branches: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
-        if key.startswith("eval/"):
-            _, branch, name = key.split("/", 2)
+        parsed = eval_metrics.parse_eval_key(key)
+        if parsed is not None:
+            branch, name = parsed
             branches.setdefault(branch, {})[name] = float(value)
     train_seconds = float(metrics.get("train_seconds", 0.0))
     record: dict[str, Any] = {

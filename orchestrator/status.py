@@ -49,6 +49,7 @@ from orchestrator.lease import LEASE_FILE, lease_ttl
 from orchestrator.results import AXES, RESULTS_FILE
 from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.storage import CONFIG_FILE, ERROR_FILE, HISTORY_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
+from workloads import metrics as metric_names
 
 EXIT_OK, EXIT_INVALID = 0, 2
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -112,9 +113,9 @@ def _mtime(info: dict[str, Any]) -> float | None:
 
 def _strongest(accuracies: dict[str, Any]) -> tuple[str, float] | None:
     pgd = [
-        (int(k.removeprefix("acc_pgd_")), k)
+        (metric_names.pgd_steps(k) or 0, k)
         for k, v in accuracies.items()
-        if k.startswith("acc_pgd_") and v is not None
+        if metric_names.pgd_steps(k) is not None and v is not None
     ]
     if not pgd:
         return None
@@ -191,7 +192,7 @@ def _from_results_table(storage: SweepStorage) -> tuple[str, list[CellStatus], l
         status.epoch = row.get("epochs")
         status.error = row.get("error") or ""
         status.acc_clean = row.get("acc_clean")
-        strongest = _strongest({k: v for k, v in row.items() if k.startswith("acc_pgd_")})
+        strongest = _strongest({k: v for k, v in row.items() if metric_names.pgd_steps(k) is not None})
         if strongest:
             status.robust_metric, status.acc_robust = strongest
         statuses[row["cell_id"]] = status
@@ -392,8 +393,8 @@ def format_status(
         if state.driver == "running":
             line += f"; the whole sweep needs about {_duration(state.eta_seconds)} more" if state.eta_seconds else ""
         lines.append(line)
-    robust_names = sorted({s.robust_metric for s in statuses if s.robust_metric.startswith("acc_pgd_")})
-    robust_header = "PGD-" + "/".join(n.removeprefix("acc_pgd_") for n in robust_names) if robust_names else "adv"
+    robust_names = metric_names.pgd_metrics(s.robust_metric for s in statuses)
+    robust_header = "PGD-" + "/".join(str(metric_names.pgd_steps(n)) for n in robust_names) if robust_names else "adv"
     header = ["cell", "state", "epoch", "clean", robust_header, "time left", "updated", "axes"]
     rows = []
     for s in statuses:

@@ -30,6 +30,7 @@ from orchestrator.results import HISTORY_METRICS, flatten_config
 from orchestrator.runner import CELL_FAILED
 from orchestrator.spec import Spec
 from orchestrator.storage import SweepStorage
+from workloads import metrics as metric_names
 from workloads.fs import with_retries
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def epoch_metrics(result: dict[str, Any]) -> tuple[int | None, dict[str, float]]
     train_seconds) and the final evaluation (eval/<branch>/<metric>); Tune's bookkeeping is left out."""
     metrics = {}
     for key, value in result.items():
-        wanted = key in HISTORY_METRICS or key == "train_seconds" or key.startswith("eval/")
+        wanted = key in HISTORY_METRICS or key == "train_seconds" or metric_names.parse_eval_key(key) is not None
         if wanted and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             metrics[key] = float(value)
     epoch = result.get("epoch")

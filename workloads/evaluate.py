@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from workloads import data
+from workloads import data, metrics
 from workloads.attacks import pgd, pgd_curve, random_targets
 from workloads.bn_fold import FoldedForAttack
 from workloads.config import EvalConfig, TrainConfig
@@ -113,7 +113,7 @@ def _evaluate(cfg: TrainConfig, network: ResNet, session: Session, num_classes: 
         seen = max(totals[-1], 1.0)
         name = "main" if branch is None else f"mbn_{branch}"
         results[name] = {"acc_clean": totals[0] / seen} | {
-            f"acc_pgd_{n}": totals[i] / seen for i, n in enumerate(cfg.eval.pgd_steps, start=1)
+            metrics.pgd_metric(n): totals[i] / seen for i, n in enumerate(cfg.eval.pgd_steps, start=1)
         }
     if network.has_mbn:
         network.set_mbn_branch("adv")
@@ -153,4 +153,4 @@ def _attacks(
 def eval_metrics(cfg: TrainConfig, network: ResNet, session: Session, num_classes: int) -> dict[str, float]:
     """`evaluate` flattened into report keys `eval/<branch>/<metric>` (the orchestrator parses them back)."""
     results = evaluate(cfg, network, session, num_classes)
-    return {f"eval/{branch}/{key}": value for branch, values in results.items() for key, value in values.items()}
+    return {metrics.eval_key(branch, key): value for branch, values in results.items() for key, value in values.items()}
