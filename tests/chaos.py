@@ -19,8 +19,9 @@ The incidents (`Incident.kind`):
 - `cluster`: every process of the cluster and the driver SIGKILLed; a new cluster (new head, new nodes) starts on
   the same storage and the sweep is resubmitted to it.
 
-An incident fires once the sweep has registered `after_epochs` epochs in storage (all cells together) and then a
-drawn fraction of an epoch later, so it lands mid-epoch whatever the speed of the machine.
+An incident fires once the sweep has registered `after_epochs` epochs in storage (all cells together), at least
+one of them after the previous incident ended, and then a drawn fraction of an epoch after the latest one, so it
+lands mid-epoch whatever the speed of the machine, and each incident meets a sweep that is training again.
 
 What the run must show (`SoakRun.problems`): the last driver exits 0 with every cell finished; results.parquet
 equals the undisturbed run's (evaluation accuracies equal, per-epoch losses within 1e-5 relative); no epoch is
@@ -282,6 +283,7 @@ class Soak:
         registered: dict[str, int] = {}
         registered_at: dict[str, float] = {}
         epoch_s = 10.0  # until the first two registrations of a cell say how long an epoch takes here
+        quiet_until = 0.0  # when the last incident ended
         replacement = 0
         try:
             while True:
@@ -300,8 +302,11 @@ class Soak:
                     break
                 due = pending[0] if pending else None
                 if due is not None and sum(registered.values()) >= due.after_epochs:
-                    since = max(registered_at.values(), default=now)
-                    if now - since >= due.delay * epoch_s and self._ready(due, cluster):
+                    # Mid-epoch, and never on the heels of the previous incident: an epoch registered after it
+                    # ended says the sweep is training again.
+                    since = max(registered_at.values(), default=-1.0)
+                    trained = since > quiet_until
+                    if trained and now - since >= due.delay * epoch_s and self._ready(due, cluster):
                         pending.pop(0)
                         due.fired_at = now
                         finished = self._finished(prefix)
@@ -310,7 +315,7 @@ class Soak:
                                 due.registered[cell] = epoch
                                 due.partial[cell] = min(1.0, (now - registered_at[cell]) / epoch_s)
                         driver, cluster, replacement = self._fire(due, driver, cluster, start_driver, replacement)
-                        due.ended_at = time.monotonic() - started
+                        due.ended_at = quiet_until = time.monotonic() - started
                 time.sleep(self.poll_s)
             watcher.poll(logs, time.monotonic() - started)
             seconds = time.monotonic() - started

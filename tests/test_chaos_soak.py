@@ -16,6 +16,8 @@ from scripts.chaos_soak import soak
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.fault]
 
 
+# Two sweeps of 4 cells on a 2-core machine, one of them through a 130 s outage, a lease wait and a new cluster.
+@pytest.mark.timeout(2400)
 def test_a_sweep_under_every_kind_of_incident_ends_as_the_undisturbed_one(tmp_path: Path) -> None:
     summary = soak(tmp_path, short=True, seed=7, repeat=1)
     print(json.dumps(summary, indent=1))
