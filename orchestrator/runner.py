@@ -176,7 +176,7 @@ def finished_record(cell: Cell, metrics: dict[str, Any], started: float) -> dict
         "resumed_from_epoch": int(metrics.get("start_epoch", 0)),
         "started_at": started,
         "finished_at": time.time(),
-    }
+    } | ({"forked_from": str(metrics["forked_from"])} if metrics.get("forked_from") else {})
 
 
 def _root_cause(err: BaseException) -> str:
