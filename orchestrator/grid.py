@@ -12,7 +12,7 @@ Every derived parameter is resolved here, in `_Resolver.resolve`, and nowhere el
   normalised to clean_ratio 1.0 and pgd_steps 0, and standard cells differing only in those axes collapse.
 
 A cell's id is the first 12 hex digits of the SHA-256 of its resolved config as canonical JSON, without the purely
-operational fields (`checkpoint_every`, `keep_checkpoints`, `performance.compile` and `.graph_attack`): the same
+operational fields (`checkpoint_every`, `keep_checkpoints`, `performance.compile` and `.graph_attack`, `fork`): the same
 cell gets the same id on every submission and machine, so a re-run finds its checkpoints and results. Equal ids
 collapse (first one kept). Fields and sections added after ids were first handed out (`LATE_FIELDS`) enter the id
 only when they differ from their defaults, so the cells of existing sweeps keep their ids (and with them their
@@ -36,10 +36,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from orchestrator.spec import AXES, GridEntry, Spec, SpecError, format_validation_error, workers_for
-from workloads.config import TrainConfig, attack_step_size
+from workloads.config import ForkConfig, TrainConfig, attack_step_size
 
-# Changing these does not change what a cell trains, so they stay out of its id.
-OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
+# Changing these does not change what a cell trains, so they stay out of its id. `fork` (where a run saves or
+# starts from a fork point) is never dumped at all; it is named here too so that it could never enter an id.
+OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints", "fork"})
 # Per section: operational fields inside it (torch.compile runs the same arithmetic as eager, up to rounding).
 OPERATIONAL_SUBFIELDS: dict[str, frozenset[str]] = {"performance": frozenset({"compile", "graph_attack"})}
 # Fields (dotted paths) that enter the id only when set away from their defaults: they came after the first ids.
@@ -109,6 +110,10 @@ class Cell:
         data = self.config.data.model_copy(update={"url": url})
         return replace(self, config=self.config.model_copy(update={"data": data}))
 
+    def with_fork(self, fork: ForkConfig) -> Cell:
+        """The same cell saving or starting from a fork point (`fork_twins`): operational, the id stays."""
+        return replace(self, config=self.config.model_copy(update={"fork": fork}))
+
     def describe(self) -> str:
         return describe_axes(self.axes)
 
@@ -158,6 +163,74 @@ def cell_id(config: TrainConfig) -> str:
 def _default_config(config: TrainConfig) -> TrainConfig:
     """A config with every field at its default (the data URL is required, so it is taken from `config`)."""
     return TrainConfig(data=type(config.data)(url=config.data.url))
+
+
+@dataclass(frozen=True)
+class Fork:
+    """A BN* cell that can start from its BN twin's training state (the spec's `fork_bn_star`).
+
+    BN* differs from BN only in the last `bn_star_epochs` epochs (Section 4.3, Table 2: running statistics in
+    training for the last 10 of 110), and the loop's randomness is a function of the seed and epoch, so the two
+    cells train bit for bit alike up to the switch epoch. The fork resumes from the twin's state there: the same
+    result as training it from scratch, for the epochs after the switch only."""
+
+    cell_id: str  # the BN* cell (the fork)
+    parent: str  # its twin: the same resolved config without BN*
+    epoch: int  # the switch epoch: the fork trains epochs epoch..end (0-based), the parent saves its state there
+
+
+def fork_twins(cells: list[Cell]) -> tuple[dict[str, Fork], list[Cell]]:
+    """The forks among `cells` (by the BN* cell's id) and the BN* cells that have no twin among them.
+
+    A twin is the cell whose resolved config equals the BN* cell's with `model.bn_star_epochs` 0, compared as the
+    cell id compares configs (operational fields aside): MBN* pairs with MBN the same way. A BN* cell whose BN* spans
+    every epoch has nothing to share and counts as twinless."""
+    ids = {cell.cell_id for cell in cells}
+    forks: dict[str, Fork] = {}
+    alone: list[Cell] = []
+    for cell in cells:
+        config = cell.config
+        if not config.model.bn_star_epochs:
+            continue
+        parent = cell_id(without_bn_star(config))
+        switch = config.recipe.epochs - config.model.bn_star_epochs
+        if parent in ids and switch > 0:
+            forks[cell.cell_id] = Fork(cell.cell_id, parent, switch)
+        else:
+            alone.append(cell)
+    return forks, alone
+
+
+def without_bn_star(config: TrainConfig) -> TrainConfig:
+    """`config` with BN* off: a BN* cell's twin."""
+    return config.model_copy(update={"model": config.model.model_copy(update={"bn_star_epochs": 0})})
+
+
+def fork_mismatch(parent: TrainConfig, fork: TrainConfig) -> str | None:
+    """Why `fork` cannot start from `parent`'s state: the first field (dotted path) in which they differ other than
+    BN* and the operational fields, with both values; None where `parent` is `fork`'s twin."""
+    if cell_id(parent) == cell_id(without_bn_star(fork)) and not parent.model.bn_star_epochs:
+        return None
+    exclude: dict[str, Any] = {name: True for name in OPERATIONAL_FIELDS}
+    exclude |= {name: set(fields) for name, fields in OPERATIONAL_SUBFIELDS.items()}
+    mine = _flat(without_bn_star(parent).model_dump(mode="json", exclude=exclude))
+    theirs = _flat(without_bn_star(fork).model_dump(mode="json", exclude=exclude))
+    for path in sorted(mine.keys() | theirs.keys()):
+        if mine.get(path) != theirs.get(path):
+            return f"{path} is {mine.get(path)!r} in the parent but {theirs.get(path)!r} in the fork"
+    if parent.model.bn_star_epochs:
+        return f"model.bn_star_epochs is {parent.model.bn_star_epochs} in the parent: a parent trains without BN*"
+    return "their cell ids differ"
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def expand(spec: Spec) -> list[Cell]:

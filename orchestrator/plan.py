@@ -69,7 +69,7 @@ from typing import Any, Literal
 
 import fsspec
 
-from orchestrator.grid import Cell, describe_axes
+from orchestrator.grid import Cell, Fork, describe_axes, fork_twins
 from orchestrator.packing import DEFAULT_POLICY, Policy, exclusion_bound, simulate
 from orchestrator.spec import AXES, Planning, Spec, SpecError
 from workloads import builtin_data
@@ -185,6 +185,15 @@ def estimate_device_hours(config: TrainConfig, planning: Planning | None = None)
     return macs * (train + evaluation) * HOURS_PER_MAC / planning.relative_speed
 
 
+def fork_saved_device_hours(config: TrainConfig, epochs: int, planning: Planning | None = None) -> float:
+    """What a fork does not train (the spec's `fork_bn_star`): the `epochs` it takes from its parent's state."""
+    planning = planning or Planning()
+    model = config.model
+    macs = resnet_macs(model.depth, model.width, model.stem, planning.image_size)
+    train = train_forwards_per_image(config) * planning.train_images * epochs
+    return macs * train * HOURS_PER_MAC / planning.relative_speed
+
+
 @dataclass(frozen=True)
 class DatasetSizes:
     """The dataset numbers the cost model uses, and where they come from (the plan prints it)."""
@@ -294,6 +303,16 @@ class CellPlan:
 
 
 @dataclass(frozen=True)
+class ForkPlan:
+    """A BN* cell that starts from its BN twin's state (orchestrator.grid.Fork) and the device-hours that saves."""
+
+    cell_id: str
+    parent: str
+    epoch: int  # the epochs it takes from the parent
+    saved_device_hours: float
+
+
+@dataclass(frozen=True)
 class Plan:
     device: Literal["GPU", "CPU"]
     capacity: int  # cluster GPUs, or worker slots for a CPU spec
@@ -305,6 +324,14 @@ class Plan:
     planning: Planning
     warnings: tuple[str, ...] = ()
     dataset: DatasetSizes | None = None  # where planning's train_images and image_size came from
+    # With the spec's fork_bn_star: the forks (their cells' device_hours are already without the epochs they take
+    # from their parents, and they start after the other cells), and the BN* cells with no twin to fork from.
+    forks: tuple[ForkPlan, ...] = ()
+    twinless: tuple[str, ...] = ()
+
+    @property
+    def fork_saved_device_hours(self) -> float:
+        return sum(fork.saved_device_hours for fork in self.forks)
 
     @property
     def total_gpu_hours(self) -> float:
@@ -364,12 +391,16 @@ def make_plan(
     planning: Planning | None = None,
     policy: Policy = DEFAULT_POLICY,
     dataset: DatasetSizes | None = None,
+    forks: Mapping[str, Fork] | None = None,
+    twinless: Sequence[str] = (),
 ) -> Plan:
     """Cost, makespan and feasibility of `cells` on `cluster_gpus` GPUs in nodes of `gpus_per_node`.
 
     CPU cells (gpus == 0) are planned on `cluster_cpus` (default: this machine's CPU count) in worker slots.
     `policy` is the admission policy the makespan simulates (`orchestrator.packing`; the default is the driver's).
     `dataset`, when given, replaces planning's train_images and image_size (`dataset_sizes`).
+    `forks` (by cell id, orchestrator.grid.fork_twins): those cells cost their epochs after the fork only and run
+    in a second round, after every other cell, as the driver runs them; `twinless` names BN* cells without a twin.
     Raises SpecError, naming the cell's axes and the numbers, if a cell can never be placed.
     """
     planning = planning or Planning()
@@ -384,17 +415,32 @@ def make_plan(
         capacity = max(0, int(cpus / per_worker + 1e-9))
     _check_feasible(cells, device, capacity, gpus_per_node)
 
+    forks = {cid: fork for cid, fork in (forks or {}).items() if cid in {cell.cell_id for cell in cells}}
     costs: list[tuple[int, float, float]] = []  # (slots, device_hours, wall_hours)
+    fork_plans: list[ForkPlan] = []
     overhead = planning.cell_overhead_s / 3600
     for cell in cells:
         slots = cell.gpus if device == "GPU" else cell.num_workers
         # The devices are held through the cell's start-up too: its overhead costs device-hours on every slot.
         hours = estimate_device_hours(cell.config, planning) + overhead * slots
+        fork = forks.get(cell.cell_id)
+        if fork is not None:
+            saved = fork_saved_device_hours(cell.config, fork.epoch, planning)
+            fork_plans.append(ForkPlan(cell.cell_id, fork.parent, fork.epoch, saved))
+            hours -= saved
         costs.append((slots, hours, hours / slots))
     # The driver's policy on a simulated clock; the scheduler counts one resource here (GPUs, or worker slots).
-    starts = simulate(
-        [{"slots": slots} for slots, _, _ in costs], [wall for _, _, wall in costs], {"slots": capacity}, policy
-    )
+    # Forks are a second round that starts when the first has ended (orchestrator.sweep).
+    starts = [0.0] * len(cells)
+    round_start = 0.0
+    for in_round in (False, True):
+        jobs = [i for i, cell in enumerate(cells) if (cell.cell_id in forks) == in_round]
+        round_starts = simulate(
+            [{"slots": costs[i][0]} for i in jobs], [costs[i][2] for i in jobs], {"slots": capacity}, policy
+        )
+        for i, start in zip(jobs, round_starts, strict=True):
+            starts[i] = round_start + start
+        round_start = max((starts[i] + costs[i][2] for i in jobs), default=round_start)
 
     plans = tuple(
         CellPlan(
@@ -428,6 +474,8 @@ def make_plan(
         + (_input_warnings(plans) if device == "GPU" else ())
         + _reach_warnings(cells),
         dataset=dataset,
+        forks=tuple(fork_plans),
+        twinless=tuple(twinless),
     )
 
 
@@ -474,6 +522,11 @@ def plan_spec(spec: Spec, cells: Sequence[Cell] | None = None) -> Plan:
         from orchestrator.grid import expand
 
         cells = expand(spec)
+    forks: dict[str, Fork] = {}
+    twinless: list[str] = []
+    if spec.fork_bn_star:
+        forks, alone = fork_twins(list(cells))
+        twinless = [cell.cell_id for cell in alone]
     r = spec.resources
     return make_plan(
         cells,
@@ -482,6 +535,8 @@ def plan_spec(spec: Spec, cells: Sequence[Cell] | None = None) -> Plan:
         cluster_cpus=r.cluster_cpus,
         planning=spec.planning,
         dataset=dataset_sizes(spec),
+        forks=forks,
+        twinless=twinless,
     )
 
 
@@ -561,6 +616,16 @@ def format_plan(plan: Plan) -> str:
             f"augmentation, docs/benchmarks.md); CPUs per worker to keep the GPUs fed: "
             f"{input_cpus_per_worker(plan.cells)}"
         )
+    if plan.forks:
+        out.append(
+            f"forks: {len(plan.forks)} BN* cells start from their BN twins' state at the switch epoch, after the "
+            f"other cells: {_hours(plan.fork_saved_device_hours)} {plan.unit} saved (already left out of the total)"
+        )
+    if plan.twinless:
+        out.append(
+            f"forks: {len(plan.twinless)} BN* cells have no BN twin in the grid (or use BN* from the first epoch) "
+            f"and train from scratch: {', '.join(plan.twinless)}"
+        )
     out += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(out)
 
@@ -584,6 +649,13 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         # Sized for GPU workers only, as the table shows: a CPU worker trains far slower than it decodes.
         "input_cpus_per_worker": input_cpus_per_worker(plan.cells) if plan.device == "GPU" else None,
         "warnings": list(plan.warnings),
+        # fork_bn_star: what the forks save (left out of total_device_hours) and the BN* cells that train from scratch.
+        "fork_saved_device_hours": plan.fork_saved_device_hours,
+        "forks": [
+            {"cell_id": f.cell_id, "parent": f.parent, "epoch": f.epoch, "saved_device_hours": f.saved_device_hours}
+            for f in plan.forks
+        ],
+        "twinless_bn_star_cells": list(plan.twinless),
         "cells": [
             {
                 "cell_id": p.cell_id,

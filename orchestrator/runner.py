@@ -181,6 +181,8 @@ def finished_record(cell: Cell, metrics: dict[str, Any], started: float) -> dict
         "started_at": started,
         "finished_at": time.time(),
     }
+    if metrics.get("forked_from"):
+        record["forked_from"] = str(metrics["forked_from"])
     return record | bn_statistics_fields(metrics)
 
 

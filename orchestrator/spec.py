@@ -382,6 +382,10 @@ class Spec(_Strict):
     max_failures: int = Field(2, ge=0, le=1_000)
     # Bound on the product sizes before duplicates collapse: guards against a typo that expands to millions.
     max_cells: int = Field(100_000, ge=1, le=10_000_000)
+    # BN* cells start from their BN twin's training state at the switch epoch instead of training the epochs they
+    # share again (Section 4.3: BN* differs from BN only in the last epochs; orchestrator.grid.fork_twins). Forks
+    # run after the other cells. Operational: a forked cell's results equal its from-scratch ones, and so does its id.
+    fork_bn_star: bool = False
 
     _grid_is_mapping: bool = PrivateAttr(False)
 

@@ -12,7 +12,10 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
 
 # `ray job submit` runs the driver on the Ray head's Python, which may lack the project's packages (a head
 # started outside .venv): one line naming the interpreter and the fix, not a traceback from the first import.
@@ -22,17 +25,28 @@ if __name__ == "__main__":
     check_interpreter()
 
 from orchestrator import replication  # noqa: E402
-from orchestrator.grid import Cell, describe_axes  # noqa: E402
+from orchestrator.grid import Cell, Fork, describe_axes, fork_mismatch, fork_twins  # noqa: E402
 from orchestrator.lease import DriverLease, LeaseHeldError  # noqa: E402
 from orchestrator.placement import AUTOSCALER_MAX_ENV, NodeType  # noqa: E402
 from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json  # noqa: E402
 from orchestrator.provenance import changed_code, driver_provenance  # noqa: E402
 from orchestrator.redact import redact  # noqa: E402
 from orchestrator.report import build_report  # noqa: E402
-from orchestrator.results import write_results  # noqa: E402
+from orchestrator.results import merge_epochs, write_results  # noqa: E402
 from orchestrator.spec import Spec, SpecError, load_spec  # noqa: E402
-from orchestrator.storage import CONFIG_FILE, SweepStorage, resolve_storage_url  # noqa: E402
+from orchestrator.storage import (  # noqa: E402
+    CONFIG_FILE,
+    ERROR_FILE,
+    HISTORY_FILE,
+    RESULT_FILE,
+    SweepStorage,
+    resolve_storage_url,
+)
+from workloads.config import ForkConfig, TrainConfig, fork_point_file  # noqa: E402
 from workloads.fs import OUTAGE_TOLERANCE_ENV, is_transient  # noqa: E402
+
+# cells/<cell_id>/fork_point/epoch_<k>.pt (+ .json): a fork's parent's training state at the fork's switch epoch.
+FORK_POINT_DIR = "fork_point"
 
 # The exit-status and retry contract (README "Exit status and retries"): 0 and 1 are final, 2 is final and stops
 # the driver's own Ray job (so KubeRay does not retry it on a new cluster), 3 is worth retrying as it is.
@@ -211,9 +225,20 @@ def _finished_cells(storage: SweepStorage, wanted: set[str], rerun_changed: bool
 
 
 def _run_round(
-    spec: Spec, storage: SweepStorage, cells: list[Cell], plan: Plan, rerun_changed: bool, total: int
+    spec: Spec,
+    storage: SweepStorage,
+    cells: list[Cell],
+    plan: Plan,
+    rerun_changed: bool,
+    total: int,
+    *,
+    later: Sequence[Cell] = (),
+    prepare: Callable[[list[Cell]], list[Cell]] | None = None,
 ) -> int | None:
-    """Run whichever of `cells` have not finished; an exit status when the sweep must stop, else None."""
+    """Run whichever of `cells` have not finished; an exit status when the sweep must stop, else None.
+
+    `later`: cells of a next round that wait for these (forks), counted as still to run. `prepare` turns the cells
+    about to run into what runs (a fork's parent that saves its fork point, a fork that starts from one)."""
     wanted = {cell.cell_id for cell in cells}
     finished = _finished_cells(storage, wanted, rerun_changed)
     todo = [cell for cell in cells if cell.cell_id not in finished]
@@ -221,6 +246,12 @@ def _run_round(
     print(f"storage: {storage.url}")
     if not todo:
         return None
+    if prepare is not None:
+        todo = prepare(todo)
+    waiting = 0
+    if later:
+        records = storage.cell_records()
+        waiting = sum(1 for cell in later if (records.get(cell.cell_id) or {}).get("status") != "finished")
     for cell in todo:
         storage.write_json(
             storage.cell_path(cell.cell_id, CONFIG_FILE),
@@ -232,10 +263,111 @@ def _run_round(
             },
         )
     try:
-        _run_cells(spec, storage, todo, plan, already_finished=total - len(todo), total=total)
+        _run_cells(spec, storage, todo, plan, already_finished=total - len(todo) - waiting, total=total)
     except InfeasibleError as err:
         return _refuse(str(err), "a sweep this cluster cannot run")
     return None
+
+
+def _run_forking_round(
+    spec: Spec, storage: SweepStorage, cells: list[Cell], plan: Plan, rerun_changed: bool, total: int
+) -> int | None:
+    """`_run_round`, in two rounds where the spec's `fork_bn_star` finds forks among `cells`: first every cell but
+    the forks, their BN twins saving their state at the switch epoch, then the forks starting from those states
+    (orchestrator.grid.fork_twins; Section 4.3). A fork that cannot start from its twin is said and trains from
+    scratch: the same result, at the full cost."""
+    forks = fork_twins(cells)[0] if spec.fork_bn_star else {}
+    if not forks:
+        return _run_round(spec, storage, cells, plan, rerun_changed, total)
+    save_epochs: dict[str, set[int]] = {}
+    for fork in forks.values():
+        save_epochs.setdefault(fork.parent, set()).add(fork.epoch)
+
+    def parents_save(todo: list[Cell]) -> list[Cell]:
+        saving = []
+        for cell in todo:
+            if cell.cell_id in save_epochs:
+                epochs = tuple(sorted(save_epochs[cell.cell_id]))
+                cell = cell.with_fork(ForkConfig(save_epochs=epochs, save_to=fork_folder(storage, cell.cell_id)))
+            saving.append(cell)
+        return saving
+
+    def forks_start(todo: list[Cell]) -> list[Cell]:
+        parents = {cell.cell_id: cell for cell in cells}
+        started = []
+        for cell in todo:
+            fork = forks[cell.cell_id]
+            refusal = fork_refusal(storage, fork, cell.config, parents[fork.parent].axes)
+            if refusal:
+                print(f"fork: {refusal}; it trains from scratch")
+                started.append(cell)
+                continue
+            start = fork_point_file(fork_folder(storage, fork.parent), fork.epoch)
+            print(f"fork: cell {cell.cell_id} starts from cell {fork.parent} at epoch {fork.epoch}")
+            started.append(cell.with_fork(ForkConfig(start_from=start, parent=fork.parent)))
+        return started
+
+    first = [cell for cell in cells if cell.cell_id not in forks]
+    second = [cell for cell in cells if cell.cell_id in forks]
+    print(f"fork: {len(second)} BN* cells start from their BN twins once these have trained")
+    stop = _run_round(spec, storage, first, plan, rerun_changed, total, later=second, prepare=parents_save)
+    if stop is not None:
+        return stop
+    stop = _run_round(spec, storage, second, plan, rerun_changed, total, prepare=forks_start)
+    copy_fork_histories(storage, [forks[cell.cell_id] for cell in second])
+    return stop
+
+
+def fork_folder(storage: SweepStorage, cell_id: str) -> str:
+    """Where cell `cell_id` keeps its fork points: beside its checkpoints, out of reach of their rotation."""
+    return f"{storage.url.rstrip('/')}/cells/{cell_id}/{FORK_POINT_DIR}"
+
+
+def fork_refusal(storage: SweepStorage, fork: Fork, config: TrainConfig, parent_axes: dict[str, Any]) -> str | None:
+    """Why `fork` (whose resolved config is `config`) cannot start from its parent's state, naming both cells; None
+    when it can: the parent finished, its stored config is the fork's twin, and its fork point is in storage."""
+    child, parent = fork.cell_id, fork.parent
+    what = f"cell {child} cannot fork from cell {parent} ({describe_axes(parent_axes)})"
+    record = storage.read_json(storage.cell_path(parent, RESULT_FILE))
+    if record is None or record.get("status", "finished") != "finished":
+        error = storage.read_json(storage.cell_path(parent, ERROR_FILE)) or {}
+        why = f"failed: {redact(str(error['error']))[:300]}" if error.get("error") else "has no result"
+        return f"{what}: the parent {why}"
+    stored = storage.read_json(storage.cell_path(parent, CONFIG_FILE)) or {}
+    try:
+        parent_config = TrainConfig.model_validate(stored.get("train"))
+    except ValidationError:
+        return f"{what}: the parent's {CONFIG_FILE} is missing or not a valid config"
+    mismatch = fork_mismatch(parent_config, config)
+    if mismatch:
+        return f"{what}: their configs differ beyond BN*: {mismatch}"
+    marker = storage.read_json(fork_point_file(storage.cell_path(parent, FORK_POINT_DIR), fork.epoch, ".json"))
+    if marker is None:
+        return (
+            f"{what}: the parent saved no fork point at epoch {fork.epoch} (it trained without fork_bn_star, or "
+            "before that epoch was asked for)"
+        )
+    return None
+
+
+def copy_fork_histories(storage: SweepStorage, forks: Sequence[Fork]) -> None:
+    """Give each finished fork the training curve of the epochs it took from its parent: the parent's history rows
+    up to the fork's epoch, marked `forked_from`, where the fork has no row of its own (they are the epochs both
+    trained alike, so the report's per-epoch curves run from the first epoch)."""
+    for fork in forks:
+        record = storage.read_json(storage.cell_path(fork.cell_id, RESULT_FILE)) or {}
+        if record.get("forked_from") != fork.parent:
+            continue
+        parent = storage.read_json(storage.cell_path(fork.parent, HISTORY_FILE)) or {}
+        prefix = [
+            dict(row) | {"forked_from": fork.parent}
+            for row in parent.get("epochs") or []
+            if int(row["epoch"]) <= fork.epoch
+        ]
+        path = storage.cell_path(fork.cell_id, HISTORY_FILE)
+        own = storage.read_json(path) or {"cell_id": fork.cell_id, "axes": record.get("axes") or {}}
+        own["epochs"] = merge_epochs(prefix, own.get("epochs") or [])
+        storage.write_json(path, own)
 
 
 def _more_seeds(spec: Spec, storage: SweepStorage, cells: list[Cell], cost: dict[str, float]) -> list[Cell]:
@@ -259,7 +391,7 @@ def _run_and_collect(spec: Spec, cells: list[Cell], plan: Plan, storage: SweepSt
     cells = list(cells)
     cost = {c.cell_id: c.device_hours for c in plan.cells}
     while True:
-        stop = _run_round(spec, storage, round_cells, round_plan, rerun_changed, total=len(cells))
+        stop = _run_forking_round(spec, storage, round_cells, round_plan, rerun_changed, total=len(cells))
         if stop is not None:
             return stop
         if spec.replication is None:

@@ -281,6 +281,27 @@ class WorkloadConfig(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
+def fork_point_file(folder: str, epoch: int, suffix: str = ".pt") -> str:
+    """A fork point in `folder`: the training state after `epoch` epochs (`.pt`), and its marker (`.json`), written
+    after the state, so that a marker says the state is complete."""
+    return f"{folder.rstrip('/')}/epoch_{epoch}{suffix}"
+
+
+class ForkConfig(_Strict):
+    """A cell's part in forking (the spec's `fork_bn_star`, orchestrator.grid.fork_twins). A BN* cell trains exactly
+    as its BN twin until BN* switches on (Section 4.3, Table 2: the last epochs only), so it can start from the
+    twin's training state at that epoch instead of training the same epochs again."""
+
+    # As a fork's parent: save the whole training state after each of these epochs into `save_to`
+    # (`fork_point_file`), a folder no checkpoint rotation touches.
+    save_epochs: tuple[int, ...] = ()
+    save_to: str = ""
+    # As a fork: with no checkpoint of its own, start from this fork point (a `.pt` of `fork_point_file`) of cell
+    # `parent`.
+    start_from: str = ""
+    parent: str = ""
+
+
 class TrainConfig(WorkloadConfig):
     """Everything one cell needs: the workload, resolved for the cell by the orchestrator (orchestrator.grid),
     plus the fields the orchestrator decides and the workload only reads: how many data-parallel workers, whether
@@ -290,6 +311,9 @@ class TrainConfig(WorkloadConfig):
     use_gpu: bool = False
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # Operational: where the run saves or starts from a fork point. Left out of every dump (config.json,
+    # results.parquet, the cell id): a forked cell trains exactly what the same cell trains from scratch.
+    fork: ForkConfig | None = Field(None, exclude=True)
 
     @property
     def grad_accum_steps(self) -> int:

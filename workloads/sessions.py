@@ -7,10 +7,12 @@ write costs one checkpoint interval, not the run.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -18,7 +20,8 @@ from typing import Any
 
 import torch
 
-from workloads.fs import process_exists, with_retries
+from workloads.config import fork_point_file
+from workloads.fs import open_fs, process_exists, with_retries, write_atomic
 
 STATE_FILE = "state.pt"
 # Rank 0's local checkpoint folders: PREFIX + the worker's process id + "-" + a random suffix (see RaySession).
@@ -186,6 +189,44 @@ def remove_orphaned_checkpoint_folders(root: str | None = None) -> list[Path]:
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
+
+
+def save_fork_point(folder: str, state: dict[str, Any]) -> str:
+    """Save a training state as a fork point in storage folder `folder` (any storage URL): `epoch_<k>.pt`, then its
+    marker `epoch_<k>.json`, so that a marker means a complete state. Apart from the Ray Train checkpoints, which
+    `keep_checkpoints` rotates away. Rides out storage outages like a checkpoint upload. Returns the state's URL."""
+    epoch = int(state["epoch"])
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    target = fork_point_file(folder, epoch)
+    _write_to_storage(target, buffer.getvalue())
+    marker = {"epoch": epoch, "saved_at": time.time()}
+    _write_to_storage(fork_point_file(folder, epoch, ".json"), json.dumps(marker).encode())
+    return target
+
+
+def load_fork_point(url: str) -> dict[str, Any]:
+    """The training state a fork point holds (`save_fork_point`), read from storage."""
+
+    def read() -> bytes:
+        fs, path = open_fs(url)
+        with fs.open(path, "rb") as f:
+            return bytes(f.read())
+
+    payload = with_retries(read, f"read fork point {url}")
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise ValueError(f"{url} is not a training state")
+    return state
+
+
+def _write_to_storage(url: str, payload: bytes) -> None:
+    def write() -> None:
+        fs, path = open_fs(url)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        write_atomic(fs, path, payload)
+
+    with_retries(write, f"write {url}")
 
 
 def load_state(path: Path) -> dict[str, Any]:

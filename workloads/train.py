@@ -47,7 +47,7 @@ from workloads.execution import (
     resolve_execution,
 )
 from workloads.models import ResNet, build_model, use_channels_last
-from workloads.sessions import LocalSession, RaySession, Session
+from workloads.sessions import LocalSession, RaySession, Session, load_fork_point, save_fork_point
 
 # Per-epoch sums, reduced across ranks once per epoch.
 EPOCH_SUMS = ("loss", "adv_correct", "adv_seen", "clean_correct", "clean_seen")
@@ -100,10 +100,12 @@ class TrainingRun:
     steps_per_epoch: int
     start_epoch: int  # where this attempt starts: 0, or the epoch of the checkpoint it resumed from
     train_seconds: float  # training time so far, across attempts
+    forked_from: str | None = None  # the cell whose fork point this run started from (kept in its checkpoints)
 
 
 def set_up(cfg: TrainConfig, session: Session) -> TrainingRun:
-    """Model, optimizer and RNG state, resumed from the session's newest readable checkpoint if there is one."""
+    """Model, optimizer and RNG state, resumed from the session's newest readable checkpoint if there is one, else
+    (a fork, `cfg.fork.start_from`) from its parent's fork point."""
     info = data.read_info(cfg.data.url)
     execution = resolve_execution(cfg.performance, session.device)
     configure_backends(execution)
@@ -114,6 +116,12 @@ def set_up(cfg: TrainConfig, session: Session) -> TrainingRun:
     optimizer = make_optimizer(network, cfg.recipe)
     start_epoch, train_seconds = 0, 0.0
     state = session.latest_state()
+    forked_from = state.get("forked_from") if state is not None else None
+    if state is None and cfg.fork is not None and cfg.fork.start_from:
+        state = start_of_fork(cfg)
+        forked_from = cfg.fork.parent
+        # The fork's own training time: the parent's prefix was paid for (and recorded) by the parent.
+        state["train_seconds"] = 0.0
     if state is not None:
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -130,8 +138,39 @@ def set_up(cfg: TrainConfig, session: Session) -> TrainingRun:
         )
     models = Models.around(network, execution, session.world_size, cfg.grad_accum_steps)
     return TrainingRun(
-        cfg, session, info, execution, models, optimizer, generator, steps_per_epoch, start_epoch, train_seconds
+        cfg,
+        session,
+        info,
+        execution,
+        models,
+        optimizer,
+        generator,
+        steps_per_epoch,
+        start_epoch,
+        train_seconds,
+        forked_from,
     )
+
+
+def bn_star_switch_epoch(cfg: TrainConfig) -> int:
+    """The first epoch (0-based) that trains with BN* (Section 4.3); `recipe.epochs` for a model without BN*. Up to
+    it, a BN* cell trains exactly as the same cell without BN*."""
+    return cfg.recipe.epochs - cfg.model.bn_star_epochs
+
+
+def start_of_fork(cfg: TrainConfig) -> dict[str, Any]:
+    """A fork's starting state: its parent's fork point, which must be at this cell's BN* switch epoch (where the
+    two runs part); anything else would train another cell than the one named."""
+    assert cfg.fork is not None
+    state = load_fork_point(cfg.fork.start_from)
+    switch = bn_star_switch_epoch(cfg)
+    if state["epoch"] != switch or not cfg.model.bn_star_epochs:
+        raise ValueError(
+            f"fork point {cfg.fork.start_from} of cell {cfg.fork.parent} is at epoch {state['epoch']}, but this cell "
+            f"switches to BN* at epoch {switch} (recipe.epochs {cfg.recipe.epochs}, model.bn_star_epochs "
+            f"{cfg.model.bn_star_epochs}): it cannot fork there"
+        )
+    return state
 
 
 def train_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
@@ -139,7 +178,7 @@ def train_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
     cfg, session, models = run.cfg, run.session, run.models
     accum = cfg.grad_accum_steps
     # BN* (Section 4.3, Table 2): running statistics in training for the last K epochs.
-    models.network.set_bn_star(cfg.model.bn_star_epochs > 0 and epoch >= cfg.recipe.epochs - cfg.model.bn_star_epochs)
+    models.network.set_bn_star(cfg.model.bn_star_epochs > 0 and epoch >= bn_star_switch_epoch(cfg))
     models.network.train()
     started = time.perf_counter()
     # Summed on the device and read once per epoch (float64: the same sums as Python floats on the CPU).
@@ -196,19 +235,34 @@ def train_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
 
 
 def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
-    """Train one cell from its last checkpoint (or scratch), evaluate it, and return the final metrics."""
+    """Train one cell from its last checkpoint (or its parent's fork point, or scratch), evaluate it, and return the
+    final metrics. A fork's last report says `forked_from`; a fork's parent saves its fork points on the way."""
     training = set_up(cfg, session)
     network, num_classes = training.models.network, training.info.num_classes
+    # Where this run's forks start (orchestrator.grid.fork_twins): its state at their BN* switch epochs.
+    fork_points = set(cfg.fork.save_epochs) if cfg.fork is not None and cfg.fork.save_to else set()
+    origin = {"forked_from": training.forked_from} if training.forked_from else {}
     for epoch in range(training.start_epoch, cfg.recipe.epochs):
         metrics = train_epoch(training, epoch)
         last = epoch + 1 == cfg.recipe.epochs
         if last:
             metrics |= final_metrics(cfg, network, session, num_classes) | {"device": device_model(cfg.use_gpu)}
+            metrics |= origin
         save = last or (epoch + 1) % cfg.checkpoint_every == 0
+        fork_point = epoch + 1 in fork_points and session.rank == 0
         state = None
-        if save:
-            state = training_state(network, training.optimizer, training.generator, epoch + 1, training.train_seconds)
-        session.report(metrics, state)
+        if save or fork_point:
+            state = training_state(
+                network,
+                training.optimizer,
+                training.generator,
+                epoch + 1,
+                training.train_seconds,
+                forked_from=training.forked_from,
+            )
+        if fork_point and state is not None and cfg.fork is not None:
+            save_fork_point(cfg.fork.save_to, state)
+        session.report(metrics, state if save else None)
     if training.start_epoch >= cfg.recipe.epochs:
         # Fitting a run whose last checkpoint is the final epoch (Ray Train resumes it from storage; the sweep only
         # does so when result.json was never written): nothing left to train, report the evaluation again.
@@ -218,7 +272,7 @@ def run(cfg: TrainConfig, session: Session) -> dict[str, Any]:
             "start_epoch": training.start_epoch,
             "device": device_model(cfg.use_gpu),
         }
-        session.report(final | final_metrics(cfg, network, session, num_classes), None)
+        session.report(final | final_metrics(cfg, network, session, num_classes) | origin, None)
     return session.history[-1] if isinstance(session, LocalSession) and session.history else {}
 
 
@@ -239,10 +293,16 @@ def device_model(use_gpu: bool) -> str:
 
 
 def training_state(
-    network: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int, train_seconds: float
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    epoch: int,
+    train_seconds: float,
+    forked_from: str | None = None,
 ) -> dict[str, Any]:
-    """What a checkpoint holds: enough to continue exactly where the run stopped (weights, momentum, RNGs)."""
-    return {
+    """What a checkpoint (and a fork point) holds: enough to continue exactly where the run stopped (weights,
+    momentum, RNGs), and, for a fork, the cell it started from."""
+    state = {
         "epoch": epoch,
         "train_seconds": train_seconds,
         "model": network.state_dict(),
@@ -250,6 +310,9 @@ def training_state(
         "attack_rng": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
+    if forked_from:
+        state["forked_from"] = forked_from
+    return state
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
