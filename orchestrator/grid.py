@@ -35,7 +35,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.spec import AXES, GridEntry, Spec, SpecError, format_validation_error, workers_for
+from orchestrator.spec import AXES, GridEntry, Spec, SpecError, workers_for
+from orchestrator.spec_messages import format_validation_error
 from workloads.config import ForkConfig, TrainConfig, attack_step_size
 
 # Changing these does not change what a cell trains, so they stay out of its id. `fork` (where a run saves or

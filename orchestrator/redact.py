@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from orchestrator.spec import looks_like_credential_name
+from orchestrator.credentials import looks_like_credential_name
 
 MASK = "***"
 _MIN_SECRET_LENGTH = 4  # shorter values ("1", "true") would mask innocent text and protect nothing

@@ -24,15 +24,13 @@ This module imports neither torch nor ray: a spec is validated and planned in we
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
-import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Union, get_args, get_origin
-from urllib.parse import parse_qsl, urlsplit
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -45,15 +43,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 
+from orchestrator.credentials import CREDENTIALS_HINT, credential_in_text
 from orchestrator.overrides import OverrideError, apply_overrides
+from orchestrator.spec_messages import SpecError, format_validation_error, join_lines, show_number, show_value
+from orchestrator.spec_yaml import MAX_SPEC_BYTES, SpecLoader, scan
 from workloads.config import MAX_SEED, NORMS, RESNET_STAGES, RUNNING_STATS_NORMS, Strategy, WorkloadConfig
 
-MAX_SPEC_BYTES = 1 << 20
-# Expanded size of the parsed document (YAML aliases can make a small file huge): far above any real spec.
-MAX_SPEC_VALUES = 200_000
-MAX_NESTING = 32
 MAX_AXIS_VALUES = 10_000
 
 AXES: tuple[str, ...] = ("clean_ratio", "norm", "pgd_steps", "depth", "batch_size", "strategy", "seed")
@@ -66,122 +62,6 @@ GRID_NORMS: tuple[str, ...] = NORMS + tuple(f"{norm}*" for norm in RUNNING_STATS
 STORAGE_SCHEMES: tuple[str, ...] = ("file", "s3")
 NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 
-CREDENTIALS_HINT = (
-    "credentials must come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-    "AWS_SESSION_TOKEN, AWS_ENDPOINT_URL), never from the spec"
-)
-
-
-class SpecError(Exception):
-    """An invalid spec or argument. `message` is what the CLI prints before exiting with status 2."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Value checks shared by the schema and the credential scan
-
-
-def _num(value: float) -> str:
-    """1.0 -> '1', 0.25 -> '0.25': bounds and values printed the way a researcher writes them."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return repr(value)
-
-
-def show_value(value: Any) -> str:
-    """A short, YAML-flavoured rendering of a user value for messages (containers are not expanded)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return _num(value)
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return f"a {type(value).__name__}"
-
-
-_CREDENTIAL_WORDS = frozenset(
-    {
-        "password",
-        "passwd",
-        "pwd",
-        "passphrase",
-        "secret",
-        "secrets",
-        "token",
-        "tokens",
-        "key",
-        "keys",
-        "apikey",
-        "accesskey",
-        "secretkey",
-        "credential",
-        "credentials",
-        "auth",
-        "authorization",
-        "signature",
-        "sig",
-        "sas",
-        "bearer",
-        "cookie",
-    }
-)
-_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
-_AWS_SECRET_SHAPE = re.compile(r"[A-Za-z0-9/+=]{40}")
-_JWT_SHAPE = re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}")
-
-
-def _words(name: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
-    return re.findall(r"[a-z0-9]+", spaced.lower())
-
-
-def looks_like_credential_name(name: str) -> bool:
-    """True for names like aws_secret_access_key, secretKey, session_token, password, key, X-Amz-Signature."""
-    words = _words(name)
-    return bool(_CREDENTIAL_WORDS.intersection(words)) or "".join(words) in _CREDENTIAL_WORDS
-
-
-def _credential_in_text(text: str) -> str | None:
-    """Why `text` looks like it carries a credential (never the credential itself), or None."""
-    if _AWS_KEY_ID.search(text):
-        return "an AWS access key id"
-    if "-----BEGIN" in text and "KEY" in text:
-        return "a private key"
-    if _JWT_SHAPE.search(text):
-        return "a bearer token"
-    if (
-        _AWS_SECRET_SHAPE.fullmatch(text)
-        and re.search(r"[a-z]", text)
-        and re.search(r"[A-Z]", text)
-        and re.search(r"[0-9]", text)
-    ):
-        return "a secret access key"
-    if "://" in text:
-        try:
-            parts = urlsplit(text)
-        except ValueError:
-            return None
-        # '@' in the authority, or a user:password whose password holds a '/' (which ends the authority).
-        head = text.split("://", 1)[1].split("@", 1)
-        if "@" in parts.netloc or (len(head) == 2 and ":" in head[0]):
-            return "a user name or password in the URL"
-        for param, _ in parse_qsl(parts.query, keep_blank_values=True):
-            if looks_like_credential_name(param) or param.lower().startswith("x-amz-"):
-                return f"a credential query parameter {param!r} in the URL"
-    return None
-
 
 def _check_url(url: str, what: str) -> str:
     """For `storage` and `--storage`: a local path or an fsspec URL, without credentials or query string."""
@@ -189,7 +69,7 @@ def _check_url(url: str, what: str) -> str:
         raise ValueError(f"{show_value(url)} is not a valid {what} (empty or surrounded by whitespace)")
     if "\x00" in url:
         raise ValueError(f"not a valid {what} (contains a NUL character)")
-    why = _credential_in_text(url)
+    why = credential_in_text(url)
     if why:
         raise ValueError(f"contains {why}; {CREDENTIALS_HINT}")
     if "://" in url:
@@ -219,7 +99,7 @@ def _range_check(lo: float, hi: float) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         # `not lo <= v <= hi` also rejects NaN.
         if not lo <= value <= hi:
-            raise ValueError(f"{_num(value)} is out of range [{_num(lo)}, {_num(hi)}]")
+            raise ValueError(f"{show_number(value)} is out of range [{show_number(lo)}, {show_number(hi)}]")
         return value
 
     return check
@@ -322,7 +202,7 @@ class Tracking(_Strict):
     @field_validator("mlflow")
     @classmethod
     def _no_credentials(cls, uri: str | None) -> str | None:
-        why = _credential_in_text(uri) if uri else None
+        why = credential_in_text(uri) if uri else None
         if why:
             raise ValueError(f"contains {why}; {CREDENTIALS_HINT}")
         return uri
@@ -407,7 +287,7 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _no_credentials_in_data_url(self) -> Spec:
         # parse_spec scans the whole document; this covers specs built in Python (dump_yaml stays clean).
-        why = _credential_in_text(self.workload.data.url)
+        why = credential_in_text(self.workload.data.url)
         if why:
             raise ValueError(f"workload.data.url contains {why}; {CREDENTIALS_HINT}")
         return self
@@ -461,7 +341,7 @@ class Spec(_Strict):
 
         errors = list(_semantic_errors(self)) + replication.check(self)
         if errors:
-            raise SpecError(_join(errors))
+            raise SpecError(join_lines(errors))
 
     # -- derived copies --------------------------------------------------------------------------------------
 
@@ -565,243 +445,13 @@ def _semantic_errors(spec: Spec) -> Iterator[str]:
             )
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Turning pydantic errors into one line each
-
-
-def _path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for seg in loc:
-        if isinstance(seg, int):
-            out += f"[{seg}]"
-        else:
-            text = str(seg) if re.fullmatch(r"[A-Za-z0-9_*-]+", str(seg)) else repr(str(seg))
-            out += f".{text}" if out else text
-    return out
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _walk_fields(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
-    """The model that holds the last key of `loc` and that key's FieldInfo (None where unknown)."""
-    cls: type[BaseModel] | None = root
-    info: FieldInfo | None = None
-    for i, seg in enumerate(loc):
-        if isinstance(seg, int):
-            continue
-        if cls is None or seg not in cls.model_fields:
-            return (cls if i == len(loc) - 1 else None), None
-        info = cls.model_fields[seg]
-        if i < len(loc) - 1:
-            cls = _model_in(info.annotation)
-    return cls, info
-
-
-def _allowed_range(info: FieldInfo | None, ctx: dict[str, Any]) -> str:
-    bounds: dict[str, Any] = {}
-    for meta in info.metadata if info is not None else []:
-        for name in ("ge", "gt", "le", "lt"):
-            if getattr(meta, name, None) is not None:
-                bounds[name] = getattr(meta, name)
-    bounds.update({k: v for k, v in ctx.items() if k in ("ge", "gt", "le", "lt")})
-    lo = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
-    hi = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
-    if lo and hi:
-        return f"{lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
-    if lo:
-        return f"(must be {'>=' if lo[0] == '[' else '>'} {_num(lo[1])})"
-    if hi:
-        return f"(must be {'<=' if hi[0] == ']' else '<'} {_num(hi[1])})"
-    return ""
-
-
-def _annotation_name(info: FieldInfo | None) -> str:
-    if info is None:
-        return ""
-    annotation = info.annotation
-    if get_origin(annotation) in (Union, types.UnionType):
-        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
-    return getattr(annotation, "__name__", "")
-
-
-def _error_line(error: Any, root: type[BaseModel], rename: Callable[[tuple[Any, ...]], tuple[Any, ...]]) -> str:
-    loc = tuple(error["loc"])
-    path = _path(rename(loc)) or "spec"
-    kind = error["type"]
-    value = error.get("input")
-    ctx = error.get("ctx") or {}
-    holder, info = _walk_fields(root, loc)
-    if kind == "extra_forbidden":
-        allowed = list(holder.model_fields) if holder is not None else []
-        key = str(loc[-1])
-        hint = difflib.get_close_matches(key, allowed, n=1)
-        suggestion = f"; did you mean {hint[0]}?" if hint else ""
-        return f"{path}: unknown key (allowed: {', '.join(allowed)}){suggestion}"
-    if kind == "missing":
-        return f"{path}: required but missing"
-    if kind == "literal_error":
-        choices = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
-        line = f"{path}: {show_value(value)} is not one of {choices}"
-        if loc[-1] == "norm" and isinstance(value, str) and value.endswith("*"):
-            line += " (BN* is a grid value: grid.norm: [bn*]; or set workload.model.bn_star_epochs, Section 4.3)"
-        return line
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{path}: {show_value(value)} is out of range {_allowed_range(info, ctx)}".rstrip()
-    if kind in ("too_short", "too_long"):
-        return f"{path}: {error['msg'].lower()}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"{path}: {show_value(value)} is not an integer"
-    if kind in ("float_type", "float_parsing", "finite_number"):
-        return f"{path}: {show_value(value)} is not a number"
-    if kind in ("bool_type", "bool_parsing"):
-        return f"{path}: {show_value(value)} is not a boolean (true or false)"
-    if kind in ("string_type", "string_too_short"):
-        return f"{path}: {show_value(value)} is not a string" if kind == "string_type" else f"{path}: empty"
-    if kind in ("list_type", "tuple_type"):
-        return f"{path}: {show_value(value)} is not a list"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        target = _model_in(info.annotation) if info is not None else root if not loc else None
-        keys = f" with keys {', '.join(target.model_fields)}" if target is not None else ""
-        return f"{path}: {show_value(value)} is not a mapping; expected a mapping{keys}"
-    if kind == "value_error":
-        return f"{path}: {ctx.get('error', error['msg'])}"
-    if kind == "assertion_error":
-        return f"{path}: {error['msg']}"
-    expected = _annotation_name(info)
-    detail = f"{error['msg']}; expected {expected}" if expected else error["msg"]
-    return f"{path}: {show_value(value)} is invalid ({detail})"
-
-
-def format_validation_error(
-    error: ValidationError,
-    root: type[BaseModel] = Spec,
-    *,
-    rename: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
-    prefix: str = "",
-) -> str:
-    """One line per pydantic error, in pydantic's (document) order, duplicates dropped.
-
-    `root` is the model that was validated (to list allowed keys and ranges); `rename` rewrites a location
-    (the mapping form of `grid` is validated as a one-element list); `prefix` goes in front of every line.
-    """
-    lines: list[str] = []
-    for item in error.errors(include_url=False):
-        line = prefix + _error_line(item, root, rename or (lambda loc: loc))
-        if line not in lines:
-            lines.append(line)
-    return _join(lines)
-
-
-def _join(lines: list[str], limit: int = 30) -> str:
-    if len(lines) > limit:
-        lines = [*lines[:limit], f"... and {len(lines) - limit} more errors"]
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (YAML keeps the last silently) and reads 1e-4 as a float."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
-                    )
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
-
-
-# PyYAML implements YAML 1.1, where `1e-4` (no dot) is a string; researchers write weight decays that way.
-_Loader.yaml_implicit_resolvers = {
-    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:float"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _scan(data: Any) -> None:
-    """Reject credentials anywhere in the document, non-JSON values and alias bombs, before pydantic sees it.
-
-    Runs first so that no later message (unknown key, wrong type) can echo a secret value.
-    """
-    memo: dict[int, int] = {}
-    problems: list[str] = []
-
-    def visit(node: Any, path: str, depth: int) -> int:
-        if depth > MAX_NESTING:
-            raise SpecError(f"{path or 'spec'}: nested more than {MAX_NESTING} levels deep")
-        if isinstance(node, str):
-            why = _credential_in_text(node)
-            if why:
-                problems.append(f"{path or 'spec'}: looks like a credential ({why}); {CREDENTIALS_HINT}")
-            return 1
-        if node is None or isinstance(node, bool | int | float):
-            return 1
-        if id(node) in memo:  # an alias: already scanned, count its expanded size again
-            return memo[id(node)]
-        size = 1
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not isinstance(key, str):
-                    raise SpecError(f"{path or 'spec'}: key {show_value(key)} is not a string")
-                shown = key if re.fullmatch(r"[A-Za-z0-9_*-]+", key) else repr(key)
-                child = f"{path}.{shown}" if path else shown
-                if _credential_in_text(key):
-                    problems.append(f"{path or 'spec'}: a key looks like a credential; {CREDENTIALS_HINT}")
-                    continue
-                if looks_like_credential_name(key):
-                    problems.append(f"{child}: looks like a credential key; {CREDENTIALS_HINT}")
-                    continue
-                size += visit(value, child, depth + 1)
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                size += visit(value, f"{path}[{i}]", depth + 1)
-        else:
-            raise SpecError(
-                f"{path or 'spec'}: a YAML {type(node).__name__} value is not supported here; quote it to make a string"
-            )
-        if size > MAX_SPEC_VALUES:
-            raise SpecError(f"spec expands to more than {MAX_SPEC_VALUES:,} values (YAML aliases?)")
-        memo[id(node)] = size
-        return size
-
-    visit(data, "", 0)
-    if problems:
-        raise SpecError(_join(problems))
-
-
 def parse_spec(text: str, source: str = "<spec>", overrides: Sequence[str] = ()) -> Spec:
     """Validate spec `text` (YAML) with the command line's KEY=VALUE `overrides` applied (orchestrator.overrides);
     `source` names it in messages. Raises SpecError, one line per problem."""
     if len(text.encode("utf-8", errors="replace")) > MAX_SPEC_BYTES:
         raise SpecError(f"{source}: larger than {MAX_SPEC_BYTES // (1 << 20)} MiB; a spec is a short YAML file")
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        data = yaml.load(text, Loader=SpecLoader)  # noqa: S506 - SpecLoader is a SafeLoader
     except yaml.MarkedYAMLError as exc:
         # Only the problem and its position: the default rendering quotes the offending line (maybe a secret).
         mark = exc.problem_mark or exc.context_mark
@@ -818,7 +468,7 @@ def parse_spec(text: str, source: str = "<spec>", overrides: Sequence[str] = ())
         data = apply_overrides(data, overrides)
     except OverrideError as exc:
         raise SpecError(str(exc)) from None
-    _scan(data)
+    scan(data)
     grid_is_mapping = isinstance(data.get("grid"), dict)
 
     def rename(loc: tuple[Any, ...]) -> tuple[Any, ...]:

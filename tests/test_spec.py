@@ -10,14 +10,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from orchestrator.spec import (
-    MAX_SPEC_BYTES,
-    Spec,
-    SpecError,
-    load_spec,
-    looks_like_credential_name,
-    parse_spec,
-)
+from orchestrator.credentials import looks_like_credential_name
+from orchestrator.spec import Spec, SpecError, load_spec, parse_spec
+from orchestrator.spec_yaml import MAX_SPEC_BYTES
 
 BASE: dict[str, Any] = {
     "name": "t",

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.credentials import credential_in_text, looks_like_credential_name
 from orchestrator.deploy.layout import (
     DEPLOY_DIR,
     DNS_1035,
@@ -54,7 +55,7 @@ from orchestrator.deploy.rules import (
 )
 from orchestrator.placement import AUTOSCALER_MAX_ENV
 from orchestrator.ray_job import STOP_ON_INVALID_ENV
-from orchestrator.spec import SpecError, _credential_in_text, load_spec, looks_like_credential_name
+from orchestrator.spec import SpecError, load_spec
 
 # ------------------------------------------------------------------------------------------------------------
 # Rules
@@ -469,7 +470,7 @@ def check_committed_files(root: Path = DEPLOY_DIR) -> list[str]:
         # The spec's own detector, line by line: AWS key ids, private keys, bearer tokens, secret-key-shaped
         # lines and passwords in URLs.
         for number, line in enumerate(text.splitlines(), 1):
-            why = _credential_in_text(line.strip())
+            why = credential_in_text(line.strip())
             if why:
                 problems.append(f"{where}:{number}: contains {why}")
         if _AUTH_DISABLED.search(text):
