@@ -35,7 +35,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.spec import AXES, GridEntry, Spec, SpecError, workers_for
+from orchestrator.axes import AXES, AXIS_TABLE, set_at
+from orchestrator.spec import GridEntry, Spec, SpecError, workers_for
 from orchestrator.spec_messages import format_validation_error
 from workloads.config import ForkConfig, TrainConfig, attack_step_size
 
@@ -275,10 +276,13 @@ class _Resolver:
             "checkpoint_every": spec.checkpoint_every,
             "keep_checkpoints": spec.keep_checkpoints,
         }
-        self.model = self.workload.model.model_dump()
-        self.attack = self.workload.attack.model_dump()
-        self.training = self.workload.training.model_dump()
-        self.recipe = self.workload.recipe.model_dump()
+        # The sections an axis writes into, as dicts to be completed per cell.
+        self.sections: dict[str, dict[str, Any]] = {
+            "model": self.workload.model.model_dump(),
+            "attack": self.workload.attack.model_dump(),
+            "training": self.workload.training.model_dump(),
+            "recipe": self.workload.recipe.model_dump(),
+        }
 
     def resolve(self, axes: dict[str, Any]) -> Cell:
         spec, workload = self.spec, self.workload
@@ -297,23 +301,20 @@ class _Resolver:
         num_workers = workers_for(
             axes["batch_size"], workload.recipe.per_worker_batch, spec.resources.max_workers_per_cell
         )
-        data = {
+        data: dict[str, Any] = {
             **self.base,
-            "model": {
-                **self.model,
-                "depth": axes["depth"],
-                "norm": norm.rstrip("*"),
-                # Section 4.3 / Table 2: the last 10 of 110 epochs, scaled, unless the workload fixes it.
-                "bn_star_epochs": (workload.model.bn_star_epochs or bn_star_epochs(workload.recipe.epochs))
-                if star
-                else 0,
-            },
-            "attack": {**self.attack, "steps": steps, "step_size": step_size},
-            "training": {**self.training, "strategy": axes["strategy"], "clean_ratio": axes["clean_ratio"]},
-            "recipe": {**self.recipe, "batch_size": axes["batch_size"]},
-            "seed": axes["seed"],
-            "num_workers": max(1, num_workers),
+            **{section: dict(values) for section, values in self.sections.items()},
         }
+        for axis in AXIS_TABLE:  # each axis's value at its place in the config (orchestrator.axes)
+            set_at(data, axis.config_path, axes[axis.name])
+        # What some axes decide beyond their own field.
+        data["model"]["norm"] = norm.rstrip("*")
+        # Section 4.3 / Table 2: the last 10 of 110 epochs, scaled, unless the workload fixes it.
+        data["model"]["bn_star_epochs"] = (
+            (workload.model.bn_star_epochs or bn_star_epochs(workload.recipe.epochs)) if star else 0
+        )
+        data["attack"]["step_size"] = step_size
+        data["num_workers"] = max(1, num_workers)
         try:
             config = TrainConfig.model_validate(data)
         except ValidationError as exc:

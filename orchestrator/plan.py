@@ -69,9 +69,10 @@ from typing import Any, Literal
 
 import fsspec
 
+from orchestrator.axes import AXES
 from orchestrator.grid import Cell, Fork, describe_axes, fork_twins
 from orchestrator.packing import DEFAULT_POLICY, Policy, exclusion_bound, simulate
-from orchestrator.spec import AXES, Planning, Spec, SpecError
+from orchestrator.spec import Planning, Spec, SpecError
 from workloads import builtin_data
 from workloads.config import RESNET_STAGES, TrainConfig
 

@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from orchestrator.spec import AXES, Spec, SpecError
+from orchestrator.axes import AXES
+from orchestrator.spec import Spec, SpecError
 from workloads import metrics
 
 if TYPE_CHECKING:

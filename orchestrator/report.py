@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from orchestrator import health
+from orchestrator.axes import AXES
 from orchestrator.grid import expand
 from orchestrator.paper import PAPER, PAPER_PGD, SettingKey, paper_differences
 from orchestrator.report_figures import (
@@ -66,7 +67,7 @@ from orchestrator.report_tables import (
     stat,
     table7_section,
 )
-from orchestrator.results import AXES, HISTORY_FILE, RESULTS_FILE, history_rows, read_histories, result_rows
+from orchestrator.results import HISTORY_FILE, RESULTS_FILE, history_rows, read_histories, result_rows
 from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.storage import CONFIG_FILE, SweepStorage
 from workloads import metrics as metric_names

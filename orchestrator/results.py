@@ -26,26 +26,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.axes import AXES, AXIS_TABLE
 from orchestrator.provenance import PROVENANCE_KEYS
 from orchestrator.redact import redact
 from orchestrator.storage import HISTORY_FILE as CELL_HISTORY_FILE
 from orchestrator.storage import SweepStorage
 from workloads import metrics
 
-AXES = ("clean_ratio", "norm", "pgd_steps", "depth", "batch_size", "strategy", "seed")
 RESULTS_FILE = "results.parquet"
 HISTORY_FILE = "history.parquet"
 # What the training loop reports every epoch (workloads/train.py) that says whether a cell converges.
 # Optional per-cell columns (`cell_bn_statistics`); a reader of an older results.parquet finds neither.
 BN_STATISTICS_COLUMNS = ("domain_gap", "bn_statistics")
 HISTORY_METRICS = ("loss", "train_acc_adv", "train_acc_clean", "lr", "images_per_sec", "epoch_seconds")
-_AXIS_TYPES = {
-    "clean_ratio": pa.float64(),
-    "pgd_steps": pa.int64(),
-    "depth": pa.int64(),
-    "batch_size": pa.int64(),
-    "seed": pa.int64(),
-}
+_AXIS_TYPES = {axis.name: pa.type_for_alias(axis.column_type) for axis in AXIS_TABLE}
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "config") -> dict[str, Any]:

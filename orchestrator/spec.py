@@ -27,35 +27,32 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from orchestrator.axes import AXES, AXIS_TABLE, default_axes
 from orchestrator.credentials import CREDENTIALS_HINT, credential_in_text
 from orchestrator.overrides import OverrideError, apply_overrides
-from orchestrator.spec_messages import SpecError, format_validation_error, join_lines, show_number, show_value
+from orchestrator.spec_messages import SpecError, format_validation_error, join_lines, show_value
 from orchestrator.spec_yaml import MAX_SPEC_BYTES, SpecLoader, scan
-from workloads.config import MAX_SEED, NORMS, RESNET_STAGES, RUNNING_STATS_NORMS, Strategy, WorkloadConfig
+from workloads.config import WorkloadConfig
 
 MAX_AXIS_VALUES = 10_000
 
-AXES: tuple[str, ...] = ("clean_ratio", "norm", "pgd_steps", "depth", "batch_size", "strategy", "seed")
-# The grid's norm values: the workload's norms, plus BN* of those with running statistics ('bn*', 'mbn*':
-# running statistics used in training for the last epochs, Section 4.3, Table 2).
-GRID_NORMS: tuple[str, ...] = NORMS + tuple(f"{norm}*" for norm in RUNNING_STATS_NORMS)
 # Storage every part of a sweep can write: the driver and its records (fsspec), and Ray Train's checkpoints
 # (pyarrow, orchestrator.storage.ray_storage), from every node. Google Cloud Storage and Azure would need gcsfs or
 # adlfs, which the project does not install; memory:// lives inside one process, so no Train worker could see it.
@@ -95,50 +92,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _range_check(lo: float, hi: float) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        # `not lo <= v <= hi` also rejects NaN.
-        if not lo <= value <= hi:
-            raise ValueError(f"{show_number(value)} is out of range [{show_number(lo)}, {show_number(hi)}]")
-        return value
-
-    return check
-
-
-def _known_depth(depth: int) -> int:
-    if depth not in RESNET_STAGES:
-        raise ValueError(f"{depth} is not one of {', '.join(str(d) for d in RESNET_STAGES)}")
-    return depth
-
-
-CleanRatio = Annotated[float, AfterValidator(_range_check(0.0, 1.0)), AfterValidator(float)]
-
-
-def _grid_norm(value: str) -> str:
-    if value not in GRID_NORMS:
-        raise ValueError(f"{show_value(value)} is not one of {', '.join(GRID_NORMS)}")
-    return value
-
-
-GridNorm = Annotated[str, AfterValidator(_grid_norm)]
-PgdSteps = Annotated[int, AfterValidator(_range_check(0, 10_000))]
-Depth = Annotated[int, AfterValidator(_known_depth)]
-BatchSize = Annotated[int, AfterValidator(_range_check(1, 1 << 24))]
-Seed = Annotated[int, AfterValidator(_range_check(0, MAX_SEED))]
-
-
-class GridEntry(_Strict):
+class _GridEntryBase(_Strict):
     """One product of axis values; an axis left out takes the workload default (docs/design.md section 4)."""
 
-    clean_ratio: list[CleanRatio] | None = None
-    norm: list[GridNorm] | None = None
-    pgd_steps: list[PgdSteps] | None = None
-    depth: list[Depth] | None = None
-    batch_size: list[BatchSize] | None = None
-    strategy: list[Strategy] | None = None
-    seed: list[Seed] | None = None
-
-    @field_validator(*AXES, mode="before")
+    @field_validator("*", mode="before")
     @classmethod
     def _as_list(cls, value: Any) -> Any:
         # A single value is a one-element axis; an explicit null or [] is an error, not "use the default".
@@ -151,7 +108,7 @@ class GridEntry(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _not_empty(self) -> GridEntry:
+    def _not_empty(self) -> _GridEntryBase:
         if not self.axes():
             raise ValueError(f"empty mapping; list values for at least one axis of {', '.join(AXES)}")
         return self
@@ -162,6 +119,18 @@ class GridEntry(_Strict):
 
     def size(self) -> int:
         return math.prod(len(values) for values in self.axes().values())
+
+
+if TYPE_CHECKING:
+    GridEntry = _GridEntryBase
+else:
+    # One optional list field per axis of the table, with the axis's own allowed values (orchestrator.axes).
+    GridEntry = create_model(
+        "GridEntry",
+        __base__=_GridEntryBase,
+        __doc__=_GridEntryBase.__doc__,
+        **{axis.name: (list[axis.value] | None, None) for axis in AXIS_TABLE},
+    )
 
 
 # The spec's `workload` section is the workload's own config class: its fields, defaults and bounds are defined
@@ -314,18 +283,8 @@ class Spec(_Strict):
         return "grid" if self._grid_is_mapping else f"grid[{index}]"
 
     def default_axes(self) -> dict[str, Any]:
-        """Axis values of a cell that lists no axis: the workload defaults."""
-        w = self.workload
-        star = w.model.bn_star_epochs > 0 and w.model.norm != "gn"
-        return {
-            "clean_ratio": float(w.training.clean_ratio),
-            "norm": w.model.norm + ("*" if star else ""),
-            "pgd_steps": w.attack.steps,
-            "depth": w.model.depth,
-            "batch_size": w.recipe.batch_size,
-            "strategy": w.training.strategy,
-            "seed": w.seed,
-        }
+        """Axis values of a cell that lists no axis: the workload defaults (orchestrator.axes)."""
+        return default_axes(self.workload)
 
     def raw_cell_count(self) -> int:
         """Cells before duplicates collapse (the quantity `max_cells` bounds)."""
@@ -423,7 +382,7 @@ def _semantic_errors(spec: Spec) -> Iterator[str]:
         if problem:
             yield f"workload.recipe.batch_size: {problem}"
     for index, entry in enumerate(entries):
-        for j, batch in enumerate(entry.batch_size or []):
+        for j, batch in enumerate(entry.axes().get("batch_size", [])):
             problem = batch_problem(batch)
             if problem:
                 yield f"{spec.grid_path(index)}.batch_size[{j}]: {problem}"

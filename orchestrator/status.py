@@ -44,9 +44,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from orchestrator.axes import AXES
 from orchestrator.grid import Cell, expand
 from orchestrator.lease import LEASE_FILE, lease_ttl
-from orchestrator.results import AXES, RESULTS_FILE
+from orchestrator.results import RESULTS_FILE
 from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.storage import CONFIG_FILE, ERROR_FILE, HISTORY_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
 from workloads import metrics as metric_names
