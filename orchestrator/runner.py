@@ -145,6 +145,9 @@ def run_cell(config: dict[str, Any], sweep_url: str, provenance: dict[str, Any] 
         tune.report({CELL_FAILED: reason})
         return
     attempts.end("finished")
+    orphans = storage.prune_unregistered_checkpoints(cell.cell_id)
+    if orphans:
+        print(f"cell {cell.cell_id}: removed {len(orphans)} checkpoint folder(s) no attempt registered", flush=True)
     metrics = dict(result.metrics or {})
     record = finished_record(cell, metrics, started)
     # Which code and libraries produced these numbers (orchestrator.provenance); the device is the worker's own.

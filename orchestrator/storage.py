@@ -33,6 +33,7 @@ RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
 UNSCHEDULABLE_FILE = "unschedulable.json"  # present while the cell's workers fit on no live node
 CONFIG_FILE = "config.json"
+TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 HISTORY_FILE = "history.json"  # the cell's per-epoch training metrics (orchestrator.progress writes it)
 
 
@@ -151,6 +152,29 @@ class SweepStorage:
                     fs.rm(entry, recursive=True)
 
         with_retries(clear, f"clear cell {cell_id}")
+
+    def prune_unregistered_checkpoints(self, cell_id: str) -> list[str]:
+        """Remove the cell's `checkpoint_*` folders that Ray Train's checkpoint manager never registered; returns
+        their names. A worker whose node, driver or cluster died after its upload finished but before Ray Train
+        recorded it leaves such a folder behind: nothing will ever read it, and on a long study they add up. Only
+        for a cell whose run has ended (its folder is no longer written to)."""
+        snapshot = self.read_json(self.cell_path(cell_id, TRAIN_SNAPSHOT_FILE)) or {}
+        kept = {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results") or []}
+        latest = snapshot.get("latest_checkpoint_result") or {}
+        kept.add(latest.get("checkpoint_dir_name"))
+
+        def prune() -> list[str]:
+            fs = self.fs
+            folder = self.cell_path(cell_id)
+            removed = []
+            for entry in fs.ls(folder, detail=True) if fs.exists(folder) else []:
+                name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+                if entry.get("type") == "directory" and name.startswith("checkpoint_") and name not in kept:
+                    fs.rm(entry["name"], recursive=True)
+                    removed.append(name)
+            return removed
+
+        return with_retries(prune, f"prune checkpoints of cell {cell_id}") if snapshot else []
 
     def cell_records(self) -> dict[str, dict[str, Any]]:
         """result.json (finished) or error.json (failed) of every cell that has one, keyed by cell id."""

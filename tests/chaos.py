@@ -97,12 +97,17 @@ class Incident:
     note: str = ""
 
     def epochs_lost(self) -> float:
-        """Epochs trained again because of this incident: for each cell that resumed, the checkpointed epochs it
-        had to train again plus the part of the epoch in progress."""
-        return sum(
-            max(0, self.registered.get(cell, 0) - start) + self.partial.get(cell, 0.0)
-            for cell, start in self.resumed.items()
+        """Epochs trained again because of this incident: the checkpointed epochs a cell trained again (from its
+        resume line) plus the part of the epoch in progress. A driver or cluster incident ends every running
+        cell's attempt, so every unfinished cell counts; a lost node ends the attempts of the cells that resumed
+        after it (a cell it caught before its first checkpoint restarts with no resume line: not counted)."""
+        hit = (
+            self.partial if self.kind in ("driver", "cluster") else {c: self.partial.get(c, 0.0) for c in self.resumed}
         )
+        if self.kind == "storage":
+            hit = {}  # training waits the outage out; its cost is wall time, not epochs
+        again = sum(max(0, self.registered.get(cell, 0) - start) for cell, start in self.resumed.items())
+        return again + sum(hit.values())
 
     def retrained_checkpointed(self) -> dict[str, int]:
         return {c: self.registered[c] - s for c, s in self.resumed.items() if self.registered.get(c, 0) > s}
@@ -424,7 +429,11 @@ class Soak:
         orphans = []
         for cell in cells:
             base = f"{prefix}/cells/{cell}/"
-            folders = {key[len(base) :].split("/")[0] for key in self.bucket.keys(base + "checkpoint_")}
+            folders = {
+                key[len(base) :].split("/")[0]
+                for key in self.bucket.keys(base + "checkpoint_")
+                if key.count("/") > base.count("/")
+            }
             snapshot = self.bucket.json(base + "checkpoint_manager_snapshot.json") or {}
             kept = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results") or []}
             orphans += [f"{cell}/{folder}" for folder in sorted(folders - kept)]

@@ -57,3 +57,28 @@ def test_an_unknown_outcome_is_refused(attempts: CellAttempts) -> None:
     attempts.begin()
     with pytest.raises(AssertionError):
         attempts.end("exploded")
+
+
+def test_checkpoint_folders_ray_train_never_registered_are_pruned(tmp_path: Path) -> None:
+    """An upload that finished after its driver, node or cluster died leaves a folder no snapshot names."""
+    import json
+
+    storage = SweepStorage(str(tmp_path / "sweep"))
+    cell = Path(storage.cell_path("c0ffee"))
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_orphan"):
+        (cell / name).mkdir(parents=True)
+        (cell / name / "state.pt").write_bytes(b"x")
+    (cell / "result.json").write_text("{}")
+    assert storage.prune_unregistered_checkpoints("c0ffee") == []  # no snapshot yet: nothing is known, keep all
+    snapshot = {
+        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}],
+        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_b"},
+    }
+    (cell / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    assert storage.prune_unregistered_checkpoints("c0ffee") == ["checkpoint_orphan"]
+    assert sorted(p.name for p in cell.iterdir()) == [
+        "checkpoint_a",
+        "checkpoint_b",
+        "checkpoint_manager_snapshot.json",
+        "result.json",
+    ]
