@@ -28,7 +28,8 @@ from orchestrator import replication  # noqa: E402
 from orchestrator.grid import Cell, Fork, describe_axes, fork_mismatch, fork_twins  # noqa: E402
 from orchestrator.lease import DriverLease, LeaseHeldError  # noqa: E402
 from orchestrator.placement import AUTOSCALER_MAX_ENV, NodeType  # noqa: E402
-from orchestrator.plan import Plan, format_plan, plan_spec, plan_to_json  # noqa: E402
+from orchestrator.plan import Plan, plan_spec  # noqa: E402
+from orchestrator.plan_output import format_plan, plan_to_json  # noqa: E402
 from orchestrator.provenance import changed_code, driver_provenance  # noqa: E402
 from orchestrator.redact import redact  # noqa: E402
 from orchestrator.report import build_report  # noqa: E402

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from orchestrator.grid import expand
-from orchestrator.plan import dataset_sizes, estimate_device_hours, format_plan, plan_spec, plan_to_json
+from orchestrator.plan import dataset_sizes, estimate_device_hours, plan_spec
+from orchestrator.plan_output import format_plan, plan_to_json
 from orchestrator.spec import Spec, SpecError, parse_spec
 from tests.conftest import tiny_spec
 from workloads import builtin_data, data

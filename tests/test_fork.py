@@ -14,7 +14,8 @@ import yaml
 
 from orchestrator import sweep
 from orchestrator.grid import Cell, Fork, cell_id, expand, fork_mismatch, fork_twins
-from orchestrator.plan import fork_saved_device_hours, format_plan, plan_spec, plan_to_json
+from orchestrator.plan import fork_saved_device_hours, plan_spec
+from orchestrator.plan_output import format_plan, plan_to_json
 from orchestrator.spec import Spec, parse_spec
 from orchestrator.storage import CONFIG_FILE, ERROR_FILE, HISTORY_FILE, RESULT_FILE, SweepStorage
 from tests.conftest import tiny_spec, write_spec

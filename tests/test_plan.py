@@ -14,12 +14,11 @@ from orchestrator.plan import (
     PAPER_GPU_HOURS,
     estimate_device_hours,
     eval_forwards_per_image,
-    format_plan,
     make_plan,
     plan_spec,
-    plan_to_json,
     resnet_macs,
 )
+from orchestrator.plan_output import format_plan, plan_to_json
 from orchestrator.spec import Spec, SpecError, load_spec, parse_spec
 from tests.test_spec import make_spec
 from workloads.config import RESNET_STAGES, TrainConfig
