@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 from orchestrator import ray_compat
 from orchestrator.grid import Cell
+from orchestrator.records import Unschedulable
 from orchestrator.storage import UNSCHEDULABLE_FILE, SweepStorage
 
 PLACEMENT_POLL_S = 5.0
@@ -170,7 +171,7 @@ def wait_until_placeable(
             raise UnschedulableError(f"unschedulable: {beyond}")
     marker = storage.cell_path(cell.cell_id, UNSCHEDULABLE_FILE)
     since = time.time()
-    storage.write_json(marker, {"cell_id": cell.cell_id, "since": since, "problem": problem})
+    storage.write_json(marker, Unschedulable(cell.cell_id, since, problem).to_json())
     if types is not None:
         # The autoscaler can add the room (a preempted node's replacement, a node pool scaling up): the cell waits
         # as long as that holds, however long the cloud takes; the searcher meanwhile admits the pending cells that

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.axes import AXES, AXIS_TABLE
 from orchestrator.provenance import PROVENANCE_KEYS
+from orchestrator.records import CellError, CellResult
 from orchestrator.redact import redact
 from orchestrator.storage import HISTORY_FILE as CELL_HISTORY_FILE
 from orchestrator.storage import SweepStorage
@@ -61,22 +62,27 @@ def result_rows(
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for record in records:
-        base = {"cell_id": record["cell_id"]} | {axis: record["axes"].get(axis) for axis in AXES}
+        finished = record.get("status", "finished") == "finished"
+        result = CellResult.from_json(record) if finished else None
+        failure = None if result is not None else CellError.from_json(record)
+        axes = result.axes if result is not None else failure.axes if failure is not None else {}
+        cell_id = str(record["cell_id"])
+        base = {"cell_id": cell_id} | {axis: axes.get(axis) for axis in AXES}
         extra: dict[str, Any] = {"sweep": sweep}
-        provenance = record.get("provenance") or {}
+        provenance = result.provenance if result is not None else {}
         extra |= {key: provenance.get(key) for key in PROVENANCE_KEYS}
-        config = (configs or {}).get(record["cell_id"])
+        config = (configs or {}).get(cell_id)
         if config is not None:
             extra |= flatten_config(config.model_dump(mode="json") if hasattr(config, "model_dump") else config)
         common = {
-            "epochs": int(record.get("epochs", 0)),
-            "train_seconds": float(record.get("train_seconds", 0.0)),
-            "gpu_hours": float(record.get("gpu_hours", 0.0)),
-            "status": record["status"],
-            "error": record.get("error", ""),
+            "epochs": result.epochs if result is not None else 0,
+            "train_seconds": result.train_seconds if result is not None else 0.0,
+            "gpu_hours": result.gpu_hours if result is not None else 0.0,
+            "status": "finished" if result is not None else "failed",
+            "error": failure.error if failure is not None else "",
         }
         common |= cell_bn_statistics(record)
-        branches = record.get("branches") or {"main": {}}
+        branches = (result.branches if result is not None else {}) or {"main": {}}
         for branch, accuracies in sorted(branches.items()):
             rows.append(base | {"branch": branch} | dict(accuracies) | common | extra)
     return rows

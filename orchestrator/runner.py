@@ -17,6 +17,7 @@ from orchestrator import ray_compat
 from orchestrator.attempts import CellAttempts, backoff_s, losses
 from orchestrator.grid import Cell
 from orchestrator.placement import UnschedulableError, wait_until_placeable
+from orchestrator.records import CellError, CellResult
 from orchestrator.redact import redact
 from orchestrator.storage import ERROR_FILE, RESULT_FILE, SweepStorage
 from workloads import metrics as eval_metrics
@@ -129,17 +130,16 @@ def run_cell(config: dict[str, Any], sweep_url: str, provenance: dict[str, Any] 
         result = trainer.fit()
     except Exception as err:
         reason = redact(str(err) if isinstance(err, UnschedulableError) else _root_cause(err))
-        storage.write_json(
-            storage.cell_path(cell.cell_id, ERROR_FILE),
-            {"cell_id": cell.cell_id, "axes": cell.axes, "status": "failed", "error": reason, "failed_at": time.time()},
-        )
-        if lost_to_the_cluster(err):
-            attempts.end("lost", reason)
-            if losses(earlier) < cell.max_failures:
-                raise  # Tune retries the trial (tune.FailureConfig in orchestrator.sweep); it resumes from storage
+        lost = lost_to_the_cluster(err)
+        attempts.end("lost" if lost else "failed", reason)
+        retried = lost and losses(earlier) < cell.max_failures
+        if lost and not retried:
             reason = f"lost to the cluster {losses(earlier) + 1} times, over max_failures {cell.max_failures}: {reason}"
-        else:
-            attempts.end("failed", reason)
+        storage.write_json(
+            storage.cell_path(cell.cell_id, ERROR_FILE), CellError(cell.cell_id, cell.axes, reason).to_json()
+        )
+        if retried:
+            raise  # Tune retries the trial (tune.FailureConfig in orchestrator.sweep); it resumes from storage
         # The cell's own outcome (unschedulable, diverged, Train's worker restarts spent, lost too often):
         # recorded, not retried.
         tune.report({CELL_FAILED: reason})
@@ -151,8 +151,8 @@ def run_cell(config: dict[str, Any], sweep_url: str, provenance: dict[str, Any] 
     metrics = dict(result.metrics or {})
     record = finished_record(cell, metrics, started)
     # Which code and libraries produced these numbers (orchestrator.provenance); the device is the worker's own.
-    record["provenance"] = dict(provenance or {}) | {"device": metrics.get("device")}
-    storage.write_json(storage.cell_path(cell.cell_id, RESULT_FILE), record)
+    record.provenance = dict(provenance or {}) | {"device": metrics.get("device")}
+    storage.write_json(storage.cell_path(cell.cell_id, RESULT_FILE), record.to_json())
     storage.remove(storage.cell_path(cell.cell_id, ERROR_FILE))
 
 
@@ -164,7 +164,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     train_loop_per_worker(config)
 
 
-def finished_record(cell: Cell, metrics: dict[str, Any], started: float) -> dict[str, Any]:
+def finished_record(cell: Cell, metrics: dict[str, Any], started: float) -> CellResult:
+    """The cell's result.json from its Train run's last metrics (evaluation keys `eval/<branch>/<metric>`)."""
     branches: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         parsed = eval_metrics.parse_eval_key(key)
@@ -172,21 +173,21 @@ def finished_record(cell: Cell, metrics: dict[str, Any], started: float) -> dict
             branch, name = parsed
             branches.setdefault(branch, {})[name] = float(value)
     train_seconds = float(metrics.get("train_seconds", 0.0))
-    record: dict[str, Any] = {
-        "cell_id": cell.cell_id,
-        "axes": cell.axes,
-        "status": "finished",
-        "epochs": int(metrics.get("epoch", 0)),
-        "train_seconds": train_seconds,
-        "gpu_hours": train_seconds * cell.gpus / 3600,
-        "branches": branches,
-        "resumed_from_epoch": int(metrics.get("start_epoch", 0)),
-        "started_at": started,
-        "finished_at": time.time(),
-    }
-    if metrics.get("forked_from"):
-        record["forked_from"] = str(metrics["forked_from"])
-    return record | bn_statistics_fields(metrics)
+    measured = bn_statistics_fields(metrics)
+    return CellResult(
+        cell_id=cell.cell_id,
+        axes=cell.axes,
+        epochs=int(metrics.get("epoch", 0)),
+        train_seconds=train_seconds,
+        gpu_hours=train_seconds * cell.gpus / 3600,
+        branches=branches,
+        resumed_from_epoch=int(metrics.get("start_epoch", 0)),
+        started_at=started,
+        finished_at=time.time(),
+        forked_from=str(metrics["forked_from"]) if metrics.get("forked_from") else None,
+        domain_gap=measured.get("domain_gap"),
+        bn_statistics=measured.get("bn_statistics"),
+    )
 
 
 def bn_statistics_fields(metrics: dict[str, Any]) -> dict[str, Any]:

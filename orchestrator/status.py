@@ -47,6 +47,7 @@ from typing import Any
 from orchestrator.axes import AXES
 from orchestrator.grid import Cell, expand
 from orchestrator.lease import LEASE_FILE, lease_ttl
+from orchestrator.records import CellError, CellResult, Unschedulable
 from orchestrator.results import RESULTS_FILE
 from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.storage import CONFIG_FILE, ERROR_FILE, HISTORY_FILE, RESULT_FILE, UNSCHEDULABLE_FILE, SweepStorage
@@ -283,25 +284,25 @@ def _cell_status(
 
     if RESULT_FILE in files:
         record = storage.read_json(storage.cell_path(cell_id, RESULT_FILE)) or {}
-        if record.get("status", "finished") == "finished":
+        if record.get("status", "finished") == "finished" and "cell_id" in record:
+            result = CellResult.from_json(record)
             status.state = "finished"
-            status.epoch = int(record.get("epochs") or 0) or status.epochs
-            status.axes = status.axes or dict(record.get("axes") or {})
-            branches = record.get("branches") or {}
-            accuracies = branches.get("main") or branches.get("mbn_adv") or {}
+            status.epoch = result.epochs or status.epochs
+            status.axes = status.axes or result.axes
+            accuracies: dict[str, Any] = result.branches.get("main") or result.branches.get("mbn_adv") or {}
             status.acc_clean = accuracies.get("acc_clean")
             strongest = _strongest(accuracies)
             if strongest:
                 status.robust_metric, status.acc_robust = strongest
-            if record.get("epochs") and record.get("train_seconds"):
-                status.seconds_per_epoch = float(record["train_seconds"]) / int(record["epochs"])
+            if result.epochs and result.train_seconds:
+                status.seconds_per_epoch = result.train_seconds / result.epochs
             status.eta_seconds = 0.0
             return status
 
     if UNSCHEDULABLE_FILE in files:
-        marker = storage.read_json(storage.cell_path(cell_id, UNSCHEDULABLE_FILE)) or {}
+        marker = Unschedulable.from_json(storage.read_json(storage.cell_path(cell_id, UNSCHEDULABLE_FILE)) or {})
         status.state = "unschedulable"
-        status.error = str(marker.get("problem") or "its workers fit on no live node")
+        status.error = marker.problem or "its workers fit on no live node"
         return status
     # Anything the Train run wrote (checkpoints, snapshot, start marker): not the driver's files. history.json
     # follows the run's reports and can land just after a failing attempt's error.json.
@@ -309,10 +310,10 @@ def _cell_status(
     activity = [t for name, t in files.items() if name not in driver_files and t is not None]
     started = any(name not in driver_files for name in files)
     if ERROR_FILE in files:
-        error = storage.read_json(storage.cell_path(cell_id, ERROR_FILE)) or {}
-        failed_at = float(error.get("failed_at") or files[ERROR_FILE] or 0.0)
-        status.error = " ".join(str(error.get("error") or "unknown error").split())
-        status.axes = status.axes or dict(error.get("axes") or {})
+        error = CellError.from_json(storage.read_json(storage.cell_path(cell_id, ERROR_FILE)) or {})
+        failed_at = error.failed_at or files[ERROR_FILE] or 0.0
+        status.error = " ".join((error.error or "unknown error").split())
+        status.axes = status.axes or error.axes
         if not any(t > failed_at for t in activity):  # no newer attempt: still failed
             status.state = "failed"
             _read_progress(storage, status)
