@@ -2,10 +2,10 @@
 
     .venv/bin/python scripts/chaos_soak.py [--repeat N] [--seed S] [--short]
 
-The full soak is 6 cells (3 of one worker, 3 of two DDP workers across nodes, 3 epochs each) under three driver
+The full soak is 6 cells (3 of one worker, 3 of two DDP workers across nodes, 5 epochs each) under three driver
 resubmissions as other hosts, three worker nodes SIGKILLed mid-epoch, S3 unreachable for 5 minutes and the whole
-cluster replaced; `--short` (what CI runs, tests/test_chaos_soak.py) is 4 cells under one incident of each kind
-with a 130 s outage. Each of the N runs draws its schedule from seed S + run. Everything runs on 127.0.0.1: a
+cluster replaced; `--short` (what CI runs, tests/test_chaos_soak.py) is 4 cells of 4 epochs under one incident of
+each kind with a 130 s outage. Each of the N runs draws its schedule from seed S + run. Everything runs on 127.0.0.1: a
 local multi-node Ray cluster, moto behind an outage proxy. The results go to benchmarks/results/chaos_soak.json
 and the "Chaos soak" section of docs/reliability.md; the exit status is 1 when any run had a problem.
 """
@@ -41,8 +41,8 @@ class Shape:
     storage_outage_s: float
 
 
-FULL_SHAPE = Shape(epochs=3, seeds=(1, 2, 3), storage_outage_s=300.0)
-SHORT_SHAPE = Shape(epochs=3, seeds=(1, 2), storage_outage_s=130.0)
+FULL_SHAPE = Shape(epochs=5, seeds=(1, 2, 3), storage_outage_s=300.0)
+SHORT_SHAPE = Shape(epochs=4, seeds=(1, 2), storage_outage_s=130.0)
 
 
 def soak(workdir: Path, *, short: bool, seed: int, repeat: int) -> dict[str, Any]:

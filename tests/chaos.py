@@ -114,12 +114,15 @@ class Incident:
 
 
 def schedule(seed: int, counts: dict[str, int], total_epochs: int) -> list[Incident]:
-    """The incidents of `counts`, in a drawn order, at drawn distinct points of the sweep's progress (between its
-    first registered epoch and two epochs before its end, so each fires while cells still train)."""
+    """The incidents of `counts`, in a drawn order, at points of the sweep's progress spread over its run: the n
+    incidents split most of it into n + 1 equal stretches, and each fires at a drawn point of its own stretch's
+    middle third, so that every incident meets a sweep that is training and none is left for after its end."""
     rng = random.Random(seed)
     kinds = [kind for kind in KINDS for _ in range(counts.get(kind, 0))]
     rng.shuffle(kinds)
-    points = sorted(rng.sample(range(1, total_epochs - 1), len(kinds)))
+    # Over the first 80 % of the epochs: the last incident still finds cells with epochs left to train.
+    stretch = 0.8 * total_epochs / (len(kinds) + 1)
+    points = [max(1, round(stretch * (n + 1) + rng.uniform(-stretch / 3, stretch / 3))) for n in range(len(kinds))]
     return [Incident(kind, point, round(rng.uniform(0.3, 0.7), 2)) for kind, point in zip(kinds, points, strict=True)]
 
 
