@@ -58,6 +58,7 @@ FULL = {"driver": 3, "node": 3, "storage": 1, "cluster": 1}
 SHORT = {"driver": 1, "node": 1, "storage": 1, "cluster": 1}
 WORKER_NODES = 4  # 1 CPU each: a 2-worker cell takes two, its trial sits on a third
 LOSS_RTOL = 1e-5
+MAX_EPOCH_S = 60.0  # an epoch of these cells takes seconds; longer gaps are waits, not training
 EPOCH_LINE = re.compile(r"cell ([0-9a-f]+) epoch (\d+)/\d+")
 RESUMED = re.compile(r"cell ([0-9a-f]+) epoch \d+/\d+, resumed from epoch (\d+)")
 
@@ -302,8 +303,10 @@ class Soak:
                 progress = self._registered(prefix)
                 for cell, epoch in progress.items():
                     if epoch > registered.get(cell, 0):
-                        if cell in registered_at and epoch == registered.get(cell, 0) + 1:
-                            epoch_s = 0.8 * epoch_s + 0.2 * (now - registered_at[cell])
+                        # An epoch's length from two consecutive epochs of one cell, never across an incident
+                        # (a storage outage or a lease wait in between is not an epoch).
+                        if registered_at.get(cell, -1.0) > quiet_until and epoch == registered.get(cell, 0) + 1:
+                            epoch_s = 0.8 * epoch_s + 0.2 * min(now - registered_at[cell], MAX_EPOCH_S)
                         registered[cell], registered_at[cell] = epoch, now
                 code = driver.poll()
                 if code is not None:
