@@ -1,8 +1,7 @@
 """An outage longer than the sweep's storage_outage_tolerance_s fails the worker whose upload gave up; the cell is
-retried inside the same sweep (a worker-group restart) and resumes from its last registered checkpoint, and its
-attempt is recorded in storage (`cells/<id>/attempts.json`, orchestrator.attempts). Past its worker-group restarts
-a cell lost this way is queued again by the sweep (orchestrator.runner.lost_to_the_cluster; the classification and
-the backoff are tests/test_progress.py's and tests/test_attempts.py's).
+retried inside the same sweep and resumes from its last registered checkpoint: by Train's worker-group restart,
+or, when that fails too, queued again by the sweep after a backoff (orchestrator.runner.lost_to_the_cluster), its
+attempts recorded in storage (`cells/<id>/attempts.json`, orchestrator.attempts).
 
 Real Ray (one local instance for this module, started with a 2-second tolerance in every process's environment,
 as the driver hands it to a Ray instance it starts itself) and S3 through `OutageProxy` in front of the session's
@@ -99,9 +98,12 @@ def test_an_outage_beyond_the_tolerance_is_retried_in_the_sweep_and_the_cell_res
         r"storage: unreachable for \d+ s \(upload checkpoint checkpoint_\S+: OSError\); retrying for up to", out
     )
     # The worker gave up after the tolerance (not the hour a real sweep allows) and the cell went on in this sweep,
-    # from the checkpoint registered before the outage.
+    # from the checkpoint registered before the outage: through Train's worker-group restart when the outage had
+    # ended by then, else queued again by the sweep after its backoff (a machine's load decides which).
     assert re.search(rf"cell {cell} epoch 2/{epochs}, resumed from epoch 1", out), out[-4000:]
-    attempts = stored("attempts.json")["attempts"]
-    assert [a["outcome"] for a in attempts] == ["finished"], attempts
+    outcomes = [a["outcome"] for a in stored("attempts.json")["attempts"]]
+    assert outcomes[-1] == "finished" and set(outcomes[:-1]) <= {"lost"}, outcomes
+    if "lost" in outcomes:
+        assert f"cell {cell}: lost 1 time(s) so far; waiting 15 s before attempt 2" in out, out[-4000:]
     result = stored("result.json")
     assert result["status"] == "finished" and result["epochs"] == epochs and result["resumed_from_epoch"] == 1, result
